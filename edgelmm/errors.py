@@ -1,0 +1,52 @@
+"""Typed errors. Every error a user can cause names the culprit: a file, an image index, a marker
+count, a provider. Library tracebacks from deep inside torch/onnxruntime/PIL are caught at the
+boundary and re-raised as one of these."""
+
+from __future__ import annotations
+
+
+class EdgeLMMError(Exception):
+    """Base class of every error edgelmm raises on purpose."""
+
+
+class CheckpointError(EdgeLMMError):
+    """A model directory is missing files, has an unreadable config, or is not a supported model."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The checkpoint's model type is not one of the supported families."""
+
+
+class ImageError(EdgeLMMError):
+    """An image could not be read or used. Carries the image index and source when known."""
+
+    def __init__(self, message: str, *, index: int | None = None, source: str | None = None):
+        where = []
+        if index is not None:
+            where.append(f"image {index}")
+        if source is not None:
+            where.append(repr(source))
+        prefix = f"{' '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+        self.index = index
+        self.source = source
+
+
+class PromptError(EdgeLMMError):
+    """The prompt does not fit the images or the model (marker count, context window, template)."""
+
+
+class BundleError(EdgeLMMError):
+    """A bundle directory is incomplete, corrupt or of an unknown version. Names the file."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class BackendUnavailable(EdgeLMMError):
+    """The requested backend or provider cannot run on this machine; says what to install."""
+
+
+class ExportError(EdgeLMMError):
+    """An exporter could not turn the model into the requested format."""

@@ -1,0 +1,82 @@
+"""What every model family knows: how to recognise its checkpoints, preprocess images exactly as
+its HF processor does (numpy/PIL only), expand `<image>` markers into the model's image tokens,
+and (on the workstation side) where the vision tower, embedding and decoder live in the HF model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..modelfiles import ModelFiles
+
+
+@dataclass
+class VisionInputs:
+    """Preprocessed images of one prompt. The vision graph sees tiles: one per image for LLaVA,
+    several per image for Idefics image splitting; each tile yields the same number of feature rows."""
+    pixel_values: np.ndarray                     # [N_tiles, 3, H, W] float32
+    pixel_attention_mask: np.ndarray | None      # [N_tiles, H, W] int64 (Idefics), else None
+    tiles_per_image: list[int]
+    replacements: list[str]                      # the text each image's marker expands to
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (H, W)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.tiles_per_image)
+
+
+@dataclass
+class TorchParts:
+    """The HF model split along the graph contract (used by the reference backend and exporters)."""
+    vision: Callable[[Any, Any], Any]   # (pixel_values [N,3,H,W], mask [N,H,W] | None) -> [N, T, D]
+    embed_tokens: Any                   # nn.Embedding
+    decoder: Any                        # the text model (no lm_head): inputs_embeds -> hidden states
+    lm_head: Any                        # nn.Linear
+
+
+class Family(ABC):
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    image_marker: ClassVar[str] = "<image>"
+
+    def __init__(self, files: ModelFiles, prompt_style: str | None = None):
+        self.files = files
+        self.config = files.config
+        self.image_token = self.files.processor_config.get("image_token", "<image>")
+        image_token_id = files.token_id(self.image_token)
+        if image_token_id is None:
+            raise CheckpointError(f"{files.root}: tokenizer has no {self.image_token!r} token")
+        self.image_token_id = image_token_id
+        self.prompt_style = prompt_style or "plain"
+
+    @classmethod
+    def matches(cls, config: dict[str, Any]) -> bool:
+        return config.get("model_type") in cls.model_types
+
+    @abstractmethod
+    def preprocess(self, images: list[np.ndarray]) -> VisionInputs:
+        """RGB uint8 HxWx3 images -> tiles, masks and each image's marker replacement text."""
+
+    @abstractmethod
+    def expand_prompt(self, text: str, vision: VisionInputs) -> str:
+        """Replace the i-th `<image>` marker of `text` with image i's tokens, as the HF processor does."""
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """How many image tokens an image of this size becomes (for `edgelmm info`)."""
+        dummy = np.zeros((height, width, 3), dtype=np.uint8)
+        return self.preprocess([dummy]).replacements[0].count(self.image_token)
+
+    @abstractmethod
+    def torch_parts(self, model) -> TorchParts:
+        """Split a loaded HF model along the graph contract."""
+
+    @property
+    def hf_model_class(self) -> str:
+        return self.config.get("architectures", [""])[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.name, "model_type": self.config.get("model_type"), "prompt_style": self.prompt_style}

@@ -1,0 +1,158 @@
+"""Reads what a model directory (a HF checkpoint or an edgelmm bundle) says about prompting:
+config, tokenizer, special tokens, chat template, processor settings, generation settings.
+
+Pure json + `tokenizers`: the runtime side reads these on a device without transformers.
+HF has written these files in several layouts over the years; each getter tries them in the
+order transformers itself prefers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+# Files a directory must have for the runtime to prompt the model.
+REQUIRED_FILES = ("config.json", "tokenizer.json")
+# Files copied into a bundle so that it prompts exactly as the checkpoint did.
+PROMPT_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+    "processor_config.json", "preprocessor_config.json",
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+@dataclass
+class ModelFiles:
+    root: Path
+    config: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ModelFiles":
+        root = Path(root)
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: not a directory")
+        missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{root}: missing {', '.join(missing)} (is this a complete model download?)")
+        return cls(root=root, config=_read_json(root / "config.json"))
+
+    def _optional_json(self, name: str) -> dict[str, Any]:
+        p = self.root / name
+        return _read_json(p) if p.is_file() else {}
+
+    @cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        return self._optional_json("tokenizer_config.json")
+
+    @cached_property
+    def generation_config(self) -> dict[str, Any]:
+        return self._optional_json("generation_config.json")
+
+    @cached_property
+    def processor_config(self) -> dict[str, Any]:
+        """Processor-level settings (image_seq_len, patch_size, ...) without the image processor."""
+        cfg = dict(self._optional_json("processor_config.json"))
+        cfg.pop("image_processor", None)
+        return cfg
+
+    @cached_property
+    def image_processor_config(self) -> dict[str, Any]:
+        nested = self._optional_json("processor_config.json").get("image_processor")
+        if isinstance(nested, dict):
+            return nested
+        cfg = self._optional_json("preprocessor_config.json")
+        if not cfg:
+            raise CheckpointError(
+                f"{self.root}: no image processor settings (neither processor_config.json with an "
+                "'image_processor' entry nor preprocessor_config.json)"
+            )
+        return cfg
+
+    @cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        path = self.root / "tokenizer.json"
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+            raise CheckpointError(f"{path}: cannot load tokenizer ({exc})") from None
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        p = self.root / "chat_template.jinja"
+        if p.is_file():
+            return p.read_text(encoding="utf-8")
+        for src in (self._optional_json("chat_template.json"), self._optional_json("processor_config.json"),
+                    self.tokenizer_config):
+            tpl = src.get("chat_template")
+            if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
+                named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+                tpl = named.get("default") or next(iter(named.values()), None)
+            if isinstance(tpl, str) and tpl:
+                return tpl
+        return None
+
+    def special_token(self, name: str) -> str | None:
+        value = _token_str(self.tokenizer_config.get(name))
+        if value is None:
+            value = _token_str(self._optional_json("special_tokens_map.json").get(name))
+        return value
+
+    @cached_property
+    def special_tokens_map(self) -> dict[str, str]:
+        """What chat templates see as bos_token, eos_token, ... (as HF passes them)."""
+        out = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+            value = self.special_token(name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    @cached_property
+    def eos_token_ids(self) -> list[int]:
+        """Stop tokens: generation_config's eos_token_id (what model.generate stops on), else the
+        tokenizer's eos token."""
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            eos = self.config.get("eos_token_id", self.config.get("text_config", {}).get("eos_token_id"))
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not ids:
+            tok = self.special_token("eos_token")
+            tid = self.token_id(tok) if tok else None
+            ids = [tid] if tid is not None else []
+        return ids
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.config.get("text_config") or {}
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text_config.get("max_position_embeddings") or self.config.get("max_position_embeddings") or 4096)

@@ -1,0 +1,192 @@
+"""The generate loop, the same over every backend: build the prompt, preprocess and encode the
+images, merge image features into the token embeddings, prefill, then decode with the KV cache
+and sample. Backends only run graphs; the behaviour lives here, so parity compares like with like."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .errors import PromptError
+from .families import Family, VisionInputs
+from .images import ImageInput, load_images
+from .modelfiles import ModelFiles
+from .prompt import IMAGE_MARKER, PromptInput, messages_as_plain_text, parse_prompt, render_chat
+from .runtimes.base import Backend
+
+
+@dataclass
+class PreparedPrompt:
+    text: str                      # the prompt after templating, before image-token expansion
+    input_ids: np.ndarray          # [S] int64, image tokens expanded
+    vision: VisionInputs
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0       # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PromptError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str             # "stop" (an EOS token) or "length"
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / params.temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        sorted_p = p[order]
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep = (np.cumsum(sorted_p) - sorted_p) < params.top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+class Pipeline:
+    def __init__(self, files: ModelFiles, family: Family, backend: Backend):
+        self.files = files
+        self.family = family
+        self.backend = backend
+        self.tokenizer = files.tokenizer
+        self.eos_ids = set(files.eos_token_ids)
+        self.context_length = files.context_length
+        self._bos = files.special_token("bos_token")
+
+    # ---- prompt ----
+    def prepare(self, prompt: PromptInput, images: Sequence[ImageInput] | None = None,
+                chat: bool = True) -> PreparedPrompt:
+        parsed = parse_prompt(prompt)
+        if parsed.inline_images and images:
+            raise PromptError("images were given both inside the messages and as images=; use one or the other")
+        sources = list(parsed.inline_images or images or [])
+        if parsed.n_image_parts != len(sources):
+            raise PromptError(f"the prompt has {parsed.n_image_parts} {IMAGE_MARKER} marker(s) but "
+                              f"{len(sources)} image(s) were given")
+        template = self.files.chat_template if chat else None
+        if template:
+            text = render_chat(template, parsed.messages, self.files.special_tokens_map)
+            if text.count(IMAGE_MARKER) != len(sources):
+                raise PromptError(f"the chat template kept {text.count(IMAGE_MARKER)} of {len(sources)} image markers")
+        else:
+            text = messages_as_plain_text(parsed.messages)
+        pixels = load_images(sources)
+        vision = self.family.preprocess(pixels)
+        expanded = self.family.expand_prompt(text, vision)
+        # As HF's apply_chat_template: a template that writes BOS itself gets no second one.
+        add_special = not (self._bos and expanded.startswith(self._bos))
+        ids = np.asarray(self.tokenizer.encode(expanded, add_special_tokens=add_special).ids, dtype=np.int64)
+        n_image_tokens = int((ids == self.family.image_token_id).sum())
+        expected = sum(r.count(self.family.image_token) for r in vision.replacements)
+        if n_image_tokens != expected:
+            raise PromptError(f"prompt text contains {n_image_tokens - expected:+d} stray "
+                              f"{self.family.image_token!r} tokens beyond the {len(sources)} image(s)")
+        if len(ids) >= self.context_length:
+            raise PromptError(f"the prompt is {len(ids)} tokens ({n_image_tokens} of them image tokens) but the "
+                              f"model's context window is {self.context_length}")
+        return PreparedPrompt(text=text, input_ids=ids, vision=vision)
+
+    # ---- graphs ----
+    def image_features(self, vision: VisionInputs) -> np.ndarray:
+        """[N_tiles, T, D] features of all tiles of the prompt's images (empty when no image)."""
+        if vision.num_images == 0:
+            return np.zeros((0, 0, 0), np.float32)
+        return self.backend.encode_images(vision.pixel_values, vision.pixel_attention_mask)
+
+    def merged_embeddings(self, prepared: PreparedPrompt, features: np.ndarray | None = None) -> np.ndarray:
+        embeds = self.backend.embed_tokens(prepared.input_ids[None, :])
+        if prepared.vision.num_images:
+            feats = self.image_features(prepared.vision) if features is None else features
+            flat = feats.reshape(-1, feats.shape[-1])
+            slots = prepared.input_ids == self.family.image_token_id
+            if int(slots.sum()) != flat.shape[0]:
+                raise PromptError(f"{int(slots.sum())} image tokens in the prompt but the vision graph "
+                                  f"returned {flat.shape[0]} feature rows")
+            embeds[0, slots] = flat.astype(embeds.dtype)
+        return embeds
+
+    # ---- generation ----
+    def stream_tokens(self, prepared: PreparedPrompt, params: SamplingParams,
+                      timings: dict[str, float] | None = None) -> Iterator[int]:
+        params.validate()
+        timings = {} if timings is None else timings
+        rng = np.random.default_rng(params.seed)
+        t0 = time.perf_counter()
+        feats = self.image_features(prepared.vision) if prepared.vision.num_images else None
+        t1 = time.perf_counter()
+        embeds = self.merged_embeddings(prepared, feats)
+        n = embeds.shape[1]
+        budget = min(params.max_new_tokens, self.context_length - n)
+        cache = self.backend.new_cache(1)
+        logits = self.backend.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        t2 = time.perf_counter()
+        timings.update(vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, decode_ms=0.0)
+        for i in range(budget):
+            token = sample_token(logits[0], params, rng)
+            yield token
+            if token in self.eos_ids or i == budget - 1:
+                break
+            t = time.perf_counter()
+            pos = n + i
+            step = self.backend.embed_tokens(np.array([[token]], np.int64))
+            logits = self.backend.decode(step, np.ones((1, pos + 1), np.int64), np.array([[pos]], np.int64), cache)
+            timings["decode_ms"] += (time.perf_counter() - t) * 1e3
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(self, prompt: PromptInput, images: Sequence[ImageInput] | None = None, *, chat: bool = True,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Generation:
+        prepared = self.prepare(prompt, images, chat=chat)
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        timings: dict[str, float] = {}
+        ids = list(self.stream_tokens(prepared, params, timings))
+        finish = "stop" if ids and ids[-1] in self.eos_ids else "length"
+        return Generation(self.decode_text(ids), ids, len(prepared.input_ids), finish, timings)
+
+    def stream(self, prompt: PromptInput, images: Sequence[ImageInput] | None = None, *, chat: bool = True,
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (whole characters only)."""
+        prepared = self.prepare(prompt, images, chat=chat)
+        ids: list[int] = []
+        shown = ""
+        for token in self.stream_tokens(prepared, SamplingParams(max_new_tokens, temperature, top_p, seed)):
+            ids.append(token)
+            text = self.decode_text(ids)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown):]
+            shown = text
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.family.describe(), **self.backend.describe(), "model": str(self.files.root),
+                "context_length": self.context_length}

@@ -1,0 +1,137 @@
+"""Interleaved multi-image prompts.
+
+Users give either a string with `<image>` markers or OpenAI-style messages whose content mixes
+`{"type": "text", "text": ...}` and `{"type": "image"}` parts (an image part may carry its source
+as `"image"`, `"path"`, `"url"` or `"image_url"`). In-context examples (MIMIC-IT style: several
+image/answer pairs, then a query) are simply longer prompts.
+
+The chat template comes from the checkpoint and is rendered here with jinja2 in the same
+sandboxed environment HF uses, so the runtime needs no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Sequence, Union
+
+from .errors import PromptError
+
+IMAGE_MARKER = "<image>"
+
+Message = dict[str, Any]
+PromptInput = Union[str, Sequence[Message]]
+
+
+@dataclass
+class ParsedPrompt:
+    messages: list[Message]          # content always a list of parts
+    inline_images: list[Any]         # image sources found in the parts, in order (may be empty)
+    n_image_parts: int
+
+
+def _split_markers(text: str) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for i, chunk in enumerate(text.split(IMAGE_MARKER)):
+        if i > 0:
+            parts.append({"type": "image"})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+_IMAGE_SOURCE_KEYS = ("image", "path", "url", "image_url")
+
+
+def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
+    """Normalise a prompt to messages with list content. `<image>` markers inside text parts are
+    turned into image parts, so both ways of writing a prompt reach the template the same way."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": _split_markers(prompt)}]
+    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt) and prompt:
+        messages = []
+        for mi, m in enumerate(prompt):
+            if "role" not in m or "content" not in m:
+                raise PromptError(f"message {mi} needs 'role' and 'content' keys, got {sorted(m)}")
+            content = m["content"]
+            if isinstance(content, str):
+                parts = _split_markers(content)
+            elif isinstance(content, Sequence):
+                parts = []
+                for pi, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text":
+                        parts.extend(_split_markers(str(part.get("text", ""))))
+                    elif kind in ("image", "image_url"):
+                        parts.append(dict(part, type="image"))
+                    else:
+                        raise PromptError(f"message {mi} part {pi}: unknown content part {part!r} "
+                                          "(want {'type': 'text'} or {'type': 'image'})")
+            else:
+                raise PromptError(f"message {mi}: content must be a string or a list of parts")
+            messages.append({**m, "content": parts})
+    else:
+        raise PromptError("prompt must be a string or a non-empty list of {'role', 'content'} messages")
+
+    inline, n_parts = [], 0
+    for m in messages:
+        for part in m["content"]:
+            if part["type"] == "image":
+                n_parts += 1
+                src = next((part[k] for k in _IMAGE_SOURCE_KEYS if part.get(k) is not None), None)
+                if isinstance(src, dict):  # OpenAI {"image_url": {"url": ...}}
+                    src = src.get("url")
+                if src is not None:
+                    inline.append(src)
+    if inline and len(inline) != n_parts:
+        raise PromptError(f"{n_parts} image parts but only {len(inline)} carry an image source; "
+                          "give every image part a source, or pass all images separately")
+    return ParsedPrompt(messages=messages, inline_images=inline, n_image_parts=n_parts)
+
+
+def messages_as_plain_text(messages: list[Message]) -> str:
+    """Without a chat template: the text and markers in order, messages joined by newlines."""
+    lines = []
+    for m in messages:
+        lines.append("".join(p["text"] if p["type"] == "text" else IMAGE_MARKER for p in m["content"]))
+    return "\n".join(lines)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # The same environment HF renders templates in (trim_blocks, lstrip_blocks, loop controls, the
+    # tojson/raise_exception/strftime_now helpers), so the text matches apply_chat_template.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise PromptError(f"the model's chat template does not compile: {exc}") from None
+
+
+def render_chat(template: str, messages: list[Message], special_tokens: dict[str, str],
+                add_generation_prompt: bool = True) -> str:
+    import jinja2
+
+    # Image sources stay out of the template: it only needs to know where images go.
+    clean = [{**m, "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})}
+                               for p in m["content"]]} for m in messages]
+    try:
+        return _compile_template(template).render(messages=clean, add_generation_prompt=add_generation_prompt,
+                                                  **special_tokens)
+    except jinja2.TemplateError as exc:
+        raise PromptError(f"the model's chat template refused these messages: {exc}") from None

@@ -1,0 +1,1 @@
+"""Runtime backends, one per file, all behind the protocol in base.py."""
