@@ -1,0 +1,101 @@
+"""The `edgelmm` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import EdgeLMMError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Run multi-image vision-language models on edge devices: inspect a checkpoint and answer "
+         "interleaved multi-image prompts. Each command has --help.",
+)
+err = Console(stderr=True)
+
+
+def _fail(exc: EdgeLMMError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+    else:
+        err.print(f"[bold red]{type(exc).__name__}[/]: {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (config.json, weights, tokenizer)."),
+    prompt: str = typer.Option(..., "--prompt", "-p",
+                               help="The question. Put one <image> marker where each image goes, e.g. "
+                                    "'What changed between <image> and <image>?'."),
+    image: List[Path] = typer.Option([], "--image", "-i", help="An image file; repeat once per <image> marker, in order."),
+    max_new_tokens: int = typer.Option(64, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, help="0 answers greedily; higher samples more freely."),
+    top_p: float = typer.Option(1.0, help="Sample only from the smallest set of tokens with this much probability."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling, for repeatable answers."),
+    backend: str = typer.Option("auto", help="Which runtime answers: auto or torch (the PyTorch reference)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    raw: bool = typer.Option(False, help="Send the prompt as-is, without the model's chat template."),
+    prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' numbers images in the text, "
+                                                          "'plain' does not. Default: from the checkpoint name."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, tokens, timings) instead of streaming."),
+):
+    """Answer a prompt about one or more images, streaming the answer as it is generated."""
+    from . import api
+
+    try:
+        pipe = api.load(model, backend=backend, prompt_style=prompt_style, threads=threads)
+        kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if as_json:
+            g = pipe.generate(prompt, [str(p) for p in image], **kw)
+            print(json.dumps({"answer": g.text, "token_ids": g.token_ids, "prompt_tokens": g.prompt_tokens,
+                              "finish_reason": g.finish_reason, "timings_ms": g.timings_ms,
+                              "backend": pipe.backend.describe()}))
+            return
+        for piece in pipe.stream(prompt, [str(p) for p in image], **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+
+
+@app.command()
+def info(
+    model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory."),
+    prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' or 'plain'."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Show the model family, prompt style and how many tokens images of common sizes become."""
+    from . import api
+
+    try:
+        data = api.info(model, prompt_style=prompt_style)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(data))
+        return
+    from rich.table import Table
+
+    out = Console()
+    for key in ("family", "architecture", "model_type", "prompt_style", "context_length", "image_token", "chat_template"):
+        out.print(f"[bold]{key}[/]: {data[key]}")
+    table = Table("image (HxW)", "tokens")
+    for row in data["image_tokens"]:
+        table.add_row(f"{row['height']}x{row['width']}", str(row["tokens"]))
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

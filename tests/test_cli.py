@@ -1,0 +1,59 @@
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from edgelmm.testing import sample_images
+
+
+def cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "edgelmm", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_run_json_matches_python_api(checkpoint, pipelines, tmp_path):
+    paths = []
+    for i, arr in enumerate(sample_images(2)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    r = cli("run", checkpoint("idefics2"), "-p", "Compare <image> and <image>", "-i", paths[0], "-i", paths[1],
+            "--max-new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    api = pipelines("idefics2").generate("Compare <image> and <image>", [str(p) for p in paths], max_new_tokens=8)
+    assert out["token_ids"] == api.token_ids and out["answer"] == api.text
+    assert out["timings_ms"]["prefill_ms"] > 0 and out["backend"]["backend"] == "torch"
+
+
+def test_run_streams_text(checkpoint, tmp_path):
+    p = tmp_path / "a.png"
+    Image.fromarray(sample_images(1)[0]).save(p)
+    r = cli("run", checkpoint("llava-clip"), "-p", "What is in <image>?", "-i", p, "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and len(r.stdout.strip()) > 0
+
+
+def test_run_bad_input_is_a_clear_error(checkpoint, tmp_path):
+    r = cli("run", checkpoint("llava-siglip"), "-p", "two <image> <image>", "-i", tmp_path / "missing.png")
+    assert r.returncode == 2
+    assert "PromptError" in r.stderr and "2 <image> marker(s) but 1 image(s)" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli("run", checkpoint("llava-siglip"), "-p", "one <image>", "-i", tmp_path / "missing.png", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "ImageError"
+
+
+def test_info_json(checkpoint):
+    r = cli("info", checkpoint("llava-clip"), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["family"] == "llava" and data["prompt_style"] == "mantis"
+    assert all(row["tokens"] == 16 for row in data["image_tokens"])  # 4x4 patches, CLS dropped
+
+
+def test_every_command_has_help():
+    for cmd in ("run", "info"):
+        r = cli(cmd, "--help")
+        assert r.returncode == 0 and "Usage" in r.stdout

@@ -1,0 +1,147 @@
+"""The reference Pipeline against the HF model and processor themselves, on every family."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgelmm.testing import sample_images
+
+from .conftest import KINDS
+
+SIZES = [(40, 56), (64, 48), (30, 90), (72, 72), (50, 33)]
+
+
+def hf_generate(pipe, prepared, max_new_tokens):
+    kw = {"input_ids": torch.from_numpy(prepared.input_ids[None]),
+          "attention_mask": torch.ones(1, len(prepared.input_ids), dtype=torch.long)}
+    if prepared.vision.num_images:
+        pv = torch.from_numpy(prepared.vision.pixel_values)
+        if pipe.family.name == "llava":
+            kw["pixel_values"] = pv
+        else:
+            kw["pixel_values"] = pv[None]
+            kw["pixel_attention_mask"] = torch.from_numpy(prepared.vision.pixel_attention_mask)[None]
+    out = pipe.backend.model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prepared.input_ids):].tolist()
+
+
+def interleaved(n):
+    return "Look at" + ",".join(f" image {i + 1} <image>" for i in range(n)) + ". What changed?"
+
+
+def in_context_messages(images):
+    """MIMIC-IT style: two solved examples, then the query."""
+    return [
+        {"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "Which colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The shape is red."}]},
+        {"role": "user", "content": [{"type": "image", "image": images[1]}, {"type": "text", "text": "Which colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The shape is blue."}]},
+        {"role": "user", "content": [{"type": "image", "image": images[2]}, {"type": "text", "text": "Which colour?"}]},
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n_images", [0, 1, 2, 3])
+def test_greedy_matches_hf_generate(pipelines, kind, n_images):
+    pipe = pipelines(kind)
+    images = sample_images(n_images, seed=n_images, sizes=SIZES[n_images:] + SIZES[:n_images])
+    prepared = pipe.prepare(interleaved(n_images), images)
+    ours = pipe.generate(interleaved(n_images), images, max_new_tokens=16)
+    assert ours.token_ids == hf_generate(pipe, prepared, 16)
+    assert len(ours.token_ids) == 16 or ours.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_in_context_prompt_matches_hf_generate(pipelines, kind):
+    pipe = pipelines(kind)
+    images = sample_images(3, seed=11)
+    messages = in_context_messages(images)
+    prepared = pipe.prepare(messages)
+    assert prepared.vision.num_images == 3
+    ours = pipe.generate(messages, max_new_tokens=12)
+    assert ours.token_ids == hf_generate(pipe, prepared, 12)
+
+
+def hf_messages(prompt_text, n):
+    parts = []
+    chunks = prompt_text.split("<image>")
+    for i, chunk in enumerate(chunks):
+        if i:
+            parts.append({"type": "image"})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return [{"role": "user", "content": parts}]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n_images", [0, 1, 3])
+def test_prompt_ids_and_pixels_equal_hf_processor(pipelines, checkpoint, kind, n_images):
+    from transformers import AutoProcessor
+
+    pipe = pipelines(kind)
+    proc = AutoProcessor.from_pretrained(checkpoint(kind), local_files_only=True)
+    images = sample_images(n_images, seed=3)
+    text = interleaved(n_images)
+    prepared = pipe.prepare(text, images)
+
+    hf_text = proc.apply_chat_template(hf_messages(text, n_images), add_generation_prompt=True, tokenize=False)
+    assert prepared.text == hf_text
+    # Mantis numbering is the only text edit before HF's processor; HF's apply_chat_template skips
+    # the tokenizer's BOS when the template already wrote it, and so do we.
+    labelled = pipe.family.label_images(hf_text) if hasattr(pipe.family, "label_images") else hf_text
+    bos = pipe.files.special_token("bos_token")
+    hf = proc(text=labelled, images=[Image.fromarray(i) for i in images] or None, return_tensors="np",
+              add_special_tokens=not (bos and labelled.startswith(bos)))
+    assert prepared.input_ids.tolist() == hf["input_ids"][0].tolist()
+    if n_images:
+        hp = hf["pixel_values"].reshape(-1, *hf["pixel_values"].shape[-3:])
+        assert hp.shape == prepared.vision.pixel_values.shape
+        assert np.abs(hp - prepared.vision.pixel_values).max() == 0.0
+        if "pixel_attention_mask" in hf:
+            hm = hf["pixel_attention_mask"].reshape(-1, *hf["pixel_attention_mask"].shape[-2:])
+            assert (hm == prepared.vision.pixel_attention_mask).all()
+
+
+def test_mantis_numbering_in_llava_prompt(pipelines):
+    pipe = pipelines("llava-siglip")
+    prepared = pipe.prepare("Compare <image> with <image>.", sample_images(2))
+    assert pipe.family.prompt_style == "mantis"
+    assert "(image 1: <Image><image></Image>) with (image 2: <Image><image></Image>)" in pipe.family.label_images(prepared.text)
+    assert int((prepared.input_ids == pipe.family.image_token_id).sum()) == 2 * 16
+
+
+@pytest.mark.parametrize("splitting", [False, True])
+def test_idefics2_preprocessing_with_and_without_splitting(tmp_path, splitting):
+    from transformers import AutoProcessor
+
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+    from edgelmm.testing.checkpoints import build_idefics2
+
+    d = build_idefics2(tmp_path, do_image_splitting=splitting)
+    fam = detect(ModelFiles.open(d))
+    images = sample_images(3, seed=5, sizes=[(20, 100), (90, 40), (48, 48)])
+    ours = fam.preprocess(images)
+    hf = AutoProcessor.from_pretrained(d, local_files_only=True).image_processor(
+        [Image.fromarray(i) for i in images], return_tensors="np")
+    hp = hf["pixel_values"].reshape(-1, *hf["pixel_values"].shape[-3:])
+    assert ours.tiles_per_image == [5 if splitting else 1] * 3
+    assert hp.shape == ours.pixel_values.shape
+    assert np.abs(hp - ours.pixel_values).max() == 0.0
+    assert (hf["pixel_attention_mask"].reshape(hp.shape[0], *hp.shape[-2:]) == ours.pixel_attention_mask).all()
+
+
+@pytest.mark.parametrize("size,tiles", [((30, 30), 5), ((40, 90), 3), ((90, 40), 3), ((12, 200), 3)])
+def test_idefics3_tile_grid_matches_hf(checkpoint, pipelines, size, tiles):
+    from transformers import AutoProcessor
+
+    fam = pipelines("idefics3").family
+    img = sample_images(1, seed=9, sizes=[size])
+    ours = fam.preprocess(img)
+    hf = AutoProcessor.from_pretrained(checkpoint("idefics3"), local_files_only=True).image_processor(
+        [Image.fromarray(img[0])], return_tensors="np", return_row_col_info=True)
+    assert ours.tiles_per_image == [tiles]
+    rows, cols = hf["rows"][0][0], hf["cols"][0][0]
+    assert (rows * cols + 1 if rows else 1) == tiles
+    assert np.abs(hf["pixel_values"][0] - ours.pixel_values).max() == 0.0
