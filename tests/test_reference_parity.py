@@ -63,7 +63,7 @@ def test_in_context_prompt_matches_hf_generate(pipelines, kind):
     assert ours.token_ids == hf_generate(pipe, prepared, 12)
 
 
-def hf_messages(prompt_text, n):
+def hf_messages(prompt_text):
     parts = []
     chunks = prompt_text.split("<image>")
     for i, chunk in enumerate(chunks):
@@ -85,7 +85,7 @@ def test_prompt_ids_and_pixels_equal_hf_processor(pipelines, checkpoint, kind, n
     text = interleaved(n_images)
     prepared = pipe.prepare(text, images)
 
-    hf_text = proc.apply_chat_template(hf_messages(text, n_images), add_generation_prompt=True, tokenize=False)
+    hf_text = proc.apply_chat_template(hf_messages(text), add_generation_prompt=True, tokenize=False)
     assert prepared.text == hf_text
     # Mantis numbering is the only text edit before HF's processor; HF's apply_chat_template skips
     # the tokenizer's BOS when the template already wrote it, and so do we.

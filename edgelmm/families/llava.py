@@ -99,11 +99,13 @@ class LlavaFamily(Family):
         layer = self.config.get("vision_feature_layer", -2)
         strategy = self.config.get("vision_feature_select_strategy", "default")
 
+        import torch
+
         def vision(pixel_values, mask=None):
             out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
                                                  vision_feature_select_strategy=strategy)
-            feats = out.pooler_output
-            return feats if not isinstance(feats, (list, tuple)) else __import__("torch").stack(list(feats))
+            feats = out.pooler_output  # one [T, D] tensor per image
+            return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
         return TorchParts(vision=vision, embed_tokens=model.get_input_embeddings(),
                           decoder=model.model.language_model, lm_head=model.lm_head)
