@@ -101,11 +101,16 @@ class LlavaFamily(Family):
 
         import torch
 
+        layers = [layer] if isinstance(layer, int) else list(layer)
+
+        # The same steps as HF's get_image_features, but tensor-only: HF returns a Python list per
+        # image, which the ONNX exporter would unroll to a fixed image count.
         def vision(pixel_values, mask=None):
-            out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
-                                                 vision_feature_select_strategy=strategy)
-            feats = out.pooler_output  # one [T, D] tensor per image
-            return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+            out = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            picked = [out.hidden_states[i] for i in layers]
+            if strategy == "default":
+                picked = [h[:, 1:] for h in picked]
+            return model.model.multi_modal_projector(torch.cat(picked, dim=-1))
 
         return TorchParts(vision=vision, embed_tokens=model.get_input_embeddings(),
                           decoder=model.model.language_model, lm_head=model.lm_head)
