@@ -4,25 +4,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .bundle import Bundle, is_bundle, open_bundle
 from .errors import BackendUnavailable
 from .families import detect
 from .modelfiles import ModelFiles
 from .pipeline import Pipeline
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def load(path: str | Path, backend: str = "auto", *, prompt_style: str | None = None,
-         threads: int | None = None, trust_remote_code: bool = False) -> Pipeline:
-    """Open a HF checkpoint directory and return a Pipeline over the chosen backend.
+def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
+                        threads: int | None = None, precision: str = "fp32") -> Pipeline:
+    if backend not in ("auto", "onnxruntime"):
+        raise BackendUnavailable(f"backend {backend!r} cannot run a bundle with {sorted({a['format'] for a in bundle.artifacts()})} "
+                                 "artifacts; use 'onnxruntime' (or load the source checkpoint for 'torch')")
+    from .runtimes.onnxruntime import OnnxRuntimeBackend
 
-    backend: "auto" picks the best available; "torch" is the PyTorch reference.
+    files = ModelFiles.open(bundle.root)
+    family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
+    return Pipeline(files, family, OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision))
+
+
+def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
+         threads: int | None = None, precision: str = "fp32", trust_remote_code: bool = False) -> Pipeline:
+    """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
+    Pipeline over the chosen backend.
+
+    backend: "auto" picks the best available; "onnxruntime" runs a bundle's ONNX graphs
+    (provider "auto" | "tensorrt" | "cuda" | "cpu"); "torch" is the PyTorch reference (checkpoints).
+    A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
     """
+    if is_bundle(path):
+        return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision)
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
-    if backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r}; available for a checkpoint: {', '.join(BACKENDS)}")
+    if backend not in ("auto", "torch"):
+        raise BackendUnavailable(f"backend {backend!r} needs a bundle; export one with `edgelmm export` "
+                                 f"(a checkpoint runs on 'torch'; backends: {', '.join(BACKENDS)})")
     from .runtimes.torch import TorchBackend
 
     return Pipeline(files, family, TorchBackend(family, threads=threads, trust_remote_code=trust_remote_code))

@@ -42,6 +42,8 @@ class Family(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     image_marker: ClassVar[str] = "<image>"
+    # Tiles of different sizes within one prompt (padded + masked): the vision graph needs dynamic H, W.
+    variable_tile_size: ClassVar[bool] = False
 
     def __init__(self, files: ModelFiles, prompt_style: str | None = None):
         self.files = files

@@ -31,6 +31,7 @@ def idefics2_resize_size(height: int, width: int, shortest: int, longest: int) -
 class Idefics2Family(Family):
     name = "idefics2"
     model_types = ("idefics2",)
+    variable_tile_size = True
 
     def __init__(self, files, prompt_style=None):
         super().__init__(files, prompt_style)

@@ -1,0 +1,118 @@
+"""Parity harness: any backend/precision against the PyTorch reference, on a fixed set of
+multi-image prompts. Reports, per graph and end to end: image-feature max |diff| and cosine,
+prefill-logit max |diff| and KL divergence, batch-2 (left-padded) logits, greedy token match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .pipeline import Pipeline, SamplingParams
+
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"vision_max_abs": 1e-4, "vision_cosine_min": 0.9999, "logits_max_abs": 1e-3, "logits_kl_max": 1e-4,
+             "batch2_logits_max_abs": 1e-3, "token_match_min": 1.0},
+}
+
+
+@dataclass
+class Case:
+    name: str
+    prompt: str
+    sizes: list[tuple[int, int]]
+
+
+CASES = [
+    Case("1-image", "What is in <image>?", [(48, 64)]),
+    Case("2-images", "Compare <image> with <image>. What changed?", [(64, 40), (30, 90)]),
+    Case("3-images", "Image 1 <image>, image 2 <image>, image 3 <image>: which one is abnormal?",
+         [(72, 72), (50, 33), (40, 56)]),
+]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Lowest cosine over feature rows: one bad token should not hide in an average."""
+    a2, b2 = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    num = (a2 * b2).sum(-1)
+    den = np.linalg.norm(a2, axis=-1) * np.linalg.norm(b2, axis=-1) + 1e-30
+    return float((num / den).min())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl_divergence(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
+    lp, lq = _log_softmax(ref_logits), _log_softmax(cand_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).max())
+
+
+def token_match(ref: list[int], cand: list[int]) -> float:
+    n = max(len(ref), len(cand))
+    return 1.0 if n == 0 else sum(a == b for a, b in zip(ref, cand)) / n
+
+
+def _prefill(pipe: Pipeline, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    return pipe.backend.decode(embeds, mask, pos, pipe.backend.new_cache(embeds.shape[0]))
+
+
+def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", max_new_tokens: int = 16,
+           thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    from .testing.checkpoints import sample_images
+
+    limits = dict(thresholds or THRESHOLDS.get(precision, THRESHOLDS["fp32"]))
+    cases, ref_embeds, ref_logits = [], [], []
+    for i, case in enumerate(CASES):
+        images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
+        prep = reference.prepare(case.prompt, images)
+        cand_prep = candidate.prepare(case.prompt, images)
+        ids_equal = cand_prep.input_ids.tolist() == prep.input_ids.tolist()
+        rf, cf = reference.image_features(prep.vision), candidate.image_features(prep.vision)
+        re_, ce = reference.merged_embeddings(prep, rf), candidate.merged_embeddings(prep, cf)
+        n = re_.shape[1]
+        ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
+        rl, cl = _prefill(reference, re_, ones, pos), _prefill(candidate, ce, ones, pos)
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        rt = list(reference.stream_tokens(prep, params))
+        ct = list(candidate.stream_tokens(prep, params))
+        cases.append({"case": case.name, "images": len(images), "prompt_tokens": n, "prompt_ids_equal": ids_equal,
+                      "vision_max_abs": float(np.abs(rf - cf).max()), "vision_cosine_min": _cosine(rf, cf),
+                      "logits_max_abs": float(np.abs(rl - cl).max()), "logits_kl": kl_divergence(rl, cl),
+                      "token_match": token_match(rt, ct), "reference_tokens": rt, "candidate_tokens": ct})
+        ref_embeds.append(re_[0])
+        ref_logits.append(rl[0])
+
+    # Batch 2, left padded: each row must give the logits the reference gives it alone.
+    a, b = ref_embeds[0], ref_embeds[1]
+    n = max(len(a), len(b))
+    embeds = np.zeros((2, n, a.shape[-1]), np.float32)
+    mask = np.zeros((2, n), np.int64)
+    for row, e in enumerate((a, b)):
+        embeds[row, n - len(e):] = e
+        mask[row, n - len(e):] = 1
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    batch_logits = _prefill(candidate, embeds, mask, pos)
+    batch2 = float(max(np.abs(batch_logits[0] - ref_logits[0]).max(), np.abs(batch_logits[1] - ref_logits[1]).max()))
+
+    summary = {
+        "vision_max_abs": max(c["vision_max_abs"] for c in cases),
+        "vision_cosine_min": min(c["vision_cosine_min"] for c in cases),
+        "logits_max_abs": max(c["logits_max_abs"] for c in cases),
+        "logits_kl_max": max(c["logits_kl"] for c in cases),
+        "batch2_logits_max_abs": batch2,
+        "token_match_min": min(c["token_match"] for c in cases),
+    }
+    failures = []
+    for key, limit in limits.items():
+        value = summary[key]
+        bad = value < limit if key.endswith("_min") else value > limit
+        if bad:
+            failures.append(f"{key} = {value:.3g} (limit {limit:.3g})")
+    if not all(c["prompt_ids_equal"] for c in cases):
+        failures.append("prompt token ids differ between the bundle and the reference")
+    return {"precision": precision, "backend": candidate.backend.describe(), "thresholds": limits,
+            "summary": summary, "cases": cases, "passed": not failures, "failures": failures}
