@@ -14,8 +14,8 @@ from .errors import EdgeLMMError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
-    help="Run multi-image vision-language models on edge devices: inspect a checkpoint and answer "
-         "interleaved multi-image prompts. Each command has --help.",
+    help="Run multi-image vision-language models on edge devices: export a checkpoint to a bundle, "
+         "verify it against PyTorch, and answer interleaved multi-image prompts. Each command has --help.",
 )
 err = Console(stderr=True)
 
@@ -30,7 +30,7 @@ def _fail(exc: EdgeLMMError, as_json: bool) -> None:
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (config.json, weights, tokenizer)."),
+    model: Path = typer.Argument(..., help="A bundle from `edgelmm export`, or a Hugging Face checkpoint directory."),
     prompt: str = typer.Option(..., "--prompt", "-p",
                                help="The question. Put one <image> marker where each image goes, e.g. "
                                     "'What changed between <image> and <image>?'."),
@@ -39,7 +39,9 @@ def run(
     temperature: float = typer.Option(0.0, help="0 answers greedily; higher samples more freely."),
     top_p: float = typer.Option(1.0, help="Sample only from the smallest set of tokens with this much probability."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling, for repeatable answers."),
-    backend: str = typer.Option("auto", help="Which runtime answers: auto or torch (the PyTorch reference)."),
+    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime (bundles) or torch "
+                                             "(the PyTorch reference, checkpoints)."),
+    provider: str = typer.Option("auto", help="ONNX Runtime provider for bundles: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     raw: bool = typer.Option(False, help="Send the prompt as-is, without the model's chat template."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' numbers images in the text, "
@@ -50,7 +52,7 @@ def run(
     from . import api
 
     try:
-        pipe = api.load(model, backend=backend, prompt_style=prompt_style, threads=threads)
+        pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if as_json:
             g = pipe.generate(prompt, [str(p) for p in image], **kw)
@@ -64,6 +66,68 @@ def run(
         sys.stdout.write("\n")
     except EdgeLMMError as exc:
         _fail(exc, as_json)
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory to export."),
+    out: Path = typer.Argument(..., help="The bundle directory to create (it appears only when complete)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="What to write: onnx (vision, embedding and decoder graphs)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against the PyTorch reference."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle at OUT."),
+    prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' or 'plain' (stored in the bundle)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON when done."),
+):
+    """Turn a checkpoint into a deployable bundle and check it against the PyTorch reference."""
+    from .bundle import open_bundle
+    from .export import export as run_export
+
+    try:
+        path = run_export(model, out, [f.strip() for f in format.split(",")], verify=not no_verify,
+                          overwrite=overwrite, prompt_style=prompt_style, quiet=as_json)
+        manifest = open_bundle(path).manifest
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(manifest))
+    elif manifest["verify"]:
+        Console().print({"verify": manifest["verify"]["summary"], "passed": manifest["verify"]["passed"]})
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="A bundle directory made by `edgelmm export`."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="The checkpoint the bundle was exported from."),
+    provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
+    max_new_tokens: int = typer.Option(16, help="Greedy tokens compared per prompt."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+):
+    """Measure a bundle against the PyTorch reference on fixed multi-image prompts; exit 1 if a
+    threshold (feature/logit difference, KL, token match) is broken."""
+    from . import api
+    from .verify import verify as run_verify
+
+    try:
+        report = run_verify(api.load(bundle, provider=provider), api.load(reference, backend="torch"),
+                            max_new_tokens=max_new_tokens)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        from rich.table import Table
+
+        out = Console()
+        table = Table("case", "vision max|d|", "vision cos", "logit max|d|", "KL", "token match")
+        for c in report["cases"]:
+            table.add_row(c["case"], f"{c['vision_max_abs']:.2e}", f"{c['vision_cosine_min']:.6f}",
+                          f"{c['logits_max_abs']:.2e}", f"{c['logits_kl']:.2e}", f"{c['token_match']:.3f}")
+        out.print(table)
+        out.print(f"batch-2 logits max|d|: {report['summary']['batch2_logits_max_abs']:.2e}  "
+                  f"providers: {report['backend']['providers']}")
+        out.print("[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]: " + "; ".join(report["failures"]))
+    if not report["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -33,3 +33,19 @@ def pipelines(checkpoint):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bundle(checkpoint, tmp_path_factory):
+    """bundle(kind) -> an ONNX bundle exported (and verified) from the tiny checkpoint (built once)."""
+    from edgelmm.export import export
+
+    root = tmp_path_factory.mktemp("bundles")
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = export(checkpoint(kind), root / kind, quiet=True)
+        return cache[kind]
+
+    return get

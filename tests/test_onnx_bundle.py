@@ -1,0 +1,188 @@
+"""ONNX export, the bundle format, the ONNX Runtime backend and verify, on every family."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import edgelmm
+from edgelmm import BackendUnavailable, BundleError, CheckpointError
+from edgelmm.testing import sample_images
+
+from .conftest import KINDS
+
+pytestmark = pytest.mark.slow
+SIZES = [(48, 64), (64, 40), (30, 90)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_parity_against_reference(bundle, pipelines, kind):
+    path = bundle(kind)
+    report = json.loads((path / "edgelmm.json").read_text())["verify"]
+    assert report["passed"] and report["backend"]["providers"] == ["CPUExecutionProvider"]
+    s = report["summary"]
+    assert s["vision_max_abs"] <= 1e-4 and s["vision_cosine_min"] >= 0.9999
+    assert s["logits_max_abs"] <= 1e-3 and s["logits_kl_max"] <= 1e-4
+    assert s["batch2_logits_max_abs"] <= 1e-3 and s["token_match_min"] == 1.0
+
+    ort_pipe, ref = edgelmm.load(path), pipelines(kind)
+    for n in (1, 2, 3):
+        images = sample_images(n, seed=20 + n, sizes=SIZES[n - 1:] + SIZES[:n - 1])
+        prompt = "Compare" + " and".join(" <image>" for _ in range(n))
+        prep = ref.prepare(prompt, images)
+        feats_ref, feats_ort = ref.image_features(prep.vision), ort_pipe.image_features(prep.vision)
+        assert np.abs(feats_ref - feats_ort).max() <= 1e-4
+        a = ort_pipe.generate(prompt, images, max_new_tokens=16)
+        b = ref.generate(prompt, images, max_new_tokens=16)
+        assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
+
+
+def test_bundle_answers_without_torch(bundle, pipelines):
+    path = bundle("idefics3")
+    images = sample_images(2, seed=4)  # two sizes
+    expected = pipelines("idefics3").generate("<image> vs <image>", images, max_new_tokens=10).token_ids
+    np.savez(path.parent / "imgs.npz", *images)
+    code = f"""
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import numpy as np, edgelmm
+pipe = edgelmm.load({str(path)!r})
+g = pipe.generate('<image> vs <image>', list(np.load({str(path.parent / 'imgs.npz')!r}).values()), max_new_tokens=10)
+print(json.dumps({{'ids': g.token_ids, 'mods': [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["mods"] == [] and out["ids"] == expected
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle("llava-siglip"), dst)
+    return dst
+
+
+def _manifest(path):
+    return json.loads((path / "edgelmm.json").read_text())
+
+
+def test_truncated_onnx(bundle_copy):
+    f = bundle_copy / "onnx" / "decoder.onnx"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(BundleError, match=r"onnx/decoder\.onnx: size 1000 bytes, manifest says"):
+        edgelmm.load(bundle_copy)
+
+
+def test_flipped_bytes_fail_checksum(bundle_copy):
+    f = bundle_copy / "onnx" / "vision.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"onnx/vision\.onnx: sha256 does not match"):
+        edgelmm.load(bundle_copy)
+
+
+def test_missing_artifact(bundle_copy):
+    (bundle_copy / "onnx" / "embed.onnx").unlink()
+    with pytest.raises(BundleError, match=r"onnx/embed\.onnx: missing"):
+        edgelmm.load(bundle_copy)
+
+
+def test_unknown_manifest_version(bundle_copy):
+    m = _manifest(bundle_copy)
+    m["format_version"] = 99
+    (bundle_copy / "edgelmm.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"edgelmm\.json: manifest format_version 99 is not one"):
+        edgelmm.load(bundle_copy)
+
+
+def test_manifest_with_wrong_input_name(bundle_copy):
+    m = _manifest(bundle_copy)
+    dec = next(a for a in m["artifacts"] if a["graph"] == "decoder")
+    dec["inputs"][0]["name"] = "input_embeddings"
+    (bundle_copy / "edgelmm.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"decoder\.onnx: graph inputs .* do not match the manifest"):
+        edgelmm.load(bundle_copy)
+
+
+def test_corrupt_graph_with_matching_checksum_is_a_bundle_error(bundle_copy):
+    """A graph that was broken before the manifest was written: ORT's error becomes a BundleError."""
+    from edgelmm.bundle import file_entry
+
+    f = bundle_copy / "onnx" / "embed.onnx"
+    f.write_bytes(b"not an onnx model")
+    m = _manifest(bundle_copy)
+    art = next(a for a in m["artifacts"] if a["graph"] == "embed")
+    art["files"][0] = file_entry(bundle_copy, "onnx/embed.onnx")
+    (bundle_copy / "edgelmm.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"embed\.onnx: onnxruntime cannot load this graph"):
+        edgelmm.load(bundle_copy)
+
+
+def test_explicit_gpu_provider_without_gpu_is_refused(bundle):
+    if os.path.exists("/dev/nvidia0"):
+        pytest.skip("this machine has an NVIDIA GPU: the CUDA provider may really run")
+    with pytest.raises(BackendUnavailable, match=r"provider 'cuda' was asked for but the session runs on "
+                                                 r"\['CPUExecutionProvider'\]"):
+        edgelmm.load(bundle("idefics3"), provider="cuda")
+
+
+def test_torch_backend_on_a_bundle_is_refused(bundle):
+    with pytest.raises(BackendUnavailable, match="cannot run a bundle"):
+        edgelmm.load(bundle("idefics3"), backend="torch")
+
+
+def test_export_refuses_to_overwrite(bundle, checkpoint):
+    from edgelmm.export import export
+
+    with pytest.raises(BundleError, match="already exists"):
+        export(checkpoint("idefics3"), bundle("idefics3"), quiet=True)
+
+
+def test_killed_export_leaves_no_loadable_bundle(checkpoint, tmp_path):
+    out = tmp_path / "killed"
+    code = f"from edgelmm.export import export; export({str(checkpoint('idefics2'))!r}, {str(out)!r}, quiet=True)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # Kill it once the first graph has been written into the staging directory.
+    while time.time() < deadline and not list(tmp_path.glob(".killed.partial-*/onnx/vision.onnx")):
+        assert proc.poll() is None, "export finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert list(tmp_path.glob(".killed.partial-*/onnx/vision.onnx")), "export never reached the first graph"
+    assert not out.exists()
+    with pytest.raises(CheckpointError, match="not a directory"):
+        edgelmm.load(out)
+
+
+def test_cli_export_and_verify(checkpoint, bundle, tmp_path):
+    from edgelmm.testing.checkpoints import build_idefics2
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edgelmm", *map(str, a)], capture_output=True,
+                                    text=True, env=env, timeout=300)
+    r = run("export", checkpoint("llava-clip"), tmp_path / "b", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads(r.stdout)
+    assert manifest["verify"]["passed"] and {a["graph"] for a in manifest["artifacts"]} == {"vision", "embed", "decoder"}
+    assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"])
+    r = run("verify", tmp_path / "b", "--reference", checkpoint("llava-clip"), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["passed"]
+    # The same architecture with other weights: verify must notice and exit 1.
+    other = build_idefics2(tmp_path / "other", seed=1)
+    r = run("verify", bundle("idefics2"), "--reference", other, "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and not report["passed"]
+    assert report["summary"]["logits_max_abs"] > 1e-3
