@@ -2,11 +2,13 @@
 
 Until the trained reference model lands, the default is a tiny offline Mantis-style LLaVA
 checkpoint built from config; its answers are random text, but every step is the real one:
-from_pretrained(local dir), numpy preprocessing, interleaved prompt, reference Pipeline.
+from_pretrained(local dir), export to an ONNX bundle, verify against PyTorch, answer a two-image
+question through ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ def main(out_dir: str = "demo-out") -> int:
     from rich.console import Console
 
     from . import api
+    from .export import export
     from .testing import build_tiny_checkpoint, sample_images
 
     console = Console()
@@ -31,7 +34,11 @@ def main(out_dir: str = "demo-out") -> int:
         p = out / f"image{i + 1}.png"
         Image.fromarray(arr).save(p)
         paths.append(str(p))
-    pipe = api.load(model_dir, backend="torch")
+    bundle = export(model_dir, out / "bundle", overwrite=True)
+    verify = json.loads((bundle / "edgelmm.json").read_text())["verify"]
+    console.print({"verify": verify["summary"], "passed": verify["passed"]})
+    pipe = api.load(bundle)
+    console.print(f"[bold]backend[/]: {pipe.backend.describe()}")
     prompt = "What changed between <image> and <image>?"
     console.print(f"[bold]prompt[/]: {prompt}  [dim]images: {', '.join(paths)}[/]")
     g = pipe.generate(prompt, paths, max_new_tokens=16)

@@ -120,7 +120,10 @@ def _write_generation_config(out: Path, bos_id: int, eos_ids: list[int], pad_id:
 
 # ---------------------------------------------------------------- llava (Mantis-8B-*-llama3)
 
-def build_llava(out: Path, vision: str = "siglip", seed: int = 0) -> Path:
+def build_llava(out: Path, vision: str = "siglip", seed: int = 0, *, image_size: int = 32, patch: int = 8,
+                vision_dims: dict | None = None, text_dims: dict | None = None) -> Path:
+    """A LLaVA checkpoint; the defaults are tiny, the size arguments make benchmark-sized ones
+    (text_dims may set vocab_size above the tokenizer's size, as real checkpoints pad it)."""
     import torch
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessorPil,
@@ -133,22 +136,22 @@ def build_llava(out: Path, vision: str = "siglip", seed: int = 0) -> Path:
                              chat_template=LLAMA3_TEMPLATE)
     image_token_id = tok.token_to_id("<image>")
 
-    image_size, patch = 32, 8
+    vdims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+             **(vision_dims or {})}
+    tdims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": len(hf_tok), **(text_dims or {})}
     if vision == "siglip":
-        vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                  image_size=image_size, patch_size=patch)
+        vcfg = SiglipVisionConfig(**vdims, image_size=image_size, patch_size=patch)
         strategy, layer = "full", -1
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     elif vision == "clip":
-        vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                image_size=image_size, patch_size=patch, projection_dim=32)
+        vcfg = CLIPVisionConfig(**vdims, image_size=image_size, patch_size=patch, projection_dim=32)
         strategy, layer = "default", -2
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                                 crop_size={"height": image_size, "width": image_size})
     else:
         raise ValueError(f"unknown vision tower {vision!r} (siglip or clip)")
-    tcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(hf_tok), max_position_embeddings=1024,
+    tcfg = LlamaConfig(**tdims, max_position_embeddings=1024,
                        bos_token_id=tok.token_to_id(bos), eos_token_id=tok.token_to_id(eot),
                        pad_token_id=tok.token_to_id("<pad>"), rope_theta=500000.0)
     num_tokens = (image_size // patch) ** 2
