@@ -16,7 +16,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
                         threads: int | None = None, precision: str = "fp32") -> Pipeline:
     if backend not in ("auto", "onnxruntime"):
-        raise BackendUnavailable(f"backend {backend!r} cannot run a bundle with {sorted({a['format'] for a in bundle.artifacts()})} "
+        raise BackendUnavailable(f"backend {backend!r} cannot run a bundle with {sorted({a['format'] for a in bundle.manifest['artifacts']})} "
                                  "artifacts; use 'onnxruntime' (or load the source checkpoint for 'torch')")
     from .runtimes.onnxruntime import OnnxRuntimeBackend
 

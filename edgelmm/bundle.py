@@ -85,14 +85,6 @@ class Bundle:
     root: Path
     manifest: dict[str, Any]
 
-    @property
-    def family(self) -> str:
-        return self.manifest["family"]
-
-    def artifacts(self, fmt: str | None = None, precision: str | None = None) -> list[dict[str, Any]]:
-        return [a for a in self.manifest["artifacts"]
-                if (fmt is None or a["format"] == fmt) and (precision is None or a["precision"] == precision)]
-
     def artifact(self, graph: str, fmt: str, precision: str) -> dict[str, Any]:
         for a in self.manifest["artifacts"]:
             if a["graph"] == graph and a["format"] == fmt and a["precision"] == precision:

@@ -133,12 +133,15 @@ class Pipeline:
 
     # ---- generation ----
     def stream_tokens(self, prepared: PreparedPrompt, params: SamplingParams,
-                      timings: dict[str, float] | None = None) -> Iterator[int]:
+                      timings: dict[str, float] | None = None, features: np.ndarray | None = None) -> Iterator[int]:
+        """Generate token ids; `features` reuses image features already computed for this prompt."""
         params.validate()
         timings = {} if timings is None else timings
         rng = np.random.default_rng(params.seed)
         t0 = time.perf_counter()
-        feats = self.image_features(prepared.vision) if prepared.vision.num_images else None
+        feats = features
+        if feats is None and prepared.vision.num_images:
+            feats = self.image_features(prepared.vision)
         t1 = time.perf_counter()
         embeds = self.merged_embeddings(prepared, feats)
         n = embeds.shape[1]

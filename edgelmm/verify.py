@@ -77,8 +77,8 @@ def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", ma
         ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
         rl, cl = _prefill(reference, re_, ones, pos), _prefill(candidate, ce, ones, pos)
         params = SamplingParams(max_new_tokens=max_new_tokens)
-        rt = list(reference.stream_tokens(prep, params))
-        ct = list(candidate.stream_tokens(prep, params))
+        rt = list(reference.stream_tokens(prep, params, features=rf))
+        ct = list(candidate.stream_tokens(prep, params, features=cf))
         cases.append({"case": case.name, "images": len(images), "prompt_tokens": n, "prompt_ids_equal": ids_equal,
                       "vision_max_abs": float(np.abs(rf - cf).max()), "vision_cosine_min": _cosine(rf, cf),
                       "logits_max_abs": float(np.abs(rl - cl).max()), "logits_kl": kl_divergence(rl, cl),

@@ -103,7 +103,7 @@ def _export_one(module, args, path: Path, input_names, output_names, dynamic_sha
 
 def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision) -> list[dict[str, Any]]:
     """Write vision.onnx, embed.onnx and decoder.onnx under out_dir/onnx/; return their artifact
-    entries (files relative to out_dir)."""
+    entries; "files" lists the graph file first, then any external-data files (relative to out_dir)."""
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -150,9 +150,9 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision) -> l
         path = onnx_dir / f"{graph}.onnx"
         _export_one(module, args, path, in_names, out_names, shapes, large)
         inputs, outputs = _io(path)
-        written = sorted(p.name for p in onnx_dir.iterdir() if p.name.startswith(path.name))
+        data = sorted(p.name for p in onnx_dir.iterdir() if p.name.startswith(path.name) and p != path)
         artifacts.append({"graph": graph, "format": "onnx", "precision": "fp32", "file": f"onnx/{path.name}",
-                          "data_files": [f"onnx/{n}" for n in written if n != path.name],
+                          "files": [f"onnx/{n}" for n in [path.name, *data]],
                           "inputs": inputs, "outputs": outputs})
     return artifacts
 
