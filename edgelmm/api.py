@@ -13,8 +13,22 @@ from .pipeline import Pipeline
 BACKENDS = ("auto", "torch", "onnxruntime")
 
 
+def bundle_precisions(bundle: Bundle, fmt: str = "onnx") -> list[str]:
+    return sorted({a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == fmt})
+
+
+def pick_precision(bundle: Bundle, provider: str) -> str:
+    """fp16 where a GPU provider will run it, fp32 elsewhere (on CPU fp16 is slower, and less exact)."""
+    from .runtimes.onnxruntime import nvidia_gpu_present
+
+    have = bundle_precisions(bundle)
+    if "fp16" in have and provider != "cpu" and nvidia_gpu_present():
+        return "fp16"
+    return "fp32" if "fp32" in have else have[0]
+
+
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
-                        threads: int | None = None, precision: str = "fp32") -> Pipeline:
+                        threads: int | None = None, precision: str = "auto") -> Pipeline:
     if backend not in ("auto", "onnxruntime"):
         raise BackendUnavailable(f"backend {backend!r} cannot run a bundle with {sorted({a['format'] for a in bundle.manifest['artifacts']})} "
                                  "artifacts; use 'onnxruntime' (or load the source checkpoint for 'torch')")
@@ -22,11 +36,13 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
 
     files = ModelFiles.open(bundle.root)
     family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
+    if precision == "auto":
+        precision = pick_precision(bundle, provider)
     return Pipeline(files, family, OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision))
 
 
 def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
-         threads: int | None = None, precision: str = "fp32", trust_remote_code: bool = False) -> Pipeline:
+         threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False) -> Pipeline:
     """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
     Pipeline over the chosen backend.
 

@@ -73,6 +73,8 @@ def export(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory to export."),
     out: Path = typer.Argument(..., help="The bundle directory to create (it appears only when complete)."),
     format: str = typer.Option("onnx", "--format", "-f", help="What to write: onnx (vision, embedding and decoder graphs)."),
+    precision: str = typer.Option("fp32", "--precision", help="Comma-separated graph precisions: fp32 (exact, "
+                                                              "best on CPU), fp16 (half the size, for GPUs)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against the PyTorch reference."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at OUT."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' or 'plain' (stored in the bundle)."),
@@ -83,15 +85,17 @@ def export(
     from .export import export as run_export
 
     try:
-        path = run_export(model, out, [f.strip() for f in format.split(",")], verify=not no_verify,
+        path = run_export(model, out, [f.strip() for f in format.split(",")],
+                          precisions=[p.strip() for p in precision.split(",")], verify=not no_verify,
                           overwrite=overwrite, prompt_style=prompt_style, quiet=as_json)
         manifest = json.loads((path / MANIFEST).read_text())  # just written and hashed by export
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
         print(json.dumps(manifest))
-    elif manifest["verify"]:
-        Console().print({"verify": manifest["verify"]["summary"], "passed": manifest["verify"]["passed"]})
+    else:
+        for prec, report in manifest["verify"].items():
+            Console().print({"precision": prec, "verify": report["summary"], "passed": report["passed"]})
 
 
 @app.command()
@@ -99,35 +103,79 @@ def verify(
     bundle: Path = typer.Argument(..., help="A bundle directory made by `edgelmm export`."),
     reference: Path = typer.Option(..., "--reference", "-r", help="The checkpoint the bundle was exported from."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
+    precision: Optional[str] = typer.Option(None, help="Which of the bundle's graph sets to check (fp32, fp16). "
+                                                       "Default: every one it has."),
     max_new_tokens: int = typer.Option(16, help="Greedy tokens compared per prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ):
     """Measure a bundle against the PyTorch reference on fixed multi-image prompts; exit 1 if a
     threshold (feature/logit difference, KL, token match) is broken."""
     from . import api
+    from .bundle import open_bundle
     from .verify import verify as run_verify
 
     try:
-        report = run_verify(api.load(bundle, provider=provider), api.load(reference, backend="torch"),
-                            max_new_tokens=max_new_tokens)
+        opened = open_bundle(bundle)
+        precisions = [precision] if precision else api.bundle_precisions(opened)
+        ref = api.load(reference, backend="torch")
+        reports = [run_verify(api.pipeline_for_bundle(opened, provider=provider, precision=p), ref, p,
+                              max_new_tokens=max_new_tokens) for p in precisions]
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
-        print(json.dumps(report))
+        print(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports,
+                                                                "passed": all(r["passed"] for r in reports)}))
     else:
         from rich.table import Table
 
         out = Console()
-        table = Table("case", "vision max|d|", "vision cos", "logit max|d|", "KL", "token match")
-        for c in report["cases"]:
-            table.add_row(c["case"], f"{c['vision_max_abs']:.2e}", f"{c['vision_cosine_min']:.6f}",
-                          f"{c['logits_max_abs']:.2e}", f"{c['logits_kl']:.2e}", f"{c['token_match']:.3f}")
-        out.print(table)
-        out.print(f"batch-2 logits max|d|: {report['summary']['batch2_logits_max_abs']:.2e}  "
-                  f"providers: {report['backend']['providers']}")
-        out.print("[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]: " + "; ".join(report["failures"]))
-    if not report["passed"]:
+        for report in reports:
+            table = Table("case", "vision max|d|", "vision cos", "logit max|d|", "KL", "token match",
+                          title=f"{report['precision']} graphs on {report['backend']['providers']}")
+            for c in report["cases"]:
+                table.add_row(c["case"], f"{c['vision_max_abs']:.2e}", f"{c['vision_cosine_min']:.6f}",
+                              f"{c['logits_max_abs']:.2e}", f"{c['logits_kl']:.2e}", f"{c['token_match']:.3f}")
+            out.print(table)
+            out.print(f"batch-2 logits max|d|: {report['summary']['batch2_logits_max_abs']:.2e}")
+            out.print("[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]: " + "; ".join(report["failures"]))
+    if not all(r["passed"] for r in reports):
         raise typer.Exit(1)
+
+
+@app.command(name="eval")
+def eval_(
+    model: Optional[Path] = typer.Argument(None, help="A bundle or checkpoint directory. Default: the shipped "
+                                                      "reference model (edgelmm/models/edgelmm-ref-siglip-llama)."),
+    samples: int = typer.Option(900, help="How many held-out samples (tasks take turns: 9 tasks, so 900 = 100 each)."),
+    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime (bundles) or torch (checkpoints)."),
+    provider: str = typer.Option("auto", help="ONNX Runtime provider for bundles: auto, tensorrt, cuda or cpu."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report (per task, per skill, mistakes) as JSON."),
+):
+    """Score a model on edgelmm's held-out multi-image questions (co-reference, comparison, counting
+    across images, temporal change, anomaly, in-context) and print accuracy per skill next to chance.
+    Meant for models trained on edgelmm.synthetic, first of all the shipped reference model."""
+    from rich.progress import Progress
+
+    from . import api
+    from .evaluate import evaluate, format_table
+    from .models import reference_model
+
+    try:
+        pipe = api.load(model or reference_model(), backend=backend, provider=provider, threads=threads)
+        with Progress(console=err, disable=as_json, transient=True) as progress:
+            task = progress.add_task("answering held-out samples", total=samples)
+            report = evaluate(pipe, samples, on_progress=lambda done, total: progress.update(task, completed=done))
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps({**report.as_dict(), "backend": pipe.backend.describe()}))
+        return
+    from rich.markdown import Markdown
+
+    out = Console()
+    out.print(Markdown(format_table(report)))
+    out.print(f"{report.samples} samples in {report.seconds:.1f} s on {pipe.backend.describe()}")
 
 
 @app.command()

@@ -161,6 +161,49 @@ class Pipeline:
             logits = self.backend.decode(step, np.ones((1, pos + 1), np.int64), np.array([[pos]], np.int64), cache)
             timings["decode_ms"] += (time.perf_counter() - t) * 1e3
 
+    def generate_batch(self, requests: Sequence[tuple[PromptInput, Sequence[ImageInput] | None]], *,
+                       chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None) -> list[Generation]:
+        """Answer several (prompt, images) requests in one batch: prompts are left-padded to the
+        longest, each row's positions count its own tokens only, and rows that finish early keep
+        decoding (their tokens are dropped) until every row is done. Row i samples with seed + i."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        params.validate()
+        if not requests:
+            return []
+        prepared = [self.prepare(prompt, images, chat=chat) for prompt, images in requests]
+        rows = [self.merged_embeddings(p)[0] for p in prepared]
+        batch, width = len(rows), max(len(r) for r in rows)
+        embeds = np.zeros((batch, width, rows[0].shape[-1]), np.float32)
+        mask = np.zeros((batch, width), np.int64)
+        for i, r in enumerate(rows):
+            embeds[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(batch)]
+        budget = min(max_new_tokens, self.context_length - width)
+        cache = self.backend.new_cache(batch)
+        t0 = time.perf_counter()
+        logits = self.backend.decode(embeds, mask, positions, cache)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        for step in range(budget):
+            tokens = [sample_token(logits[i], params, rngs[i]) for i in range(batch)]
+            for i, token in enumerate(tokens):
+                if not done[i]:
+                    outputs[i].append(token)
+                    done[i] = token in self.eos_ids
+            if all(done) or step == budget - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            logits = self.backend.decode(self.backend.embed_tokens(np.asarray(tokens, np.int64)[:, None]),
+                                         mask, positions, cache)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        return [Generation(self.decode_text(ids), ids, len(p.input_ids),
+                           "stop" if ids and ids[-1] in self.eos_ids else "length", {"batch_ms": elapsed})
+                for ids, p in zip(outputs, prepared)]
+
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 

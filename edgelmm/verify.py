@@ -14,6 +14,9 @@ from .pipeline import Pipeline, SamplingParams
 THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"vision_max_abs": 1e-4, "vision_cosine_min": 0.9999, "logits_max_abs": 1e-3, "logits_kl_max": 1e-4,
              "batch2_logits_max_abs": 1e-3, "token_match_min": 1.0},
+    # fp16 rounds every activation (~1e-3 relative), so absolute differences scale with the model's
+    # logits and are reported, not gated; what must hold is direction, distribution and answers.
+    "fp16": {"vision_cosine_min": 0.999, "logits_kl_max": 5e-3, "batch2_logits_kl_max": 5e-3, "token_match_min": 0.95},
 }
 
 
@@ -97,6 +100,7 @@ def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", ma
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     batch_logits = _prefill(candidate, embeds, mask, pos)
     batch2 = float(max(np.abs(batch_logits[0] - ref_logits[0]).max(), np.abs(batch_logits[1] - ref_logits[1]).max()))
+    batch2_kl = max(kl_divergence(ref_logits[0], batch_logits[0]), kl_divergence(ref_logits[1], batch_logits[1]))
 
     summary = {
         "vision_max_abs": max(c["vision_max_abs"] for c in cases),
@@ -104,6 +108,7 @@ def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", ma
         "logits_max_abs": max(c["logits_max_abs"] for c in cases),
         "logits_kl_max": max(c["logits_kl"] for c in cases),
         "batch2_logits_max_abs": batch2,
+        "batch2_logits_kl_max": batch2_kl,
         "token_match_min": min(c["token_match"] for c in cases),
     }
     failures = []

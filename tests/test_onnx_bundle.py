@@ -24,7 +24,7 @@ SIZES = [(48, 64), (64, 40), (30, 90)]
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_parity_against_reference(bundle, pipelines, kind):
     path = bundle(kind)
-    report = json.loads((path / "edgelmm.json").read_text())["verify"]
+    report = json.loads((path / "edgelmm.json").read_text())["verify"]["fp32"]
     assert report["passed"] and report["backend"]["providers"] == ["CPUExecutionProvider"]
     s = report["summary"]
     assert s["vision_max_abs"] <= 1e-4 and s["vision_cosine_min"] >= 0.9999
@@ -176,7 +176,7 @@ def test_cli_export_and_verify(checkpoint, bundle, tmp_path):
     r = run("export", checkpoint("llava-clip"), tmp_path / "b", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads(r.stdout)
-    assert manifest["verify"]["passed"] and {a["graph"] for a in manifest["artifacts"]} == {"vision", "embed", "decoder"}
+    assert manifest["verify"]["fp32"]["passed"] and {a["graph"] for a in manifest["artifacts"]} == {"vision", "embed", "decoder"}
     assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"])
     r = run("verify", tmp_path / "b", "--reference", checkpoint("llava-clip"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["passed"]
@@ -186,3 +186,78 @@ def test_cli_export_and_verify(checkpoint, bundle, tmp_path):
     report = json.loads(r.stdout)
     assert r.returncode == 1 and not report["passed"]
     assert report["summary"]["logits_max_abs"] > 1e-3
+
+
+def test_fp16_graphs_track_the_fp32_reference(checkpoint, pipelines, tmp_path):
+    """fp16 variants (for GPUs) run on the CPU provider too, so their parity is checked here."""
+    import onnx
+
+    from edgelmm.export import export
+
+    path = export(checkpoint("llava-siglip"), tmp_path / "b16", precisions=("fp32", "fp16"), quiet=True)
+    manifest = json.loads((path / "edgelmm.json").read_text())
+    report = manifest["verify"]["fp16"]
+    assert report["passed"], report["failures"]
+    s = report["summary"]
+    assert s["vision_cosine_min"] >= 0.999 and s["logits_kl_max"] <= 5e-3 and s["token_match_min"] >= 0.95
+    arts = {(a["graph"], a["precision"]): a for a in manifest["artifacts"]}
+    dec16, dec32 = arts[("decoder", "fp16")], arts[("decoder", "fp32")]
+    assert {i["dtype"] for i in dec16["inputs"] if i["name"] not in ("attention_mask", "position_ids")} == {"float16"}
+    weight_bytes = {}
+    for art in (dec16, dec32):
+        graph = onnx.load(str(path / art["file"]))
+        for t in graph.graph.initializer:
+            key = (art["precision"], onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name)
+            weight_bytes[key] = weight_bytes.get(key, 0) + len(t.raw_data)
+    # Every weight is half precision: half the bytes, next to nothing left in fp32.
+    assert abs(weight_bytes[("fp16", "float16")] - weight_bytes[("fp32", "float32")] / 2) <= 1e-3 * weight_bytes[("fp32", "float32")]
+    assert weight_bytes.get(("fp16", "float32"), 0) <= 1e-3 * weight_bytes[("fp16", "float16")]
+    # Without a GPU, "auto" keeps fp32; fp16 can still be asked for.
+    assert edgelmm.load(path).backend.describe()["precision"] == "fp32"
+    pipe16 = edgelmm.load(path, precision="fp16")
+    images = sample_images(2, seed=5)
+    a = pipe16.generate("Compare <image> and <image>", images, max_new_tokens=8)
+    b = pipelines("llava-siglip").generate("Compare <image> and <image>", images, max_new_tokens=8)
+    assert sum(x == y for x, y in zip(a.token_ids, b.token_ids)) >= 0.75 * len(b.token_ids)
+
+
+def test_io_binding_gives_the_same_answers(bundle):
+    """The decoder's KV cache stays in ORT's own buffers between steps with IO binding; the numbers
+    must not change."""
+    from edgelmm.bundle import open_bundle
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+    from edgelmm.pipeline import Pipeline
+    from edgelmm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    path = bundle("idefics2")
+    files = ModelFiles.open(path)
+    opened = open_bundle(path)
+    bound, plain = (Pipeline(files, detect(files), OnnxRuntimeBackend(opened, io_binding=flag)) for flag in (True, False))
+    assert bound.backend.describe()["kv_device"] == "cpu" and plain.backend.describe()["kv_device"] == "host"
+    images = sample_images(2, seed=9)
+    a = bound.generate("What changed between <image> and <image>?", images, max_new_tokens=12)
+    b = plain.generate("What changed between <image> and <image>?", images, max_new_tokens=12)
+    assert a.token_ids == b.token_ids
+    prep = bound.prepare("<image> and <image>", images)
+    emb = bound.merged_embeddings(prep)
+    n = emb.shape[1]
+    args = (emb, np.ones((1, n), np.int64), np.arange(n)[None])
+    la = bound.backend.decode(*args, bound.backend.new_cache(1))
+    lb = plain.backend.decode(*args, plain.backend.new_cache(1))
+    assert np.abs(la - lb).max() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["llava-clip", "idefics3"])
+def test_batch_of_two_answers_as_each_alone(bundle, pipelines, kind):
+    """Batch 2 (left-padded, different lengths and image counts) gives each prompt the tokens the
+    PyTorch reference gives it alone."""
+    ort_pipe, ref = edgelmm.load(bundle(kind)), pipelines(kind)
+    requests = [("Describe <image>", sample_images(1, seed=31, sizes=[(48, 64)])),
+                ("Compare <image>, <image> and <image>", sample_images(3, seed=32, sizes=SIZES))]
+    batched = ort_pipe.generate_batch(requests, max_new_tokens=16)
+    for (prompt, images), got in zip(requests, batched):
+        alone = ref.generate(prompt, images, max_new_tokens=16)
+        assert got.token_ids == alone.token_ids and got.prompt_tokens == alone.prompt_tokens
+    torch_batched = ref.generate_batch(requests, max_new_tokens=16)
+    assert [g.token_ids for g in torch_batched] == [g.token_ids for g in batched]

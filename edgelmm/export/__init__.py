@@ -17,17 +17,22 @@ FORMATS = ("onnx",)
 
 
 def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
-           verify: bool = True, overwrite: bool = False, prompt_style: str | None = None,
-           quiet: bool = False) -> Path:
-    """Export `model_dir` into a bundle at `out_dir` and (by default) verify it against the PyTorch
-    reference, storing the report in the manifest. Raises ExportError when parity fails."""
+           precisions: Sequence[str] = ("fp32",), verify: bool = True, overwrite: bool = False,
+           prompt_style: str | None = None, quiet: bool = False) -> Path:
+    """Export `model_dir` into a bundle at `out_dir` and (by default) verify every precision against
+    the fp32 PyTorch reference, storing the reports in the manifest (`verify[precision]`).
+    Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers)."""
     from ..api import load, pipeline_for_bundle
-    from ..export.onnx import example_vision_inputs, export_onnx_graphs, text_dims
+    from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
+    from ..runtimes.torch import load_hf_model
     from ..verify import verify as run_verify
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; available: {', '.join(FORMATS)}")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ExportError(f"unknown precision(s) {bad or precisions}; available: {', '.join(PRECISIONS)}")
     console = Console(stderr=True, quiet=quiet)
     model_dir = Path(model_dir)
     with console.status(f"loading {model_dir.name}"):
@@ -41,8 +46,12 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                 copied.append(name)
         artifacts = []
         if "onnx" in formats:
-            with console.status("exporting ONNX graphs (vision, embed, decoder)"):
-                artifacts += export_onnx_graphs(family, reference.backend.model, stage, example_vision_inputs(family))
+            for precision in precisions:
+                with console.status(f"exporting {precision} ONNX graphs (vision, embed, decoder)"):
+                    # fp16 from a second, half-precision copy: the fp32 model stays the reference.
+                    model = reference.backend.model if precision == "fp32" else load_hf_model(family, "float16")
+                    artifacts += export_onnx_graphs(family, model, stage, example_vision_inputs(family), precision)
+                    del model
         for art in artifacts:
             art["files"] = [file_entry(stage, f) for f in art["files"]]
             art["sha256"] = art["files"][0]["sha256"]
@@ -52,17 +61,20 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
             "source": {"path": str(model_dir.resolve()), "fingerprint": checkpoint_fingerprint(model_dir)},
             "text": text_dims(files.config),
             "files": [file_entry(stage, n) for n in copied],
-            "artifacts": artifacts, "built_with": build_versions(), "verify": None,
+            "artifacts": artifacts, "built_with": build_versions(), "verify": {},
         }
         write_manifest(stage, manifest)
         if verify:
-            with console.status("verifying the bundle against the PyTorch reference"):
-                # The files were hashed a moment ago; hashing them again would cost minutes on an 8B model.
-                report = run_verify(pipeline_for_bundle(open_bundle(stage, verify_checksums=False)), reference)
-            manifest["verify"] = {k: report[k] for k in ("precision", "backend", "summary", "passed", "failures")}
-            write_manifest(stage, manifest)
-            if not report["passed"]:
-                raise ExportError("the exported bundle failed parity with the PyTorch reference: "
-                                  + "; ".join(report["failures"]))
+            # The files were hashed a moment ago; hashing them again would cost minutes on an 8B model.
+            bundle = open_bundle(stage, verify_checksums=False)
+            for precision in precisions:
+                with console.status(f"verifying the {precision} graphs against the PyTorch reference"):
+                    report = run_verify(pipeline_for_bundle(bundle, precision=precision), reference, precision)
+                manifest["verify"][precision] = {k: report[k] for k in
+                                                 ("precision", "backend", "thresholds", "summary", "passed", "failures")}
+                write_manifest(stage, manifest)
+                if not report["passed"]:
+                    raise ExportError(f"the exported {precision} graphs failed parity with the PyTorch reference: "
+                                      + "; ".join(report["failures"]))
     console.print(f"[green]bundle written[/]: {out_dir}")
     return Path(out_dir)

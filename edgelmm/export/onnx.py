@@ -101,9 +101,18 @@ def _export_one(module, args, path: Path, input_names, output_names, dynamic_sha
         raise ExportError(f"torch.onnx.export failed on the {path.stem} graph: {type(exc).__name__}: {exc}") from exc
 
 
-def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision) -> list[dict[str, Any]]:
-    """Write vision.onnx, embed.onnx and decoder.onnx under out_dir/onnx/; return their artifact
-    entries; "files" lists the graph file first, then any external-data files (relative to out_dir)."""
+PRECISIONS = ("fp32", "fp16")
+
+
+def graph_file(graph: str, precision: str) -> str:
+    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
+
+
+def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, precision: str = "fp32") -> list[dict[str, Any]]:
+    """Write the vision, embed and decoder graphs of `model` (already in the precision's dtype: fp16
+    graphs are exported from a half-precision model, so every op and the KV cache are fp16) under
+    out_dir/onnx/; return their artifact entries; "files" lists the graph file first, then any
+    external-data files (relative to out_dir)."""
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -118,7 +127,8 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision) -> l
     batch, seq, past, tiles = Dim("batch", max=256), Dim("seq", max=131072), Dim("past", max=131072), Dim("tiles", max=1024)
 
     # Example shapes are >= 2 on every dynamic axis: the exporter specialises axes of size 0 or 1.
-    pv = torch.from_numpy(sample_vision.pixel_values)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    pv = torch.from_numpy(sample_vision.pixel_values).to(dtype)
     v_args, v_names, v_shapes = (pv,), ["pixel_values"], {"pixel_values": {0: tiles}}
     if sample_vision.pixel_attention_mask is not None:
         v_args = (pv, torch.from_numpy(sample_vision.pixel_attention_mask))
@@ -137,9 +147,9 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision) -> l
     names = past_names(L)
     graphs.append((
         "decoder", decoder,
-        (torch.zeros(B, S, dims["hidden_size"]), torch.ones(B, P + S, dtype=torch.long),
+        (torch.zeros(B, S, dims["hidden_size"], dtype=dtype), torch.ones(B, P + S, dtype=torch.long),
          torch.arange(P, P + S).repeat(B, 1),
-         tuple(torch.zeros(B, dims["num_kv_heads"], P, dims["head_dim"]) for _ in names)),
+         tuple(torch.zeros(B, dims["num_kv_heads"], P, dims["head_dim"], dtype=dtype) for _ in names)),
         ["inputs_embeds", "attention_mask", "position_ids", *names],
         ["logits", *past_names(L, "present")],
         {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
@@ -147,11 +157,11 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision) -> l
     ))
     artifacts = []
     for graph, module, args, in_names, out_names, shapes in graphs:
-        path = onnx_dir / f"{graph}.onnx"
+        path = onnx_dir / graph_file(graph, precision)
         _export_one(module, args, path, in_names, out_names, shapes, large)
         inputs, outputs = _io(path)
         data = sorted(p.name for p in onnx_dir.iterdir() if p.name.startswith(path.name) and p != path)
-        artifacts.append({"graph": graph, "format": "onnx", "precision": "fp32", "file": f"onnx/{path.name}",
+        artifacts.append({"graph": graph, "format": "onnx", "precision": precision, "file": f"onnx/{path.name}",
                           "files": [f"onnx/{n}" for n in [path.name, *data]],
                           "inputs": inputs, "outputs": outputs})
     return artifacts

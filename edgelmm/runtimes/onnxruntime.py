@@ -26,21 +26,31 @@ def nvidia_gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/nvhost-ctrl-gpu")
 
 
-class OrtCache:
-    """Past keys/values as numpy arrays, replaced by the decoder's present outputs each step."""
+def _np_dtype(ort_type: str):
+    return {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(ort_type, np.float32)
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = arrays
+
+class OrtCache:
+    """Past keys/values, replaced by the decoder's present outputs each step. With IO binding they
+    are OrtValues that stay where the decoder wrote them (GPU memory under CUDA/TensorRT), so the
+    cache never crosses to the host between steps; without it, numpy arrays."""
+
+    def __init__(self, values: list):
+        self.values = values
 
     @property
     def length(self) -> int:
-        return int(self.arrays[0].shape[2]) if self.arrays else 0
+        if not self.values:
+            return 0
+        v = self.values[0]
+        return int((v.shape() if callable(v.shape) else v.shape)[2])
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32"):
+    def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
+                 io_binding: bool = True):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -87,31 +97,56 @@ class OnnxRuntimeBackend:
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
         self.vision_inputs = [i.name for i in self.sessions["vision"].get_inputs()]
         self.past_names = [i.name for i in self.sessions["decoder"].get_inputs()][3:]
+        self.present_names = [o.name for o in self.sessions["decoder"].get_outputs()][1:]
+        # fp16 graphs take and give fp16; the backend contract stays float32 at the boundary.
+        self.pixel_dtype = _np_dtype(self.sessions["vision"].get_inputs()[0].type)
+        self.kv_dtype = _np_dtype(self.sessions["decoder"].get_inputs()[0].type)
+        self.io_binding = io_binding
+        # Where the KV cache lives between steps: on the GPU when a GPU provider runs the decoder.
+        self.kv_device = "cuda" if self.providers[0] in PROVIDER_ORDER[:2] else "cpu"
 
     def encode_images(self, pixel_values, pixel_attention_mask=None):
-        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)}
+        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, self.pixel_dtype)}
         if "pixel_attention_mask" in self.vision_inputs:
             if pixel_attention_mask is None:
                 pixel_attention_mask = np.ones((pixel_values.shape[0],) + pixel_values.shape[2:], np.int64)
             feeds["pixel_attention_mask"] = pixel_attention_mask.astype(np.int64)
-        return self.sessions["vision"].run(None, feeds)[0]
+        return self.sessions["vision"].run(None, feeds)[0].astype(np.float32, copy=False)
 
     def embed_tokens(self, input_ids):
-        return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
+        return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0].astype(np.float32, copy=False)
 
     def new_cache(self, batch_size: int = 1) -> OrtCache:
-        empty = np.zeros((batch_size, self.kv_heads, 0, self.head_dim), np.float32)
+        empty = np.zeros((batch_size, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        if self.io_binding:
+            empty = self.ort.OrtValue.ortvalue_from_numpy(empty, self.kv_device, 0)
         return OrtCache([empty] * (2 * self.num_layers))
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache: OrtCache):
-        feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, np.float32),
-                 "attention_mask": attention_mask.astype(np.int64), "position_ids": position_ids.astype(np.int64)}
-        feeds.update(zip(self.past_names, cache.arrays))
-        logits, *present = self.sessions["decoder"].run(None, feeds)
-        cache.arrays = present
-        return logits
+        feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, self.kv_dtype),
+                 "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
+                 "position_ids": np.ascontiguousarray(position_ids, np.int64)}
+        session = self.sessions["decoder"]
+        if not self.io_binding:
+            feeds.update(zip(self.past_names, cache.values))
+            logits, *present = session.run(None, feeds)
+            cache.values = present
+            return logits.astype(np.float32, copy=False)
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.past_names, cache.values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # the sampler runs on the host
+        for name in self.present_names:
+            binding.bind_output(name, self.kv_device)
+        session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        cache.values = present
+        return logits.numpy().astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.providers, "requested_provider": self.requested,
                 "precision": self.precision, "threads": self.threads or "default",
+                "io_binding": self.io_binding, "kv_device": self.kv_device if self.io_binding else "host",
                 "onnxruntime": self.ort.__version__}
