@@ -57,3 +57,17 @@ def test_every_command_has_help():
     for cmd in ("run", "info"):
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_eval_json_on_the_reference_model():
+    r = cli("eval", "--samples", "9", "--backend", "torch", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["samples"] == 9 and len(out["tasks"]) == 9 and 0.0 <= out["accuracy"] <= 1.0
+    assert set(out["skills"]) == {"co-reference", "comparison", "reasoning", "temporal", "anomaly", "in-context"}
+    assert out["backend"]["backend"] == "torch"
+
+
+def test_eval_on_a_missing_model_is_a_clear_error(tmp_path):
+    r = cli("eval", tmp_path / "nothing-here", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "CheckpointError"

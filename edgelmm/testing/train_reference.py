@@ -270,9 +270,19 @@ def evaluate_and_card(model_dir: Path, threads: int) -> dict:
         vocab=cfg["text_config"]["vocab_size"], table=format_table(report), task_rows=task_rows,
         steps=log["steps"], batch=log["batch_size"], lr=log["lr"], seed=log["seed"], threads=log["threads"],
         minutes=log["minutes"], machine=log.get("machine", "?"), samples=log["steps"] * log["batch_size"],
-        subset=results["ci_subset"]["accuracy"], ci=CI_SUBSET, n=TEST_SAMPLES)
+        subset=results["ci_subset"]["accuracy"], ci=CI_SUBSET, n=TEST_SAMPLES, limits=_limits(results))
     (model_dir / "README.md").write_text(card)
     return results
+
+
+def _limits(results: dict) -> str:
+    """What the card must admit: the skills this model has not learned well (under 90%)."""
+    weak = [f"{k} {v['accuracy']:.0%}" for k, v in results["test"]["skills"].items() if v["accuracy"] < 0.9]
+    if not weak:
+        return "Every skill is at 90% or above."
+    return ("Under 90%: " + ", ".join(weak) + ". The training loss was still falling when the cosine schedule "
+            "ended; more steps (or a GPU run) is the first thing to try. Shape identity is the slowest skill to "
+            "learn with 16x16-pixel patches, and counting and anomaly descriptions build on it.")
 
 
 def _subset_skills(correct: list[bool]) -> dict[str, float]:
@@ -357,6 +367,9 @@ Chance is the majority baseline: the accuracy of always giving the most common a
 {task_rows}
 
 The test suite re-checks the first {ci} test samples (accuracy here {subset:.1%}) through `from_pretrained`.
+
+## Limits
+{limits}
 """
 
 
