@@ -69,6 +69,18 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     return int(rng.choice(p.shape[0], p=p))
 
 
+def left_pad(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[S_i, D] embedding rows -> a left-padded batch: embeds [B, S, D], attention mask [B, S] and
+    position ids that count each row's own tokens from 0 (pads sit at position 0, masked)."""
+    width = max(len(r) for r in rows)
+    embeds = np.zeros((len(rows), width, rows[0].shape[-1]), np.float32)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        embeds[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return embeds, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+
 class Pipeline:
     def __init__(self, files: ModelFiles, family: Family, backend: Backend):
         self.files = files
@@ -172,14 +184,8 @@ class Pipeline:
         if not requests:
             return []
         prepared = [self.prepare(prompt, images, chat=chat) for prompt, images in requests]
-        rows = [self.merged_embeddings(p)[0] for p in prepared]
-        batch, width = len(rows), max(len(r) for r in rows)
-        embeds = np.zeros((batch, width, rows[0].shape[-1]), np.float32)
-        mask = np.zeros((batch, width), np.int64)
-        for i, r in enumerate(rows):
-            embeds[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        embeds, mask, positions = left_pad([self.merged_embeddings(p)[0] for p in prepared])
+        batch, width = mask.shape
         rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(batch)]
         budget = min(max_new_tokens, self.context_length - width)
         cache = self.backend.new_cache(batch)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import Pipeline, SamplingParams
+from .pipeline import Pipeline, SamplingParams, left_pad
 
 THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"vision_max_abs": 1e-4, "vision_cosine_min": 0.9999, "logits_max_abs": 1e-3, "logits_kl_max": 1e-4,
@@ -90,14 +90,7 @@ def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", ma
         ref_logits.append(rl[0])
 
     # Batch 2, left padded: each row must give the logits the reference gives it alone.
-    a, b = ref_embeds[0], ref_embeds[1]
-    n = max(len(a), len(b))
-    embeds = np.zeros((2, n, a.shape[-1]), np.float32)
-    mask = np.zeros((2, n), np.int64)
-    for row, e in enumerate((a, b)):
-        embeds[row, n - len(e):] = e
-        mask[row, n - len(e):] = 1
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    embeds, mask, pos = left_pad(ref_embeds[:2])
     batch_logits = _prefill(candidate, embeds, mask, pos)
     batch2 = float(max(np.abs(batch_logits[0] - ref_logits[0]).max(), np.abs(batch_logits[1] - ref_logits[1]).max()))
     batch2_kl = max(kl_divergence(ref_logits[0], batch_logits[0]), kl_divergence(ref_logits[1], batch_logits[1]))

@@ -174,7 +174,7 @@ class Batcher:
                 torch.from_numpy(pixels))
 
 
-def evaluate_greedy(model, batcher: Batcher, samples: list[synthetic.Sample]) -> dict[str, float]:
+def teacher_forced_accuracy(model, batcher: Batcher, samples: list[synthetic.Sample]) -> dict[str, float]:
     """Teacher-forced exact match of the answer tokens (a fast proxy for greedy accuracy)."""
     import torch
 
@@ -232,7 +232,7 @@ def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, threads:
                      "lr": sched.get_last_lr()[0]}
             running = 0.0
             if (step + 1) % (log_every * 10) == 0 or step + 1 == steps:
-                acc = evaluate_greedy(model, batcher, val)
+                acc = teacher_forced_accuracy(model, batcher, val)
                 entry["val"] = acc
                 entry["val_mean"] = float(np.mean(list(acc.values())))
             history.append(entry)
