@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from . import synthetic
@@ -29,19 +29,43 @@ class TaskScore:
         return self.correct / self.total if self.total else 0.0
 
 
+@dataclass(frozen=True)
+class Outcome:
+    index: int
+    task: str
+    expected: str
+    got: str
+
+    @property
+    def correct(self) -> bool:
+        return synthetic.normalise_answer(self.got) == synthetic.normalise_answer(self.expected)
+
+
 @dataclass
 class EvalReport:
     split: str
-    samples: int
-    tasks: list[TaskScore]
+    outcomes: list[Outcome]        # per sample, in index order
     seconds: float
-    correct: list[bool] = field(default_factory=list)             # per sample, in index order
-    mistakes: list[dict[str, Any]] = field(default_factory=list)   # a few, for a human to look at
+
+    @property
+    def samples(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def tasks(self) -> list[TaskScore]:
+        scores = []
+        for task in synthetic.TASKS:
+            rows = [o for o in self.outcomes if o.task == task.name]
+            if rows:
+                majority = Counter(o.expected for o in rows).most_common(1)[0][1] / len(rows)
+                scores.append(TaskScore(task.name, task.skill, sum(o.correct for o in rows), len(rows), majority))
+        return scores
 
     def skills(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
+        tasks = self.tasks
         for skill in synthetic.SKILLS:
-            rows = [t for t in self.tasks if t.skill == skill]
+            rows = [t for t in tasks if t.skill == skill]
             if rows:
                 total = sum(t.total for t in rows)
                 out[skill] = {"accuracy": sum(t.correct for t in rows) / total,
@@ -50,45 +74,35 @@ class EvalReport:
 
     @property
     def accuracy(self) -> float:
-        total = sum(t.total for t in self.tasks)
-        return sum(t.correct for t in self.tasks) / total if total else 0.0
+        return sum(o.correct for o in self.outcomes) / self.samples if self.outcomes else 0.0
+
+    def mistakes(self, limit: int = 8) -> list[dict[str, Any]]:
+        """A few wrong answers, for a human to look at."""
+        return [asdict(o) for o in self.outcomes if not o.correct][:limit]
+
+    def subset(self, n: int) -> "EvalReport":
+        """The report over the first n samples (a CI-sized subset of the same fixed set)."""
+        return EvalReport(self.split, self.outcomes[:n], self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
         return {"split": self.split, "samples": self.samples, "accuracy": self.accuracy,
                 "skills": self.skills(),
                 "tasks": {t.task: {**asdict(t), "accuracy": t.accuracy} for t in self.tasks},
-                "seconds": self.seconds, "mistakes": self.mistakes}
-
-    def subset_accuracy(self, n: int) -> float:
-        """Accuracy over the first n samples (a CI-sized subset of the same fixed set)."""
-        return sum(self.correct[:n]) / min(n, len(self.correct))
+                "seconds": self.seconds, "mistakes": self.mistakes()}
 
 
 def evaluate(pipeline, samples: int = 900, split: str = "test", max_new_tokens: int = 12,
-             on_progress: Callable[[int, int], None] | None = None, keep_mistakes: int = 8) -> EvalReport:
+             on_progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Answer `samples` held-out samples (tasks take turns, so every task gets samples/9)."""
-    per_task: dict[str, list[tuple[bool, str]]] = {}
-    correct: list[bool] = []
-    mistakes: list[dict[str, Any]] = []
+    outcomes = []
     t0 = time.perf_counter()
     for i in range(samples):
         s = synthetic.make_sample(split, i)
         g = pipeline.generate(s.messages, s.images, max_new_tokens=max_new_tokens)
-        ok = synthetic.normalise_answer(g.text) == synthetic.normalise_answer(s.answer)
-        per_task.setdefault(s.task, []).append((ok, s.answer))
-        correct.append(ok)
-        if not ok and len(mistakes) < keep_mistakes:
-            mistakes.append({"index": i, "task": s.task, "expected": s.answer, "got": g.text})
+        outcomes.append(Outcome(i, s.task, s.answer, g.text))
         if on_progress:
             on_progress(i + 1, samples)
-    scores = []
-    for task in synthetic.TASKS:
-        rows = per_task.get(task.name)
-        if not rows:
-            continue
-        majority = Counter(a for _, a in rows).most_common(1)[0][1] / len(rows)
-        scores.append(TaskScore(task.name, task.skill, sum(ok for ok, _ in rows), len(rows), majority))
-    return EvalReport(split, samples, scores, time.perf_counter() - t0, correct, mistakes)
+    return EvalReport(split, outcomes, time.perf_counter() - t0)
 
 
 def format_table(report: EvalReport) -> str:

@@ -49,14 +49,13 @@ def test_architecture_fits_the_exporters():
     assert size <= 25 * 2 ** 20
 
 
-def test_sentencepiece_and_tokenizer_json_agree():
+def test_sentencepiece_and_tokenizer_json_agree(reference_pipeline):
     spm = pytest.importorskip("sentencepiece", reason="sentencepiece is in the dev extra")
     from tokenizers import Tokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(reference_model() / "tokenizer.model"))
     fast = Tokenizer.from_file(str(reference_model() / "tokenizer.json"))
-    pipe_text = edgelmm.load(reference_model(), backend="torch")
     for i in range(45):
         s = synthetic.make_sample("test", i)
-        text = pipe_text.prepare(s.messages, s.images).text + " " + s.answer
+        text = reference_pipeline.prepare(s.messages, s.images).text + " " + s.answer
         assert [sp.bos_id()] + sp.encode(text) == fast.encode(text).ids, text

@@ -2,7 +2,7 @@
 Llama text model with a llama-style sentencepiece tokenizer) that has really learned the
 multi-image skills of `edgelmm.synthetic`.
 
-    python -m edgelmm.testing.train_reference OUT_DIR [--steps 3000] [--seed 0]
+    python -m edgelmm.testing.train_reference OUT_DIR [--steps 5000] [--seed 0]
 
 The run is seeded (weights, data order, augmentation); the data is generated on the fly from the
 "train" split, so no two steps see the same sample. Training batches go through the same
@@ -66,13 +66,13 @@ def training_sample(index: int) -> synthetic.Sample:
 def build_tokenizer(out: Path) -> None:
     """A Llama-style sentencepiece BPE (byte fallback, identity normalisation so llama.cpp's SPM
     tokenizer splits text the same way), saved as tokenizer.model and as HF tokenizer.json."""
+    import io
+
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
     from .checkpoints import _save_tokenizer
-
-    import io
 
     model = io.BytesIO()  # written by us, so no output path ends up inside the model's trainer spec
     spm.SentencePieceTrainer.train(
@@ -98,7 +98,6 @@ def build_tokenizer(out: Path) -> None:
                     chat_template=CHAT_TEMPLATE)
     # The two tokenizers must agree: llama.cpp reads tokenizer.model's pieces, edgelmm tokenizer.json.
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    from tokenizers import Tokenizer
     fast = Tokenizer.from_file(str(out / "tokenizer.json"))
     for line in _corpus(200):
         a, b = [1] + sp.encode(line), fast.encode(line).ids
@@ -253,11 +252,11 @@ def evaluate_and_card(model_dir: Path, threads: int) -> dict:
 
     report = evaluate(load(model_dir, backend="torch", threads=threads), TEST_SAMPLES)
     log = json.loads((model_dir / "training_log.json").read_text())
-    results = {"test": {"accuracy": report.accuracy, "samples": report.samples, "skills": report.skills(),
-                        "tasks": report.as_dict()["tasks"]},
-               "ci_subset": {"samples": CI_SUBSET, "accuracy": report.subset_accuracy(CI_SUBSET),
-                             "skills": _subset_skills(report.correct[:CI_SUBSET])},
-               "mistakes": report.mistakes}
+    full, subset = report.as_dict(), report.subset(CI_SUBSET)
+    results = {"test": {k: full[k] for k in ("accuracy", "samples", "skills", "tasks")},
+               "ci_subset": {"samples": CI_SUBSET, "accuracy": subset.accuracy,
+                             "skills": {k: v["accuracy"] for k, v in subset.skills().items()}},
+               "mistakes": full["mistakes"]}
     (model_dir / "eval_results.json").write_text(json.dumps(results, indent=1))
     cfg = json.loads((model_dir / "config.json").read_text())
     n_params = sum(v["numel"] for v in _tensor_sizes(model_dir).values())
@@ -283,14 +282,6 @@ def _limits(results: dict) -> str:
     return ("Under 90%: " + ", ".join(weak) + ". The training loss was still falling when the cosine schedule "
             "ended; more steps (or a GPU run) is the first thing to try. Shape identity is the slowest skill to "
             "learn with 16x16-pixel patches, and counting and anomaly descriptions build on it.")
-
-
-def _subset_skills(correct: list[bool]) -> dict[str, float]:
-    """Per-skill accuracy of the first samples (sample i asks task i mod 9)."""
-    hits: dict[str, list[bool]] = {}
-    for i, ok in enumerate(correct):
-        hits.setdefault(synthetic.TASKS[i % len(synthetic.TASKS)].skill, []).append(ok)
-    return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
 def _tensor_sizes(model_dir: Path) -> dict:
