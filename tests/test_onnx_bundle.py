@@ -261,3 +261,12 @@ def test_batch_of_two_answers_as_each_alone(bundle, pipelines, kind):
         assert got.token_ids == alone.token_ids and got.prompt_tokens == alone.prompt_tokens
     torch_batched = ref.generate_batch(requests, max_new_tokens=16)
     assert [g.token_ids for g in torch_batched] == [g.token_ids for g in batched]
+
+
+def test_unknown_precision_is_refused_before_any_work(checkpoint, tmp_path):
+    from edgelmm.errors import ExportError
+    from edgelmm.export import export
+
+    with pytest.raises(ExportError, match="unknown precision.*int3.*fp32, fp16"):
+        export(checkpoint("llava-siglip"), tmp_path / "b", precisions=("fp16", "int3"), quiet=True)
+    assert not (tmp_path / "b").exists()
