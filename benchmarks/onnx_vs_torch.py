@@ -16,12 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import edgelmm  # noqa: E402
 from edgelmm.export import export  # noqa: E402
-from edgelmm.testing.checkpoints import build_llava, sample_images  # noqa: E402
+from edgelmm.testing.checkpoints import build_bench_checkpoint, sample_images  # noqa: E402
 
-# Hidden/FFN sizes are multiples of 256; vocab 32000 so that lm_head costs what it does in practice.
-VISION = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6}
-TEXT = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "vocab_size": 32000}
 
 
 def measure(pipe, prompt, images, repeats: int, new_tokens: int) -> dict[str, float]:
@@ -44,10 +40,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir)
-    ckpt = work / "Mantis-bench60m-siglip-llama3"
-    if not (ckpt / "config.json").exists():
-        ckpt.mkdir(parents=True, exist_ok=True)
-        build_llava(ckpt, "siglip", image_size=224, patch=16, vision_dims=VISION, text_dims=TEXT)
+    ckpt = build_bench_checkpoint(work)
     bundle = work / "bundle"
     if not (bundle / "edgelmm.json").exists():
         export(ckpt, bundle, overwrite=True)

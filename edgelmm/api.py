@@ -10,11 +10,20 @@ from .families import detect
 from .modelfiles import ModelFiles
 from .pipeline import Pipeline
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "llamacpp")
+BACKEND_FORMAT = {"onnxruntime": "onnx", "llamacpp": "gguf"}
+# What backend="auto" tries first on a bundle: ONNX Runtime where ONNX graphs exist, else llama.cpp.
+AUTO_ORDER = ("onnxruntime", "llamacpp")
+# llama.cpp's precision="auto" takes the smallest type the bundle has: the user exported it to run it.
+GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "f32")
 
 
 def bundle_precisions(bundle: Bundle, fmt: str = "onnx") -> list[str]:
     return sorted({a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == fmt})
+
+
+def bundle_formats(bundle: Bundle) -> list[str]:
+    return sorted({a["format"] for a in bundle.manifest["artifacts"]})
 
 
 def pick_precision(bundle: Bundle, provider: str) -> str:
@@ -27,15 +36,36 @@ def pick_precision(bundle: Bundle, provider: str) -> str:
     return "fp32" if "fp32" in have else have[0]
 
 
+def bundle_backend(bundle: Bundle, backend: str) -> str:
+    """The backend that will run this bundle: the requested one if the bundle has its artifacts."""
+    formats = bundle_formats(bundle)
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            if BACKEND_FORMAT[name] in formats:
+                return name
+    if backend not in BACKEND_FORMAT:
+        raise BackendUnavailable(f"backend {backend!r} cannot run a bundle (it has {formats} artifacts); choose from "
+                                 f"{', '.join(BACKEND_FORMAT)}, or load the source checkpoint for 'torch'")
+    if BACKEND_FORMAT[backend] not in formats:
+        raise BackendUnavailable(f"backend {backend!r} needs {BACKEND_FORMAT[backend]} artifacts but this bundle has "
+                                 f"{formats}; export them with `edgelmm export --format {BACKEND_FORMAT[backend]}`")
+    return backend
+
+
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
                         threads: int | None = None, precision: str = "auto") -> Pipeline:
-    if backend not in ("auto", "onnxruntime"):
-        raise BackendUnavailable(f"backend {backend!r} cannot run a bundle with {sorted({a['format'] for a in bundle.manifest['artifacts']})} "
-                                 "artifacts; use 'onnxruntime' (or load the source checkpoint for 'torch')")
-    from .runtimes.onnxruntime import OnnxRuntimeBackend
-
+    backend = bundle_backend(bundle, backend)
     files = ModelFiles.open(bundle.root)
     family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
+    if backend == "llamacpp":
+        from .runtimes.llamacpp import LlamaCppBackend
+
+        if precision == "auto":
+            have = bundle_precisions(bundle, "gguf")
+            precision = next(p for p in GGUF_PREFERENCE if p in have)
+        return Pipeline(files, family, LlamaCppBackend(bundle, precision=precision, threads=threads))
+    from .runtimes.onnxruntime import OnnxRuntimeBackend
+
     if precision == "auto":
         precision = pick_precision(bundle, provider)
     return Pipeline(files, family, OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision))
@@ -47,7 +77,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     Pipeline over the chosen backend.
 
     backend: "auto" picks the best available; "onnxruntime" runs a bundle's ONNX graphs
-    (provider "auto" | "tensorrt" | "cuda" | "cpu"); "torch" is the PyTorch reference (checkpoints).
+    (provider "auto" | "tensorrt" | "cuda" | "cpu"); "llamacpp" runs its GGUF pair (precision
+    "f32" | "f16" | "q8_0" | "q4_k_m"); "torch" is the PyTorch reference (checkpoints).
     A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
     """

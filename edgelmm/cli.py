@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .errors import EdgeLMMError
+from .errors import BackendUnavailable, EdgeLMMError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -39,7 +39,7 @@ def run(
     temperature: float = typer.Option(0.0, help="0 answers greedily; higher samples more freely."),
     top_p: float = typer.Option(1.0, help="Sample only from the smallest set of tokens with this much probability."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling, for repeatable answers."),
-    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime (bundles) or torch "
+    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime or llamacpp (bundles), torch "
                                              "(the PyTorch reference, checkpoints)."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider for bundles: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
@@ -72,9 +72,15 @@ def run(
 def export(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory to export."),
     out: Path = typer.Argument(..., help="The bundle directory to create (it appears only when complete)."),
-    format: str = typer.Option("onnx", "--format", "-f", help="What to write: onnx (vision, embedding and decoder graphs)."),
-    precision: str = typer.Option("fp32", "--precision", help="Comma-separated graph precisions: fp32 (exact, "
+    format: str = typer.Option("onnx", "--format", "-f", help="What to write, comma-separated: onnx (vision, embedding "
+                                                              "and decoder graphs for ONNX Runtime), gguf (LLM + "
+                                                              "mmproj files for llama.cpp)."),
+    precision: str = typer.Option("fp32", "--precision", help="ONNX: comma-separated graph precisions: fp32 (exact, "
                                                               "best on CPU), fp16 (half the size, for GPUs)."),
+    gguf_types: str = typer.Option("f16", "--gguf-types", help="GGUF: comma-separated types: f32 (exact), f16, q8_0, "
+                                                              "q4_k_m (smallest; llama.cpp's k-quants)."),
+    force: bool = typer.Option(False, help="Write a GGUF that llama.cpp is known to run wrongly (a CLIP tower) "
+                                           "instead of refusing; verify's report records the damage."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against the PyTorch reference."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at OUT."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' or 'plain' (stored in the bundle)."),
@@ -86,7 +92,8 @@ def export(
 
     try:
         path = run_export(model, out, [f.strip() for f in format.split(",")],
-                          precisions=[p.strip() for p in precision.split(",")], verify=not no_verify,
+                          precisions=[p.strip() for p in precision.split(",")],
+                          gguf_types=[t.strip() for t in gguf_types.split(",")], force=force, verify=not no_verify,
                           overwrite=overwrite, prompt_style=prompt_style, quiet=as_json)
         manifest = json.loads((path / MANIFEST).read_text())  # just written and hashed by export
     except EdgeLMMError as exc:
@@ -102,9 +109,11 @@ def export(
 def verify(
     bundle: Path = typer.Argument(..., help="A bundle directory made by `edgelmm export`."),
     reference: Path = typer.Option(..., "--reference", "-r", help="The checkpoint the bundle was exported from."),
+    backend: Optional[str] = typer.Option(None, help="onnxruntime (ONNX graphs) or llamacpp (GGUF files). "
+                                                     "Default: every backend the bundle has artifacts for."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
-    precision: Optional[str] = typer.Option(None, help="Which of the bundle's graph sets to check (fp32, fp16). "
-                                                       "Default: every one it has."),
+    precision: Optional[str] = typer.Option(None, help="Which precision to check (ONNX fp32/fp16, GGUF f32/f16/"
+                                                       "q8_0/q4_k_m). Default: every one the bundle has."),
     max_new_tokens: int = typer.Option(16, help="Greedy tokens compared per prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ):
@@ -116,10 +125,15 @@ def verify(
 
     try:
         opened = open_bundle(bundle)
-        precisions = [precision] if precision else api.bundle_precisions(opened)
+        backends = [backend] if backend else [b for b, f in api.BACKEND_FORMAT.items() if f in api.bundle_formats(opened)]
+        checks = [(b, p) for b in backends for p in api.bundle_precisions(opened, api.BACKEND_FORMAT.get(b, b))
+                  if precision in (None, p)]
+        if not checks:
+            raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
+                                     f"(formats {api.bundle_formats(opened)})")
         ref = api.load(reference, backend="torch")
-        reports = [run_verify(api.pipeline_for_bundle(opened, provider=provider, precision=p), ref, p,
-                              max_new_tokens=max_new_tokens) for p in precisions]
+        reports = [run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p), ref, p,
+                              max_new_tokens=max_new_tokens) for b, p in checks]
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
@@ -131,12 +145,18 @@ def verify(
         out = Console()
         for report in reports:
             table = Table("case", "vision max|d|", "vision cos", "logit max|d|", "KL", "token match",
-                          title=f"{report['precision']} graphs on {report['backend']['providers']}")
+                          title=f"{report['precision']} on {report['backend']['backend']} "
+                                f"{report['backend'].get('providers', '')}")
             for c in report["cases"]:
                 table.add_row(c["case"], f"{c['vision_max_abs']:.2e}", f"{c['vision_cosine_min']:.6f}",
                               f"{c['logits_max_abs']:.2e}", f"{c['logits_kl']:.2e}", f"{c['token_match']:.3f}")
             out.print(table)
-            out.print(f"batch-2 logits max|d|: {report['summary']['batch2_logits_max_abs']:.2e}")
+            out.print(f"decoder alone (same input embeddings) logit max|d|: "
+                      f"{report['summary']['decoder_logits_max_abs']:.2e}; batch-2 logits max|d|: "
+                      f"{report['summary']['batch2_logits_max_abs']:.2e}")
+            if "backend_tokenizer_match" in report["summary"]:
+                out.print(f"llama.cpp's own tokenizer agrees with the HF tokenizer on "
+                          f"{report['summary']['backend_tokenizer_match']:.0%} of the prompts")
             out.print("[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]: " + "; ".join(report["failures"]))
     if not all(r["passed"] for r in reports):
         raise typer.Exit(1)
@@ -147,7 +167,7 @@ def eval_(
     model: Optional[Path] = typer.Argument(None, help="A bundle or checkpoint directory. Default: the shipped "
                                                       "reference model (edgelmm/models/edgelmm-ref-siglip-llama)."),
     samples: int = typer.Option(900, help="How many held-out samples (tasks take turns: 9 tasks, so 900 = 100 each)."),
-    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime (bundles) or torch (checkpoints)."),
+    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime or llamacpp (bundles), torch (checkpoints)."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider for bundles: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     as_json: bool = typer.Option(False, "--json", help="Print the report (per task, per skill, mistakes) as JSON."),

@@ -50,3 +50,8 @@ class BackendUnavailable(EdgeLMMError):
 
 class ExportError(EdgeLMMError):
     """An exporter could not turn the model into the requested format."""
+
+
+class GGUFError(BundleError):
+    """A GGUF file is malformed (magic, version, truncation) or its tensors do not match its own
+    metadata. Raised before llama.cpp sees the file, so bad input never aborts inside C code."""

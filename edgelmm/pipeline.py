@@ -23,6 +23,8 @@ class PreparedPrompt:
     text: str                      # the prompt after templating, before image-token expansion
     input_ids: np.ndarray          # [S] int64, image tokens expanded
     vision: VisionInputs
+    expanded: str = ""             # the text that was tokenized (image markers expanded)
+    add_special: bool = True       # whether the tokenizer added BOS itself
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Pipeline:
         if len(ids) >= self.context_length:
             raise PromptError(f"the prompt is {len(ids)} tokens ({n_image_tokens} of them image tokens) but the "
                               f"model's context window is {self.context_length}")
-        return PreparedPrompt(text=text, input_ids=ids, vision=vision)
+        return PreparedPrompt(text=text, input_ids=ids, vision=vision, expanded=expanded, add_special=add_special)
 
     # ---- graphs ----
     def image_features(self, vision: VisionInputs) -> np.ndarray:

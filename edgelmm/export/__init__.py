@@ -13,16 +13,22 @@ from ..bundle import (FORMAT_VERSION, build_versions, checkpoint_fingerprint, fi
 from ..errors import ExportError
 from ..modelfiles import PROMPT_FILES
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 
 
 def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
-           precisions: Sequence[str] = ("fp32",), verify: bool = True, overwrite: bool = False,
-           prompt_style: str | None = None, quiet: bool = False) -> Path:
+           precisions: Sequence[str] = ("fp32",), gguf_types: Sequence[str] = ("f16",), force: bool = False,
+           verify: bool = True, overwrite: bool = False, prompt_style: str | None = None,
+           quiet: bool = False) -> Path:
     """Export `model_dir` into a bundle at `out_dir` and (by default) verify every precision against
     the fp32 PyTorch reference, storing the reports in the manifest (`verify[precision]`).
-    Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers)."""
+    Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers).
+
+    formats: "onnx" (graph precisions from `precisions`) and/or "gguf" (llama.cpp LLM + mmproj, one
+    pair per type in `gguf_types`: f32, f16, q8_0, q4_k_m). `force` writes a GGUF llama.cpp is
+    known to run wrongly (a CLIP tower) instead of refusing; its verify report shows the damage."""
     from ..api import load, pipeline_for_bundle
+    from ..export.gguf import GGUF_TYPES, export_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
     from ..runtimes.torch import load_hf_model
     from ..verify import verify as run_verify
@@ -33,11 +39,20 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise ExportError(f"unknown precision(s) {bad or precisions}; available: {', '.join(PRECISIONS)}")
+    bad = [t for t in gguf_types if t not in GGUF_TYPES]
+    if "gguf" in formats and (bad or not gguf_types):
+        raise ExportError(f"unknown GGUF type(s) {bad or gguf_types}; available: {', '.join(GGUF_TYPES)}")
     console = Console(stderr=True, quiet=quiet)
     model_dir = Path(model_dir)
     with console.status(f"loading {model_dir.name}"):
         reference = load(model_dir, backend="torch", prompt_style=prompt_style)
     files, family = reference.files, reference.family
+    forced_gguf = False
+    if "gguf" in formats:  # refuse before any minutes are spent on other formats
+        support = gguf_support(family)
+        if not support.supported and not (force and support.forceable):
+            raise ExportError(f"{model_dir.name}: cannot export GGUF: {support.reason}")
+        forced_gguf = not support.supported
     with staging_dir(Path(out_dir), overwrite=overwrite) as stage:
         copied = []
         for name in PROMPT_FILES:
@@ -52,8 +67,13 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                     model = reference.backend.model if precision == "fp32" else load_hf_model(family, "float16")
                     artifacts += export_onnx_graphs(family, model, stage, example_vision_inputs(family), precision)
                     del model
+        if "gguf" in formats:
+            with console.status("writing GGUF files") as status:
+                artifacts += export_gguf(family, reference.backend.model, stage, gguf_types, force=force,
+                                         progress=status.update)
+        hashed: dict[str, dict] = {}  # an mmproj shared by several GGUF types is hashed once
         for art in artifacts:
-            art["files"] = [file_entry(stage, f) for f in art["files"]]
+            art["files"] = [hashed.setdefault(f, file_entry(stage, f)) for f in art["files"]]
             art["sha256"] = art["files"][0]["sha256"]
         manifest = {
             "format_version": FORMAT_VERSION, "family": family.name, "model_type": files.config.get("model_type"),
@@ -67,14 +87,18 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
         if verify:
             # The files were hashed a moment ago; hashing them again would cost minutes on an 8B model.
             bundle = open_bundle(stage, verify_checksums=False)
-            for precision in precisions:
-                with console.status(f"verifying the {precision} graphs against the PyTorch reference"):
-                    report = run_verify(pipeline_for_bundle(bundle, precision=precision), reference, precision)
+            checks = [("onnxruntime", p) for p in precisions if "onnx" in formats]
+            checks += [("llamacpp", t) for t in gguf_types if "gguf" in formats]
+            for backend, precision in checks:
+                with console.status(f"verifying the {precision} {backend} artifacts against the PyTorch reference"):
+                    report = run_verify(pipeline_for_bundle(bundle, backend=backend, precision=precision),
+                                        reference, precision)
                 manifest["verify"][precision] = {k: report[k] for k in
                                                  ("precision", "backend", "thresholds", "summary", "passed", "failures")}
                 write_manifest(stage, manifest)
-                if not report["passed"]:
-                    raise ExportError(f"the exported {precision} graphs failed parity with the PyTorch reference: "
-                                      + "; ".join(report["failures"]))
+                # A forced GGUF is known to be wrong: its report records the damage instead of failing.
+                if not report["passed"] and not (backend == "llamacpp" and forced_gguf):
+                    raise ExportError(f"the exported {precision} {backend} artifacts failed parity with the PyTorch "
+                                      "reference: " + "; ".join(report["failures"]))
     console.print(f"[green]bundle written[/]: {out_dir}")
     return Path(out_dir)

@@ -250,6 +250,22 @@ def build_idefics3(out: Path, seed: int = 0) -> Path:
     return out
 
 
+# The benchmark checkpoint: ~65M parameters, hidden/FFN multiples of 256 (so GGUF k-quants apply
+# without fallback), vocab 32000 so that lm_head costs what it does in practice.
+BENCH_VISION = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6}
+BENCH_TEXT = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "vocab_size": 32000}
+
+
+def build_bench_checkpoint(workdir: str | Path) -> Path:
+    """Build (once) the benchmark LLaVA-SigLIP checkpoint under workdir and return its directory."""
+    out = Path(workdir) / "Mantis-bench60m-siglip-llama3"
+    if not (out / "config.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        build_llava(out, "siglip", image_size=224, patch=16, vision_dims=BENCH_VISION, text_dims=BENCH_TEXT)
+    return out
+
+
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava-siglip": lambda out: build_llava(out, "siglip"),
     "llava-clip": lambda out: build_llava(out, "clip"),

@@ -1,0 +1,483 @@
+"""GGUF for llama.cpp: the language model as an LLM GGUF (architecture "llama") and the vision
+tower + projector as an mmproj GGUF (architecture "clip"), written with gguf-py directly.
+
+Names, keys and layouts follow what llama.cpp's loaders read (src/llama-model.cpp and
+tools/mtmd/clip.cpp):
+  - Llama Q/K projection rows are permuted from HF's rotate-half layout to llama.cpp's
+    interleaved rope layout; every other matrix keeps its [out, in] layout.
+  - 1-D tensors (norms, biases) stay F32 in every type, as llama.cpp's own converter writes them.
+  - F32 / F16 / Q8_0 are written here (gguf-py's Q8_0 is byte-identical to llama.cpp's);
+    Q4_K_M goes through llama.cpp's own quantizer (k-quants have no Python implementation),
+    which falls back to Q5_0/Q8_0 for rows that are not a multiple of 256.
+
+What llama.cpp cannot represent is refused with an ExportError that says why:
+  - Idefics2 (perceiver resampler): llama.cpp has no projector for it.
+  - LLaVA with a CLIP tower (a CLS token): llama.cpp's llava graph appends the class embedding
+    after the patches instead of before them, so every position embedding is off by one and the
+    image features are wrong (cosine ~0.6 against PyTorch). Refused unless forced; verify then
+    shows the damage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ExportError
+from ..families import Family
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
+# The mmproj type beside each LLM type: the vision tower is small next to the LLM, and quantizing
+# it blindly is what issue-level calibration is for; F16 keeps it within cosine 0.999.
+MMPROJ_TYPE = {"f32": "f32", "f16": "f16", "q8_0": "f16", "q4_k_m": "f16"}
+LLAMA_FTYPE = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama_ftype values (general.file_type)
+
+
+def llm_file(gguf_type: str) -> str:
+    return f"gguf/model.{gguf_type}.gguf"
+
+
+def mmproj_file(gguf_type: str) -> str:
+    return f"gguf/mmproj.{MMPROJ_TYPE[gguf_type]}.gguf"
+
+
+@dataclass
+class GGUFSupport:
+    supported: bool
+    reason: str = ""
+    forceable: bool = False
+
+
+def gguf_support(family: Family) -> GGUFSupport:
+    """Can llama.cpp represent this model (LLM + mmproj)?"""
+    text = family.config.get("text_config") or {}
+    if family.name == "idefics2":
+        return GGUFSupport(False, "llama.cpp has no projector for Idefics2 (its perceiver resampler); "
+                                  "export ONNX instead (--format onnx)")
+    if text.get("model_type", "llama") not in ("llama",):
+        return GGUFSupport(False, f"text model type {text.get('model_type')!r} has no GGUF writer here (llama only)")
+    if text.get("attention_bias") or text.get("mlp_bias"):
+        return GGUFSupport(False, "the text model has attention/MLP biases, which llama.cpp's llama graph does not load")
+    if family.name == "llava":
+        vtype = (family.config.get("vision_config") or {}).get("model_type", "")
+        if "siglip" not in vtype:
+            return GGUFSupport(False, "a CLIP vision tower has a CLS token, and llama.cpp's llava graph places it "
+                                      "after the patches instead of before them, which shifts every position "
+                                      "embedding and gives wrong image features (cosine ~0.6 vs PyTorch). "
+                                      "Pass --force to write it anyway; `edgelmm verify` will show the damage",
+                               forceable=True)
+        if family.strategy == "default":
+            return GGUFSupport(False, "vision_feature_select_strategy 'default' drops the first patch of a SigLIP "
+                                      "tower (it has no CLS token); llama.cpp keeps every patch")
+    return GGUFSupport(True)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp's interleaved pairs (per head)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class _TensorSink:
+    """Adds tensors to a GGUFWriter in the requested type: 1-D always F32; 2-D+ as F32/F16/Q8_0
+    (Q8_0 where the row is a whole number of 32-wide blocks, else F16)."""
+
+    def __init__(self, writer, wtype: str):
+        import gguf
+
+        self.gguf, self.writer, self.wtype = gguf, writer, wtype
+
+    def add(self, name: str, array: np.ndarray, keep_f32: bool = False) -> None:
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        q = self.gguf.GGMLQuantizationType
+        if a.ndim <= 1 or keep_f32 or self.wtype == "f32":
+            self.writer.add_tensor(name, a)
+        elif self.wtype == "q8_0" and a.shape[-1] % 32 == 0:
+            data = self.gguf.quants.quantize(a, q.Q8_0)
+            self.writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q.Q8_0)
+        else:
+            self.writer.add_tensor(name, a.astype(np.float16))
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+# Pre-tokenizer regexes of the byte-level BPE families llama.cpp knows, by its "tokenizer.ggml.pre" name.
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_pre(tok: dict[str, Any]) -> str:
+    pre = tok.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+        pattern = (splits[0].get("pattern") or {}).get("Regex") if splits else None
+        if pattern == _LLAMA3_PATTERN:
+            return "llama-bpe"
+        if pattern is not None and "\\p{N}" in pattern and "{1,3}" not in pattern:
+            return "smollm" if pattern.startswith("\\p{N}") else "default"
+    raise ExportError("the tokenizer's pre-tokenizer is not one llama.cpp knows (GPT-2 byte-level or "
+                      f"Llama-3's split regex): {json.dumps(pre)[:200]}")
+
+
+def _adds_space_prefix(tok: dict[str, Any]) -> bool:
+    """Does the HF tokenizer put '▁' before the first word (sentencepiece's add_dummy_prefix)? Older
+    tokenizer.json files do it with a Prepend normalizer, newer ones with a Metaspace pre-tokenizer."""
+    normalizer = json.dumps(tok.get("normalizer") or {})
+    pre = tok.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    metaspace = any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+                    and p.get("add_prefix_space", True) for p in pres)
+    return '"Prepend"' in normalizer or metaspace
+
+
+def _special_ids(files) -> dict[str, int | None]:
+    def tid(name):
+        value = files.special_token(name)
+        return files.token_id(value) if value else None
+
+    return {"bos": tid("bos_token"), "eos": tid("eos_token"), "unk": tid("unk_token"), "pad": tid("pad_token")}
+
+
+def _adds_bos(files) -> bool:
+    bos = files.special_token("bos_token")
+    if not bos:
+        return False
+    return files.tokenizer.encode("a", add_special_tokens=True).ids[:1] == [files.token_id(bos)]
+
+
+def write_tokenizer(writer, files, vocab_size: int) -> dict[str, Any]:
+    """Write the checkpoint's tokenizer into the GGUF so stock llama.cpp tokenizes like HF.
+    A sentencepiece model (tokenizer.model) becomes llama.cpp's "llama" vocab, a byte-level
+    BPE tokenizer.json its "gpt2" vocab. Returns what was written (for the manifest)."""
+    import gguf
+
+    tok_json = json.loads((files.root / "tokenizer.json").read_text(encoding="utf-8"))
+    added = {t["id"]: t for t in tok_json.get("added_tokens", [])}
+    tokens: list[str] = []
+    types: list[int] = []
+    sp_path = files.root / "tokenizer.model"
+    if sp_path.is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+        scores = []
+        for i in range(sp.vocab_size()):
+            tokens.append(sp.id_to_piece(i))
+            scores.append(sp.get_score(i))
+            types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                         else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
+                         else gguf.TokenType.NORMAL)
+        for tid in sorted(added):
+            if tid >= len(tokens):
+                tokens.append(added[tid]["content"])
+                scores.append(-1000.0)
+                types.append(gguf.TokenType.NORMAL)
+            if added[tid]["content"] == tokens[tid] and types[tid] == gguf.TokenType.NORMAL:
+                types[tid] = gguf.TokenType.CONTROL if added[tid].get("special") else gguf.TokenType.USER_DEFINED
+        while len(tokens) < vocab_size:
+            tokens.append(f"[PAD{len(tokens)}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+        kind, pre = "llama", "default"
+        writer.add_add_space_prefix(_adds_space_prefix(tok_json))
+    else:
+        model = tok_json.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback"):
+            raise ExportError(f"{files.root}: tokenizer.json holds a {model.get('type')} model without a "
+                              "tokenizer.model; GGUF needs a sentencepiece model or a byte-level BPE")
+        pre = _byte_level_pre(tok_json)
+        vocab = {**model["vocab"], **{t["content"]: i for i, t in added.items()}}
+        by_id = {i: t for t, i in vocab.items()}
+        for i in range(max(vocab_size, max(by_id) + 1)):
+            if i in added:
+                tokens.append(added[i]["content"])
+                types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+            elif i in by_id:
+                tokens.append(by_id[i])
+                types.append(gguf.TokenType.NORMAL)
+            else:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges(merges)
+        kind = "gpt2"
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    ids = _special_ids(files)
+    if ids["bos"] is not None:
+        writer.add_bos_token_id(ids["bos"])
+    eos = files.eos_token_ids
+    if eos:
+        writer.add_eos_token_id(eos[0])
+        if len(eos) > 1:
+            writer.add_eot_token_id(eos[1] if ids["eos"] == eos[1] else eos[0])
+    if ids["unk"] is not None:
+        writer.add_unk_token_id(ids["unk"])
+    if ids["pad"] is not None:
+        writer.add_pad_token_id(ids["pad"])
+    writer.add_add_bos_token(_adds_bos(files))
+    writer.add_add_eos_token(False)
+    if files.chat_template:
+        writer.add_chat_template(files.chat_template)
+    return {"tokenizer": kind, "pre": pre, "tokens": len(tokens)}
+
+
+# ---------------------------------------------------------------------------------------- LLM
+
+def _rope_freqs(text: dict[str, Any], head_dim: int) -> np.ndarray | None:
+    """Llama-3.1-style rope scaling as llama.cpp wants it: per-frequency factors (rope_freqs.weight)."""
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ExportError(f"rope scaling {kind!r} is not written to GGUF here (default and llama3 are)")
+    base = rope.get("rope_theta", text.get("rope_theta", 10000.0))
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, Any]:
+    """The text model (embeddings, decoder layers, norm, lm_head) as a llama.cpp "llama" GGUF."""
+    import gguf
+
+    parts = family.torch_parts(model)
+    text_cfg = family.config.get("text_config") or family.config
+    n_head, n_kv = text_cfg["num_attention_heads"], text_cfg.get("num_key_value_heads") or text_cfg["num_attention_heads"]
+    hidden = text_cfg["hidden_size"]
+    head_dim = text_cfg.get("head_dim") or hidden // n_head
+    embed = _np(parts.embed_tokens.weight)
+    vocab = embed.shape[0]
+    rope = text_cfg.get("rope_parameters") or {}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(Path(family.files.root).name)
+    writer.add_context_length(int(text_cfg.get("max_position_embeddings", 4096)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(text_cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(text_cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", text_cfg.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(text_cfg.get("rms_norm_eps", 1e-6)))
+    if head_dim != hidden // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(LLAMA_FTYPE[wtype])
+    tok_info = write_tokenizer(writer, family.files, vocab)
+
+    sink = _TensorSink(writer, wtype)
+    sink.add("token_embd.weight", embed)
+    freqs = _rope_freqs(text_cfg, head_dim)
+    if freqs is not None:
+        sink.add("rope_freqs.weight", freqs)
+    for i, layer in enumerate(parts.decoder.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        sink.add(f"blk.{i}.attn_norm.weight", _np(layer.input_layernorm.weight))
+        sink.add(f"blk.{i}.attn_q.weight", _permute_rope(_np(att.q_proj.weight), n_head))
+        sink.add(f"blk.{i}.attn_k.weight", _permute_rope(_np(att.k_proj.weight), n_kv))
+        sink.add(f"blk.{i}.attn_v.weight", _np(att.v_proj.weight))
+        sink.add(f"blk.{i}.attn_output.weight", _np(att.o_proj.weight))
+        sink.add(f"blk.{i}.ffn_norm.weight", _np(layer.post_attention_layernorm.weight))
+        sink.add(f"blk.{i}.ffn_gate.weight", _np(mlp.gate_proj.weight))
+        sink.add(f"blk.{i}.ffn_up.weight", _np(mlp.up_proj.weight))
+        sink.add(f"blk.{i}.ffn_down.weight", _np(mlp.down_proj.weight))
+    sink.add("output_norm.weight", _np(parts.decoder.norm.weight))
+    lm_head = _np(parts.lm_head.weight)
+    if not np.array_equal(lm_head, embed):  # tied embeddings: llama.cpp reuses token_embd
+        sink.add("output.weight", lm_head)
+    _finish(writer)
+    return tok_info
+
+
+# ---------------------------------------------------------------------------------------- mmproj
+
+def _vision_encoder_tensors(sink: _TensorSink, vision_model, n_layers: int) -> None:
+    """A SigLIP/CLIP encoder's tensors under llama.cpp's v.* names."""
+    emb = vision_model.embeddings
+    sink.add("v.patch_embd.weight", _np(emb.patch_embedding.weight), keep_f32=False)
+    if emb.patch_embedding.bias is not None:
+        sink.add("v.patch_embd.bias", _np(emb.patch_embedding.bias))
+    sink.add("v.position_embd.weight", _np(emb.position_embedding.weight), keep_f32=True)
+    if getattr(emb, "class_embedding", None) is not None:
+        sink.add("v.class_embd", _np(emb.class_embedding))
+    pre = getattr(vision_model, "pre_layrnorm", None)  # (sic) HF's CLIP spelling
+    if pre is not None:
+        sink.add("v.pre_ln.weight", _np(pre.weight))
+        sink.add("v.pre_ln.bias", _np(pre.bias))
+    for i, layer in enumerate(vision_model.encoder.layers[:n_layers]):
+        att = layer.self_attn
+        for ours, theirs in (("attn_q", att.q_proj), ("attn_k", att.k_proj), ("attn_v", att.v_proj),
+                             ("attn_out", att.out_proj), ("ffn_up", layer.mlp.fc1), ("ffn_down", layer.mlp.fc2),
+                             ("ln1", layer.layer_norm1), ("ln2", layer.layer_norm2)):
+            sink.add(f"v.blk.{i}.{ours}.weight", _np(theirs.weight))
+            sink.add(f"v.blk.{i}.{ours}.bias", _np(theirs.bias))
+
+
+def _common_vision_keys(writer, vcfg: dict[str, Any], norm, projection_dim: int, projector: str,
+                        use_gelu: bool) -> None:
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(projector)
+    writer.add_uint32("clip.vision.image_size", vcfg["image_size"])
+    writer.add_uint32("clip.vision.patch_size", vcfg["patch_size"])
+    writer.add_uint32("clip.vision.embedding_length", vcfg["hidden_size"])
+    writer.add_uint32("clip.vision.feed_forward_length", vcfg["intermediate_size"])
+    writer.add_uint32("clip.vision.projection_dim", projection_dim)
+    writer.add_uint32("clip.vision.attention.head_count", vcfg["num_attention_heads"])
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(vcfg.get("layer_norm_eps", 1e-6)))
+    writer.add_uint32("clip.vision.block_count", vcfg["num_hidden_layers"])
+    writer.add_array("clip.vision.image_mean", [float(m) for m in norm.mean])
+    writer.add_array("clip.vision.image_std", [float(s) for s in norm.std])
+    writer.add_bool("clip.use_gelu", use_gelu)
+
+
+def write_mmproj_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, Any]:
+    """The vision tower + projector as a llama.cpp mmproj ("clip") GGUF."""
+    import gguf
+
+    vcfg = family.config["vision_config"]
+    n_layers = vcfg["num_hidden_layers"]
+    act = vcfg.get("hidden_act", "gelu")
+    # ggml's GELU is the tanh approximation; CLIP's quick_gelu is what use_gelu=false selects.
+    use_gelu = act != "quick_gelu"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_name(f"{Path(family.files.root).name} vision")
+    writer.add_file_type(LLAMA_FTYPE[wtype])
+    sink = _TensorSink(writer, wtype)
+    if family.name == "llava":
+        tower = model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # transformers 4 nests the transformer one level down
+        text_hidden = (family.config.get("text_config") or {})["hidden_size"]
+        _common_vision_keys(writer, vcfg, family.norm, text_hidden, "mlp", use_gelu)
+        layer = family.config.get("vision_feature_layer", -2)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        # llama.cpp numbers feature layers as HF's hidden_states index (0 = the encoder's input).
+        feature_layers = [l if l >= 0 else n_layers + 1 + l for l in layers]
+        writer.add_array("clip.vision.feature_layer", feature_layers)
+        _vision_encoder_tensors(sink, tower, n_layers)  # clip.cpp loads every block
+        proj = model.model.multi_modal_projector
+        sink.add("mm.0.weight", _np(proj.linear_1.weight))
+        sink.add("mm.0.bias", _np(proj.linear_1.bias))
+        sink.add("mm.2.weight", _np(proj.linear_2.weight))
+        sink.add("mm.2.bias", _np(proj.linear_2.bias))
+        info = {"projector": "mlp", "feature_layers": feature_layers}
+    elif family.name == "idefics3":
+        tower = model.model.vision_model
+        text_hidden = (family.config.get("text_config") or {})["hidden_size"]
+        _common_vision_keys(writer, vcfg, family.norm, text_hidden, "idefics3", use_gelu)
+        writer.add_uint32("clip.vision.projector.scale_factor", int(family.config.get("scale_factor", 2)))
+        # edgelmm splits images into tiles itself (exactly as the HF processor) and hands llama.cpp one
+        # tile per bitmap; a preprocessing size equal to the tile size keeps mtmd from splitting again.
+        writer.add_uint32("clip.vision.preproc_image_size", vcfg["image_size"])
+        _vision_encoder_tensors(sink, tower, n_layers)
+        sink.add("v.post_ln.weight", _np(tower.post_layernorm.weight))
+        sink.add("v.post_ln.bias", _np(tower.post_layernorm.bias))
+        sink.add("mm.model.fc.weight", _np(model.model.connector.modality_projection.proj.weight))
+        info = {"projector": "idefics3", "scale_factor": int(family.config.get("scale_factor", 2))}
+    else:
+        raise ExportError(f"no mmproj writer for the {family.name} family")
+    _finish(writer)
+    return info
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---------------------------------------------------------------------------------------- k-quants
+
+def quantize_with_llamacpp(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (the only implementation of k-quants)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ExportError(f"{gguf_type} needs llama.cpp's quantizer: pip install 'edgelmm[llamacpp]' ({exc})") from None
+    from ..runtimes.llamacpp import quiet_llamacpp
+
+    quiet_llamacpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPE[gguf_type]
+    params.nthread = threads or 0
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise ExportError(f"llama.cpp's quantizer failed ({rc}) turning {src.name} into {gguf_type}")
+
+
+# ---------------------------------------------------------------------------------------- entry
+
+def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = False,
+                progress: Callable[[str], Any] | None = None) -> list[dict[str, Any]]:
+    """Write the LLM and mmproj GGUFs for each requested type under out_dir/gguf/ and return their
+    artifact entries (graph "llm" / "mmproj", format "gguf", precision = the GGUF type)."""
+    from ..gguf_file import validate_gguf
+
+    bad = [t for t in gguf_types if t not in GGUF_TYPES]
+    if bad:
+        raise ExportError(f"unknown GGUF type(s) {bad}; available: {', '.join(GGUF_TYPES)}")
+    support = gguf_support(family)
+    if not support.supported and not (force and support.forceable):
+        raise ExportError(f"{family.files.root.name}: cannot export GGUF: {support.reason}")
+    gdir = out_dir / "gguf"
+    gdir.mkdir(parents=True, exist_ok=True)
+    artifacts, written_mmproj = [], {}
+    for gtype in gguf_types:
+        if progress:
+            progress(f"writing {gtype} GGUF (LLM + mmproj)")
+        llm = out_dir / llm_file(gtype)
+        if gtype == "q4_k_m":
+            with tempfile.TemporaryDirectory(dir=gdir) as tmp:
+                f16 = Path(tmp) / "model.f16.gguf"
+                tok = write_llm_gguf(family, model, f16, "f16")
+                quantize_with_llamacpp(f16, llm, gtype)
+        else:
+            tok = write_llm_gguf(family, model, llm, gtype)
+        mtype = MMPROJ_TYPE[gtype]
+        mm = out_dir / mmproj_file(gtype)
+        if mtype not in written_mmproj:
+            written_mmproj[mtype] = write_mmproj_gguf(family, model, mm, mtype)
+        validate_gguf(llm, "llama")
+        validate_gguf(mm, "clip")
+        common = {"format": "gguf", "precision": gtype, "inputs": [], "outputs": []}
+        artifacts.append({**common, "graph": "llm", "file": llm_file(gtype), "files": [llm_file(gtype)],
+                          "tokenizer": tok})
+        artifacts.append({**common, "graph": "mmproj", "file": mmproj_file(gtype), "files": [mmproj_file(gtype)],
+                          "mmproj_type": mtype, **written_mmproj[mtype],
+                          **({"forced": support.reason} if not support.supported else {})})
+    shutil.rmtree(gdir / "__pycache__", ignore_errors=True)
+    return artifacts

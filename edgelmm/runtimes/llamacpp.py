@@ -1,0 +1,297 @@
+"""The llama.cpp backend over a bundle's GGUF pair (LLM + mmproj), through llama-cpp-python's
+bindings of llama.cpp's C API and its mtmd (multimodal) library.
+
+It runs behind the same graph contract as every other backend, so the Pipeline keeps owning the
+prompt (HF tokenizer and chat template), image preprocessing, feature merging and sampling:
+  - vision: each preprocessed tile goes to mtmd as one 8-bit bitmap of exactly the model's input
+    size, so mtmd neither resizes nor splits it (the tiles came from 8-bit images, so turning the
+    normalised floats back into bytes is lossless), and mtmd_encode_chunk returns its features.
+  - embed: rows of token_embd.weight read from the GGUF (dequantized on demand).
+  - decoder: llama_decode on embedding batches; each batch row is a llama.cpp sequence, left
+    padding is simply not fed, and the KV cache lives in the llama.cpp context.
+Because the prompt never goes through llama.cpp's tokenizer, prompt tokens are identical to the
+HF tokenizer's by construction; `tokenize` exposes llama.cpp's own tokenizer so verify can report
+whether stock llama.cpp (llama-mtmd-cli) would tokenize the same text the same way.
+
+One llama.cpp context holds one KV cache: a new cache (a new generation) supersedes the last one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BackendUnavailable, BundleError, EdgeLMMError, ImageError, PromptError
+from ..gguf_file import TokenEmbeddings, validate_gguf
+
+_GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
+_FLASH_ATTN_DISABLED, _FLASH_ATTN_AUTO = 0, -1
+_MTMD_CHUNK_IMAGE = 1
+_LOG_ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4
+
+_log_tail: deque[str] = deque(maxlen=20)
+_log_callback = None  # kept alive for as long as llama.cpp may call it
+_backend_ready = False
+
+
+def quiet_llamacpp() -> None:
+    """llama.cpp logs every tensor it loads to stderr; keep only warnings/errors, for error messages.
+    Also initialises llama.cpp's backends (once per process)."""
+    global _log_callback, _backend_ready
+    if _backend_ready:
+        return
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+
+    @llama_cpp.llama_log_callback
+    def on_log(level, text, _user):
+        if level >= 3 and text:
+            _log_tail.append(text.decode("utf-8", errors="replace").rstrip())
+
+    _log_callback = on_log
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_log_set(on_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _backend_ready = True
+
+
+def _recent_log() -> str:
+    return " | ".join(list(_log_tail)[-3:]) or "no message from llama.cpp"
+
+
+def llamacpp_gpu_offload() -> bool:
+    """Was llama.cpp built with a GPU backend (CUDA on Jetson/desktop) and is a GPU there?"""
+    import llama_cpp
+
+    from .onnxruntime import nvidia_gpu_present
+
+    return bool(llama_cpp.llama_supports_gpu_offload()) and nvidia_gpu_present()
+
+
+class LlamaCppCache:
+    def __init__(self, generation: int, batch_size: int):
+        self.generation = generation
+        self.batch_size = batch_size
+        self.length = 0
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, bundle: Bundle, precision: str = "f16", threads: int | None = None,
+                 gpu_layers: int | None = None, max_batch: int = 4, context_length: int | None = None):
+        try:
+            import llama_cpp
+            import llama_cpp.mtmd_cpp as mtmd_cpp
+        except (ImportError, OSError) as exc:
+            raise BackendUnavailable("llama-cpp-python is not installed (pip install 'edgelmm[llamacpp]'; "
+                                     f"CMAKE_ARGS='-DGGML_CUDA=on' for a GPU build): {exc}") from None
+        self.L, self.M = llama_cpp, mtmd_cpp
+        self._model = self._ctx = self._mctx = None
+        self._batch = None
+        llm_art, mm_art = bundle.artifact("llm", "gguf", precision), bundle.artifact("mmproj", "gguf", precision)
+        llm_path, mm_path = bundle.path(llm_art), bundle.path(mm_art)
+        # Checked before llama.cpp opens them: some malformed files abort the process inside C code.
+        llm_info = validate_gguf(llm_path, "llama")
+        mm_info = validate_gguf(mm_path, "clip")
+        quiet_llamacpp()
+
+        self.precision = precision
+        self.threads = threads or max(1, (os.cpu_count() or 1))
+        offload = llamacpp_gpu_offload()
+        self.gpu_layers = (999 if offload else 0) if gpu_layers is None else gpu_layers
+        if self.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            raise BackendUnavailable("gpu_layers > 0 but this llama-cpp-python was built without a GPU backend; "
+                                     "reinstall with CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall "
+                                     "--no-cache-dir llama-cpp-python")
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = self.gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(llm_path).encode(), mp)
+        if not self._model:
+            raise BundleError(f"llama.cpp could not load this model ({_recent_log()})", path=str(llm_path))
+
+        n_ctx = int(context_length or llm_info.metadata.get("llama.context_length", 4096))
+        self.n_batch = min(n_ctx, 512)
+        self.max_batch = max_batch
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, self.n_batch, self.n_batch
+        cp.n_seq_max, cp.kv_unified = max_batch, True
+        cp.n_threads = cp.n_threads_batch = self.threads
+        # F32 bundles are parity references: an F32 KV cache and plain attention (the default F16
+        # cache alone adds ~3e-3 to the logits); the other types run as llama.cpp users run them.
+        exact = precision == "f32"
+        cp.type_k = cp.type_v = _GGML_TYPE_F32 if exact else _GGML_TYPE_F16
+        cp.flash_attn_type = _FLASH_ATTN_DISABLED if exact else _FLASH_ATTN_AUTO
+        cp.embeddings, cp.no_perf = False, True
+        self.kv_type = "f32" if exact else "f16"
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise BackendUnavailable(f"llama.cpp could not create a context of {n_ctx} tokens ({_recent_log()})")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.n_ctx = n_ctx
+
+        mparams = mtmd_cpp.mtmd_context_params_default()
+        mparams.use_gpu = self.gpu_layers > 0
+        mparams.n_threads = self.threads
+        mparams.print_timings = False
+        mparams.warmup = False
+        mparams.flash_attn_type = _FLASH_ATTN_DISABLED if exact else _FLASH_ATTN_AUTO
+        self._mctx = mtmd_cpp.mtmd_init_from_file(str(mm_path).encode(), self._model, mparams)
+        if not self._mctx:
+            raise BundleError(f"llama.cpp's mtmd could not load this projector ({_recent_log()})", path=str(mm_path))
+
+        meta = mm_info.metadata
+        self.image_size = int(meta["clip.vision.image_size"])
+        self._mean = np.asarray(meta["clip.vision.image_mean"], np.float32)[:, None, None]
+        self._std = np.asarray(meta["clip.vision.image_std"], np.float32)[:, None, None]
+        self.embed_rows = TokenEmbeddings(llm_info)
+        self.hidden = int(llama_cpp.llama_model_n_embd(self._model))
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, self.hidden, 1)
+        self._generation = 0
+
+    # ---- vision ----
+    def _to_bitmap_bytes(self, tile: np.ndarray, index: int) -> np.ndarray:
+        """Normalised float tile [3, H, W] -> the 8-bit HWC image it came from."""
+        values = (tile * self._std + self._mean) * 255.0
+        u8 = np.clip(np.rint(values), 0, 255)
+        if float(np.abs(values - u8).max(initial=0.0)) > 0.05:
+            raise ImageError("llama.cpp takes 8-bit images, and these pixel values are not a normalised 8-bit "
+                             "image (preprocess with the bundle's family)", index=index)
+        return np.ascontiguousarray(u8.astype(np.uint8).transpose(1, 2, 0))
+
+    def _encode_tile(self, hwc: np.ndarray, index: int) -> np.ndarray:
+        M = self.M
+        h, w, _ = hwc.shape
+        data = (ctypes.c_uint8 * hwc.size).from_buffer_copy(hwc.tobytes())
+        bitmap = M.mtmd_bitmap_init(w, h, data)
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            part = M.mtmd_input_part()
+            part.text, part.bitmap = None, bitmap
+            parts = (ctypes.POINTER(M.mtmd_input_part) * 1)(ctypes.pointer(part))
+            if M.mtmd_tokenize_from_parts(self._mctx, chunks, parts, 1, False) != 0:
+                raise ImageError(f"mtmd could not take a {w}x{h} image ({_recent_log()})", index=index)
+            images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
+            images = [c for c in images if M.mtmd_input_chunk_get_type(c) == _MTMD_CHUNK_IMAGE]
+            # The idefics3 preprocessor always emits an overview and the slices; for a tile of exactly the
+            # model's size both are that tile unchanged, so one of them is encoded.
+            if not 1 <= len(images) <= 2:
+                raise ImageError(f"mtmd split one {w}x{h} tile into {len(images)} images; the mmproj's "
+                                 "preprocessing size should equal its image size", index=index)
+            n_tokens = M.mtmd_input_chunk_get_n_tokens(images[0])
+            if M.mtmd_encode_chunk(self._mctx, images[0]) != 0:
+                raise ImageError(f"mtmd failed to encode the image ({_recent_log()})", index=index)
+            out = M.mtmd_get_output_embd(self._mctx)
+            return np.ctypeslib.as_array(out, shape=(n_tokens * self.hidden,)).reshape(n_tokens, self.hidden).copy()
+        finally:
+            M.mtmd_input_chunks_free(chunks)
+            M.mtmd_bitmap_free(bitmap)
+
+    def encode_images(self, pixel_values, pixel_attention_mask=None):
+        feats = []
+        for i, tile in enumerate(np.asarray(pixel_values, np.float32)):
+            if pixel_attention_mask is not None:  # padded tiles (Idefics): hand over the real pixels only
+                rows, cols = np.nonzero(pixel_attention_mask[i].any(1))[0], np.nonzero(pixel_attention_mask[i].any(0))[0]
+                tile = tile[:, : rows.max() + 1, : cols.max() + 1] if rows.size else tile
+            feats.append(self._encode_tile(self._to_bitmap_bytes(tile, i), i))
+        if len({f.shape for f in feats}) > 1:
+            raise ImageError(f"tiles gave different token counts {[f.shape[0] for f in feats]}")
+        return np.stack(feats) if feats else np.zeros((0, 0, self.hidden), np.float32)
+
+    # ---- text ----
+    def embed_tokens(self, input_ids):
+        ids = np.asarray(input_ids, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embed_rows.tensor.shape[-1]):
+            raise PromptError(f"token id {int(ids.max())} is outside the model's vocabulary")
+        return self.embed_rows(ids)
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """llama.cpp's own tokenizer (what stock llama.cpp would feed the model for this text)."""
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (self.L.llama_token * cap)()
+        n = self.L.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, True)
+        if n < 0:
+            buf = (self.L.llama_token * -n)()
+            n = self.L.llama_tokenize(self._vocab, raw, len(raw), buf, -n, add_special, True)
+        return list(buf[:n])
+
+    # ---- decoder ----
+    def new_cache(self, batch_size: int = 1) -> LlamaCppCache:
+        if batch_size > self.max_batch:
+            raise PromptError(f"batch of {batch_size} but this llama.cpp context holds {self.max_batch} sequences")
+        self.L.llama_memory_clear(self._memory, True)
+        self._generation += 1
+        return LlamaCppCache(self._generation, batch_size)
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache: LlamaCppCache):
+        if cache.generation != self._generation:
+            raise EdgeLMMError("this KV cache was superseded by a newer one: a llama.cpp context holds one "
+                               "cache, so finish one generation before starting the next")
+        embeds = np.ascontiguousarray(inputs_embeds, np.float32)
+        B, S, D = embeds.shape
+        mask = np.asarray(attention_mask)[:, -S:]
+        if cache.length + S > self.n_ctx:
+            raise PromptError(f"{cache.length + S} positions exceed the llama.cpp context of {self.n_ctx}")
+        # Left padding is simply not fed: llama.cpp keeps each row as its own sequence.
+        items = [(b, j) for b in range(B) for j in range(S) if mask[b, j]]
+        last = {b: j for b, j in items}
+        if len(last) != B:
+            raise PromptError("a batch row has no unmasked token to decode")
+        logits = np.zeros((B, self.n_vocab), np.float32)
+        batch = self._batch
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start:start + self.n_batch]
+            rows = np.stack([embeds[b, j] for b, j in chunk])
+            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+            want = []
+            for k, (b, j) in enumerate(chunk):
+                batch.pos[k] = int(position_ids[b, j])
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = b
+                batch.logits[k] = 1 if j == last[b] else 0
+                if j == last[b]:
+                    want.append((k, b))
+            batch.n_tokens = len(chunk)
+            rc = self.L.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise PromptError(f"llama_decode failed ({rc}): " + ("no room left in the KV cache" if rc == 1
+                                                                      else _recent_log()))
+            for k, b in want:
+                ptr = self.L.llama_get_logits_ith(self._ctx, k)
+                logits[b] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        cache.length += S
+        return logits
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "threads": self.threads,
+                "gpu_layers": self.gpu_layers, "kv_cache_type": self.kv_type, "n_ctx": self.n_ctx,
+                "gpu_offload_built": bool(self.L.llama_supports_gpu_offload()),
+                "llama_cpp_python": getattr(self.L, "__version__", "?")}
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self.L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._mctx:
+            self.M.mtmd_free(self._mctx)
+            self._mctx = None
+        if self._ctx:
+            self.L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self.L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the bindings may already be gone
+            pass
