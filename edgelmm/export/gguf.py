@@ -123,14 +123,15 @@ def _byte_level_pre(tok: dict[str, Any]) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     if pre.get("type") == "Sequence":
-        splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
-        pattern = (splits[0].get("pattern") or {}).get("Regex") if splits else None
-        if pattern == _LLAMA3_PATTERN:
+        steps = pre.get("pretokenizers", [])
+        kinds = [p.get("type") for p in steps]
+        splits = [p for p in steps if p.get("type") == "Split"]
+        if splits and (splits[0].get("pattern") or {}).get("Regex") == _LLAMA3_PATTERN:
             return "llama-bpe"
-        if pattern is not None and "\\p{N}" in pattern and "{1,3}" not in pattern:
-            return "smollm" if pattern.startswith("\\p{N}") else "default"
-    raise ExportError("the tokenizer's pre-tokenizer is not one llama.cpp knows (GPT-2 byte-level or "
-                      f"Llama-3's split regex): {json.dumps(pre)[:200]}")
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+            return "smollm"  # SmolLM / SmolVLM: single digits, then GPT-2 byte-level
+    raise ExportError("the tokenizer's pre-tokenizer is not one edgelmm maps to llama.cpp's (GPT-2 byte-level, "
+                      f"Llama-3's split regex, SmolLM's digits + byte-level): {json.dumps(pre)[:200]}")
 
 
 def _adds_space_prefix(tok: dict[str, Any]) -> bool:
@@ -171,8 +172,10 @@ def write_tokenizer(writer, files, vocab_size: int) -> dict[str, Any]:
     types: list[int] = []
     sp_path = files.root / "tokenizer.model"
     if sp_path.is_file():
-        import sentencepiece as spm
-
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise ExportError("reading tokenizer.model needs sentencepiece: pip install 'edgelmm[export]'") from None
         sp = spm.SentencePieceProcessor(model_file=str(sp_path))
         scores = []
         for i in range(sp.vocab_size()):
@@ -182,10 +185,10 @@ def write_tokenizer(writer, files, vocab_size: int) -> dict[str, Any]:
                          else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
                          else gguf.TokenType.NORMAL)
         for tid in sorted(added):
-            if tid >= len(tokens):
-                tokens.append(added[tid]["content"])
+            while len(tokens) <= tid:  # added tokens beyond the sentencepiece model
+                tokens.append(added[tid]["content"] if len(tokens) == tid else f"[PAD{len(tokens)}]")
                 scores.append(-1000.0)
-                types.append(gguf.TokenType.NORMAL)
+                types.append(gguf.TokenType.NORMAL if len(tokens) - 1 == tid else gguf.TokenType.UNUSED)
             if added[tid]["content"] == tokens[tid] and types[tid] == gguf.TokenType.NORMAL:
                 types[tid] = gguf.TokenType.CONTROL if added[tid].get("special") else gguf.TokenType.USER_DEFINED
         while len(tokens) < vocab_size:
@@ -226,10 +229,10 @@ def write_tokenizer(writer, files, vocab_size: int) -> dict[str, Any]:
     if ids["bos"] is not None:
         writer.add_bos_token_id(ids["bos"])
     eos = files.eos_token_ids
-    if eos:
+    if eos:  # generation_config's stop tokens: llama.cpp stops on both eos and eot
         writer.add_eos_token_id(eos[0])
         if len(eos) > 1:
-            writer.add_eot_token_id(eos[1] if ids["eos"] == eos[1] else eos[0])
+            writer.add_eot_token_id(eos[1])
     if ids["unk"] is not None:
         writer.add_unk_token_id(ids["unk"])
     if ids["pad"] is not None:
@@ -328,7 +331,7 @@ def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, A
 def _vision_encoder_tensors(sink: _TensorSink, vision_model, n_layers: int) -> None:
     """A SigLIP/CLIP encoder's tensors under llama.cpp's v.* names."""
     emb = vision_model.embeddings
-    sink.add("v.patch_embd.weight", _np(emb.patch_embedding.weight), keep_f32=False)
+    sink.add("v.patch_embd.weight", _np(emb.patch_embedding.weight))
     if emb.patch_embedding.bias is not None:
         sink.add("v.patch_embd.bias", _np(emb.patch_embedding.bias))
     sink.add("v.position_embd.weight", _np(emb.position_embedding.weight), keep_f32=True)
