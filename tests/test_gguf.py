@@ -210,3 +210,26 @@ def test_cli_export_and_verify_gguf(checkpoint, tmp_path):
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     assert report["backend"]["backend"] == "llamacpp" and report["summary"]["token_match_min"] == 1.0
+
+
+def test_gguf_bundle_answers_without_torch(gguf_bundle, pipelines, tmp_path):
+    """The device side: llama.cpp over a GGUF bundle with torch and transformers unimportable."""
+    path = gguf_bundle("llava-siglip")
+    images = sample_images(2, seed=9)
+    expected = pipelines("llava-siglip").generate("<image> vs <image>", images, max_new_tokens=10).token_ids
+    np.savez(tmp_path / "imgs.npz", *images)
+    code = f"""
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import numpy as np, edgelmm
+pipe = edgelmm.load({str(path)!r}, backend="llamacpp", precision="f32")
+g = pipe.generate('<image> vs <image>', list(np.load({str(tmp_path / 'imgs.npz')!r}).values()), max_new_tokens=10)
+print(json.dumps(g.token_ids))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == expected
