@@ -7,6 +7,26 @@ import pytest  # noqa: E402
 
 KINDS = ["llava-siglip", "llava-clip", "idefics2", "idefics3"]
 
+_BLOCK_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_torch(code: str, timeout: int = 300) -> str:
+    """Run `code` in a fresh interpreter where torch and transformers cannot be imported (the device
+    side); return its last stdout line."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _BLOCK_TORCH + code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
 
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory):
