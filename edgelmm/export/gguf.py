@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +149,7 @@ def _special_ids(files) -> dict[str, int | None]:
         value = files.special_token(name)
         return files.token_id(value) if value else None
 
-    return {"bos": tid("bos_token"), "eos": tid("eos_token"), "unk": tid("unk_token"), "pad": tid("pad_token")}
+    return {"bos": tid("bos_token"), "unk": tid("unk_token"), "pad": tid("pad_token")}
 
 
 def _adds_bos(files) -> bool:
@@ -482,5 +481,4 @@ def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = 
         artifacts.append({**common, "graph": "mmproj", "file": mmproj_file(gtype), "files": [mmproj_file(gtype)],
                           "mmproj_type": mtype, **written_mmproj[mtype],
                           **({"forced": support.reason} if not support.supported else {})})
-    shutil.rmtree(gdir / "__pycache__", ignore_errors=True)
     return artifacts
