@@ -26,14 +26,23 @@ def bundle_formats(bundle: Bundle) -> list[str]:
     return sorted({a["format"] for a in bundle.manifest["artifacts"]})
 
 
+# ONNX Runtime on CPU: the calibrated precisions first (the user calibrated them to run them), then fp32.
+ORT_CPU_PREFERENCE = ("int8-vision+int4", "int4", "int8", "fp32")
+
+
 def pick_precision(bundle: Bundle, provider: str) -> str:
-    """fp16 where a GPU provider will run it, fp32 elsewhere (on CPU fp16 is slower, and less exact)."""
+    """fp16 where a GPU provider will run it; on CPU the smallest calibrated precision that passed
+    its quality gate, else fp32 (on CPU fp16 is slower, and less exact)."""
     from .runtimes.onnxruntime import nvidia_gpu_present
 
     have = bundle_precisions(bundle)
     if "fp16" in have and provider != "cpu" and nvidia_gpu_present():
         return "fp16"
-    return "fp32" if "fp32" in have else have[0]
+    quality = bundle.manifest.get("quality", {})
+    for p in ORT_CPU_PREFERENCE:
+        if p in have and (p == "fp32" or quality.get(p, {}).get("passed")):
+            return p
+    return have[0]
 
 
 def bundle_backend(bundle: Bundle, backend: str) -> str:

@@ -68,6 +68,35 @@ def run(
         _fail(exc, as_json)
 
 
+# Calibration options, shared by `export` (quantized precisions) and `calibrate`.
+_CALIB_SAMPLES = typer.Option(64, "--calib-samples", help="How many multi-image prompts to draw from the source "
+                                                          "(seeded, stratified by image count and size); about "
+                                                          "one in eight is held out to measure quality.")
+_VISION_METHOD = typer.Option("minmax", help="INT8 vision ranges: minmax, entropy or percentile.")
+_INT4_ALGORITHM = typer.Option("rtn", help="INT4 decoder weights: rtn (round to nearest), hqq (needs torch) or "
+                                          "gptq (calibrated on the sampled prompts' decoder inputs; slower).")
+_BLOCK_SIZE = typer.Option(32, help="INT4 block size (weights per scale): 32, 64, 128 ...")
+_ACCURACY_LEVEL = typer.Option(4, help="INT4 compute: 4 = int8 arithmetic (fastest on CPU), 0 = fp32.")
+_NO_GATE = typer.Option(False, "--no-quality-gate", help="Keep a precision even when it fails the quality gate "
+                                                         "(the report still records the failure).")
+_MAX_DROP = typer.Option(2.0, help="Quality gate: the most held-out accuracy (points) a precision may lose.")
+_MIN_COSINE = typer.Option(0.99, help="Quality gate: the lowest vision feature cosine against fp32.")
+_EVAL_SAMPLES = typer.Option(None, help="Held-out accuracy samples per precision. Default: 180 when the model "
+                                        "answers edgelmm's synthetic tasks (the reference model), else none.")
+_SEED = typer.Option(0, help="Seed for sampling the calibration prompts.")
+
+
+def _calibration_options(source, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level, no_gate,
+                         max_accuracy_drop, min_vision_cosine, eval_samples, seed):
+    from .calib import CalibrationOptions
+
+    return CalibrationOptions(samples=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
+                              int4_algorithm=int4_algorithm, int4_block_size=block_size,
+                              int4_accuracy_level=accuracy_level, gate=not no_gate,
+                              max_accuracy_drop=max_accuracy_drop, min_vision_cosine=min_vision_cosine,
+                              eval_samples=eval_samples)
+
+
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory to export."),
@@ -75,8 +104,18 @@ def export(
     format: str = typer.Option("onnx", "--format", "-f", help="What to write, comma-separated: onnx (vision, embedding "
                                                               "and decoder graphs for ONNX Runtime), gguf (LLM + "
                                                               "mmproj files for llama.cpp)."),
-    precision: str = typer.Option("fp32", "--precision", help="ONNX: comma-separated graph precisions: fp32 (exact, "
-                                                              "best on CPU), fp16 (half the size, for GPUs)."),
+    precision: str = typer.Option("fp32", "--precision", help="ONNX: comma-separated graph precisions: fp32 (exact), "
+                                                              "fp16 (half the size, for GPUs), int8 (INT8 vision + "
+                                                              "dynamic INT8 decoder), int4 (INT4 decoder), "
+                                                              "int8-vision+int4. Quantized ones are calibrated on "
+                                                              "--calib and must pass the quality gate."),
+    calib: str = typer.Option("synthetic", "--calib", help="Calibration prompts for quantized precisions: a "
+                                                           "Mantis-style JSONL, a MIMIC-IT JSON, an image folder, a "
+                                                           "video, or 'synthetic' (edgelmm's generator)."),
+    calib_samples: int = _CALIB_SAMPLES, vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
+    block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
+    max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
+    eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED,
     gguf_types: str = typer.Option("f16", "--gguf-types", help="GGUF: comma-separated types: f32 (exact), f16, q8_0, "
                                                               "q4_k_m (smallest; llama.cpp's k-quants)."),
     force: bool = typer.Option(False, help="Write a GGUF that llama.cpp is known to run wrongly (a CLIP tower) "
@@ -94,7 +133,10 @@ def export(
         path = run_export(model, out, [f.strip() for f in format.split(",")],
                           precisions=[p.strip() for p in precision.split(",")],
                           gguf_types=[t.strip() for t in gguf_types.split(",")], force=force, verify=not no_verify,
-                          overwrite=overwrite, prompt_style=prompt_style, quiet=as_json)
+                          overwrite=overwrite, prompt_style=prompt_style, quiet=as_json,
+                          calibration=_calibration_options(calib, calib_samples, vision_method, int4_algorithm,
+                                                           block_size, accuracy_level, no_quality_gate,
+                                                           max_accuracy_drop, min_vision_cosine, eval_samples, seed))
         manifest = json.loads((path / MANIFEST).read_text())  # just written and hashed by export
     except EdgeLMMError as exc:
         _fail(exc, as_json)
@@ -103,6 +145,75 @@ def export(
     else:
         for prec, report in manifest["verify"].items():
             Console().print({"precision": prec, "verify": report["summary"], "passed": report["passed"]})
+        if manifest.get("quality"):
+            _print_quality(manifest["quality"])
+
+
+def _print_quality(quality: dict) -> None:
+    from rich.table import Table
+
+    table = Table("precision", "vision cos", "decoder KL", "e2e KL", "tokens", "accuracy (fp32)", "MB", "gate",
+                  title="quality against the fp32 graphs (held-out prompts)")
+    for prec, q in quality.items():
+        acc = "n/a" if q.get("accuracy") is None else f"{q['accuracy']:.1%} ({q['accuracy_fp32']:.1%})"
+        table.add_row(prec, f"{q['vision_cosine_min']:.4f}", f"{q['decoder_kl_max']:.2e}", f"{q['logits_kl_max']:.2e}",
+                      f"{q['token_match_mean']:.3f}", acc, f"{q['size_bytes'] / 1e6:.1f}",
+                      "[green]pass[/]" if q["passed"] else "[red]FAIL[/]: " + "; ".join(q["failures"]))
+    Console().print(table)
+
+
+@app.command()
+def calibrate(
+    bundle: Path = typer.Argument(..., help="A bundle with fp32 ONNX graphs (from `edgelmm export`)."),
+    samples: str = typer.Option("synthetic", "--samples", "-s",
+                                help="Where the calibration prompts come from: a Mantis-Instruct JSONL "
+                                     "({'images': [...], 'conversation': [...]} with <image> markers), a MIMIC-IT "
+                                     "instruction JSON, a folder of images (grouped into multi-image sets), a video "
+                                     "file (a frame a second, four frames per prompt), or 'synthetic'. Prefix "
+                                     "mantis:, mimicit:, folder: or video: to force the kind."),
+    precision: str = typer.Option("int8-vision+int4", "--precision",
+                                  help="Comma-separated: int8, int4, int8-vision+int4."),
+    calib_samples: int = _CALIB_SAMPLES, vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
+    block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
+    max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
+    eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED,
+    image_root: Optional[Path] = typer.Option(None, help="Where relative image paths in a JSONL/JSON source point "
+                                                         "(default: the file's folder)."),
+    overwrite: bool = typer.Option(False, help="Recalibrate precisions the bundle already has."),
+    as_json: bool = typer.Option(False, "--json", help="Print the quality report and calibration summary as JSON."),
+):
+    """Quantize a bundle's fp32 ONNX graphs on your own multi-image data (INT8 vision tower, INT4 or
+    INT8 decoder), measure each precision against fp32 on held-out prompts, and add the ones that
+    pass the quality gate to the bundle. Needs onnxruntime and onnx, not torch."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .calib import calibrate as run_calibrate
+
+    opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level,
+                                no_quality_gate, max_accuracy_drop, min_vision_cosine, eval_samples, seed)
+    opts.image_root = str(image_root) if image_root else None
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                      disable=as_json, transient=True) as bar:
+            task = bar.add_task("calibrating", total=None)
+            result = run_calibrate(bundle, [p.strip() for p in precision.split(",")], opts, overwrite=overwrite,
+                                   progress=lambda msg: bar.update(task, description=msg))
+    except EdgeLMMError as exc:
+        report = getattr(exc, "report", None)
+        if as_json and report:
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc), **report}))
+            raise typer.Exit(2)
+        if report:
+            _print_quality(report["quality"])
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps({"bundle": str(result.bundle), "passed": result.passed, "failures": result.failures,
+                          "quality": result.quality, "calibration": result.calibration}))
+        return
+    c = result.calibration
+    err.print(f"{c['samples']} prompts from {c['source']} ({c['kind']}): {c['calibrated_on']} calibrated on, "
+              f"{c['held_out']} held out; {c['skipped']} record(s) skipped {c['skip_reasons'] or ''}")
+    _print_quality(result.quality)
 
 
 @app.command()

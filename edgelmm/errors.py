@@ -55,3 +55,17 @@ class ExportError(EdgeLMMError):
 class GGUFError(BundleError):
     """A GGUF file is malformed (magic, version, truncation) or its tensors do not match its own
     metadata. Raised before llama.cpp sees the file, so bad input never aborts inside C code."""
+
+
+class CalibrationError(EdgeLMMError):
+    """Calibration cannot run: the sample source is missing, unreadable, or yields no usable record,
+    or the bundle lacks the fp32 graphs that quantization starts from."""
+
+
+class QualityGateError(ExportError):
+    """A quantized precision broke the model beyond the gate (held-out accuracy drop, vision feature
+    cosine). Carries the quality report; nothing was written to the bundle."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report

@@ -19,15 +19,20 @@ FORMATS = ("onnx", "gguf")
 def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
            precisions: Sequence[str] = ("fp32",), gguf_types: Sequence[str] = ("f16",), force: bool = False,
            verify: bool = True, overwrite: bool = False, prompt_style: str | None = None,
-           quiet: bool = False) -> Path:
+           calibration=None, quiet: bool = False) -> Path:
     """Export `model_dir` into a bundle at `out_dir` and (by default) verify every precision against
     the fp32 PyTorch reference, storing the reports in the manifest (`verify[precision]`).
     Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers).
 
     formats: "onnx" (graph precisions from `precisions`) and/or "gguf" (llama.cpp LLM + mmproj, one
     pair per type in `gguf_types`: f32, f16, q8_0, q4_k_m). `force` writes a GGUF llama.cpp is
-    known to run wrongly (a CLIP tower) instead of refusing; its verify report shows the damage."""
+    known to run wrongly (a CLIP tower) instead of refusing; its verify report shows the damage.
+
+    Quantized precisions (int8, int4, int8-vision+int4) are calibrated from the fp32 graphs (exported
+    too, as their source and fallback) with `calibration` (a calib.CalibrationOptions: sample source,
+    methods, quality gate); a precision that fails the gate fails the export (QualityGateError)."""
     from ..api import load, pipeline_for_bundle
+    from ..calib import QUANTIZED_PRECISIONS, CalibrationOptions, calibrate
     from ..export.gguf import GGUF_TYPES, export_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
     from ..runtimes.torch import load_hf_model
@@ -36,9 +41,15 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; available: {', '.join(FORMATS)}")
-    bad = [p for p in precisions if p not in PRECISIONS]
+    bad = [p for p in precisions if p not in PRECISIONS and p not in QUANTIZED_PRECISIONS]
     if bad or not precisions:
-        raise ExportError(f"unknown precision(s) {bad or precisions}; available: {', '.join(PRECISIONS)}")
+        raise ExportError(f"unknown precision(s) {bad or precisions}; available: "
+                          f"{', '.join([*PRECISIONS, *QUANTIZED_PRECISIONS])}")
+    quantized = [p for p in precisions if p in QUANTIZED_PRECISIONS]
+    if quantized and "onnx" not in formats:
+        raise ExportError(f"precision(s) {quantized} are ONNX graph sets; add --format onnx (GGUF has --gguf-types)")
+    # Quantization starts from the fp32 graphs, which stay in the bundle as the fallback.
+    precisions = [p for p in dict.fromkeys(["fp32"] * bool(quantized) + list(precisions)) if p in PRECISIONS]
     bad = [t for t in gguf_types if t not in GGUF_TYPES]
     if "gguf" in formats and (bad or not gguf_types):
         raise ExportError(f"unknown GGUF type(s) {bad or gguf_types}; available: {', '.join(GGUF_TYPES)}")
@@ -100,5 +111,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                 if not report["passed"] and not (backend == "llamacpp" and forced_gguf):
                     raise ExportError(f"the exported {precision} {backend} artifacts failed parity with the PyTorch "
                                       "reference: " + "; ".join(report["failures"]))
+        if quantized:
+            with console.status("calibrating") as status:
+                calibrate(stage, quantized, calibration or CalibrationOptions(), progress=status.update,
+                          verify_checksums=False)
     console.print(f"[green]bundle written[/]: {out_dir}")
     return Path(out_dir)

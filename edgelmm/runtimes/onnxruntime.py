@@ -107,12 +107,26 @@ class OnnxRuntimeBackend:
         # already zero-copy, and binding measured no faster (benchmarks/onnx_vs_torch.py).
         self.io_binding = self.kv_device == "cuda" if io_binding is None else io_binding
 
-    def encode_images(self, pixel_values, pixel_attention_mask=None):
+    def vision_feeds(self, pixel_values, pixel_attention_mask=None) -> dict[str, np.ndarray]:
+        """The vision graph's inputs, as ONNX Runtime takes them (calibration records these)."""
         feeds = {"pixel_values": np.ascontiguousarray(pixel_values, self.pixel_dtype)}
         if "pixel_attention_mask" in self.vision_inputs:
             if pixel_attention_mask is None:
                 pixel_attention_mask = np.ones((pixel_values.shape[0],) + pixel_values.shape[2:], np.int64)
             feeds["pixel_attention_mask"] = pixel_attention_mask.astype(np.int64)
+        return feeds
+
+    def prefill_feeds(self, inputs_embeds) -> dict[str, np.ndarray]:
+        """The decoder's inputs for a batch-1 prefill with an empty cache (calibration records these)."""
+        n = inputs_embeds.shape[1]
+        feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, self.kv_dtype),
+                 "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None]}
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        feeds.update((name, empty) for name in self.past_names)
+        return feeds
+
+    def encode_images(self, pixel_values, pixel_attention_mask=None):
+        feeds = self.vision_feeds(pixel_values, pixel_attention_mask)
         return self.sessions["vision"].run(None, feeds)[0].astype(np.float32, copy=False)
 
     def embed_tokens(self, input_ids):

@@ -1,0 +1,302 @@
+"""Calibration: quantized precisions of a bundle's ONNX graphs, measured and gated.
+
+`calibrate(bundle, samples=SRC, precisions=[...])` starts from the bundle's fp32 graphs (which
+export verified against PyTorch), draws calibration prompts from SRC, writes the quantized graphs,
+measures each precision against fp32 on held-out prompts (never calibrated on), and adds them to
+the manifest only when they pass the quality gate. It needs `onnx` and onnxruntime, not torch
+(HQQ aside), so it runs on the workstation or on the device itself.
+
+Precisions (each a full vision/embed/decoder set; the token embedding always stays fp32):
+  int8              INT8 static vision + dynamic INT8 decoder
+  int4              fp32 vision + INT4 weight-only decoder
+  int8-vision+int4  INT8 static vision + INT4 weight-only decoder
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..bundle import Bundle, file_entry, open_bundle, write_manifest
+from ..errors import CalibrationError, QualityGateError
+from .sources import CalibSample, CalibSet, collect
+
+# precision -> the variant of each graph it runs (file names: vision.int8.onnx, decoder.int4.onnx ...)
+QUANTIZED_PRECISIONS: dict[str, dict[str, str]] = {
+    "int8": {"vision": "int8", "embed": "fp32", "decoder": "int8"},
+    "int4": {"vision": "fp32", "embed": "fp32", "decoder": "int4"},
+    "int8-vision+int4": {"vision": "int8", "embed": "fp32", "decoder": "int4"},
+}
+
+
+@dataclass
+class CalibrationOptions:
+    samples: str = "synthetic"          # the source spec (see calib.sources)
+    calib_samples: int = 64             # prompts drawn from it (some are held out to measure quality)
+    seed: int = 0
+    vision_method: str = "minmax"       # INT8 ranges: minmax | entropy | percentile
+    vision_cosine_target: float = 0.995  # the sensitivity pass keeps nodes in float until this holds
+    exclude_sensitive_ops: bool = True
+    sensitivity: bool = True
+    activations: str = "u8"             # u8 for CPU kernels, s8 (symmetric) for TensorRT
+    int4_algorithm: str = "rtn"         # rtn | hqq | gptq
+    int4_block_size: int = 32
+    int4_accuracy_level: int | None = 4  # MatMulNBits compute: 4 = int8 (fastest on CPU), 0 = fp32
+    quantize_lm_head: bool = False
+    gate: bool = True
+    max_accuracy_drop: float = 2.0      # points of held-out accuracy
+    min_vision_cosine: float = 0.99
+    eval_samples: int | None = None     # None: 180 when the model answers edgelmm's synthetic tasks
+    image_root: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CalibrationResult:
+    bundle: Path
+    precisions: list[str]
+    calibration: dict[str, Any]
+    quality: dict[str, dict[str, Any]]
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def graph_file(graph: str, variant: str) -> str:
+    return f"onnx/{graph}.onnx" if variant == "fp32" else f"onnx/{graph}.{variant}.onnx"
+
+
+def _records(pipe, samples: list[CalibSample], with_answers: bool):
+    """(prepared prompt, vision feeds, decoder prefill feeds, fp32 features, fp32 embeddings) per sample."""
+    out = []
+    for s in samples:
+        messages = s.messages if with_answers or s.messages[-1]["role"] != "assistant" else s.messages[:-1]
+        prep = pipe.prepare(messages, s.images)
+        feats = pipe.image_features(prep.vision)
+        embeds = pipe.merged_embeddings(prep, feats)
+        v = pipe.backend.vision_feeds(prep.vision.pixel_values, prep.vision.pixel_attention_mask)
+        out.append((prep, v, pipe.backend.prefill_feeds(embeds), feats, embeds))
+    return out
+
+
+def _per_tile(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """One feed per image tile: prompts have different image counts, and ORT's histogram calibrators
+    (entropy, percentile) need every feed of one shape."""
+    return [{k: v[i:i + 1] for k, v in f.items()} for f in feeds for i in range(f["pixel_values"].shape[0])]
+
+
+def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: CalibrationOptions | None = None, *,
+              progress: Callable[[str], None] | None = None, overwrite: bool = False,
+              verify_checksums: bool = True) -> CalibrationResult:
+    """Add quantized `precisions` to the bundle at `bundle_dir`. Files are written into a hidden
+    directory inside the bundle and the manifest is replaced atomically at the end, so an
+    interrupted or refused calibration leaves the bundle exactly as it was."""
+    from ..api import pipeline_for_bundle
+    from .quantize import quantize_decoder_int4, quantize_decoder_int8_dynamic, quantize_vision_int8
+
+    opts = options or CalibrationOptions()
+    say = progress or (lambda _msg: None)
+    unknown = [p for p in precisions if p not in QUANTIZED_PRECISIONS]
+    if unknown or not precisions:
+        raise CalibrationError(f"unknown quantized precision(s) {unknown or list(precisions)}; "
+                               f"choose from {', '.join(QUANTIZED_PRECISIONS)}")
+    root = Path(bundle_dir)
+    bundle = open_bundle(root, verify_checksums=verify_checksums)
+    have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "onnx"}
+    if "fp32" not in have:
+        raise CalibrationError(f"{root}: calibration starts from the fp32 ONNX graphs and this bundle has none "
+                               "(export with --format onnx --precision fp32)")
+    present = [p for p in precisions if p in have]
+    if present and not overwrite:
+        raise CalibrationError(f"{root}: already has {present}; pass overwrite=True / --overwrite to recalibrate")
+
+    say(f"reading calibration samples from {opts.samples}")
+    calib_set = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
+    calib_samples, held_out = calib_set.split(held_out=min(16, max(2, len(calib_set.samples) // 8)))
+    reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
+    say(f"running {len(calib_samples)} calibration prompts through the fp32 graphs")
+    calib_records = _records(reference, calib_samples, with_answers=True)
+    held_records = _records(reference, held_out, with_answers=False)
+
+    variants = {(g, v) for p in precisions for g, v in QUANTIZED_PRECISIONS[p].items() if v != "fp32"}
+    work = Path(tempfile.mkdtemp(prefix=".calib-partial-", dir=root))
+    try:
+        new_files: dict[str, Path] = {}   # bundle-relative name -> file in the work dir
+        details: dict[str, dict[str, Any]] = {}
+        src = {g: bundle.path(bundle.artifact(g, "onnx", "fp32")) for g in ("vision", "decoder")}
+        if ("vision", "int8") in variants:
+            out = work / "vision.int8.onnx"
+            res = quantize_vision_int8(src["vision"], out, _per_tile([r[1] for r in calib_records]),
+                                       _per_tile([r[1] for r in held_records]),
+                                       method=opts.vision_method, cosine_target=opts.vision_cosine_target,
+                                       exclude_sensitive_ops=opts.exclude_sensitive_ops, sensitivity=opts.sensitivity,
+                                       activations=opts.activations, progress=say)
+            new_files[graph_file("vision", "int8")] = out
+            details["vision.int8"] = {"scheme": "int8 static QDQ", **res.as_dict()}
+        if ("decoder", "int4") in variants:
+            say(f"INT4 decoder ({opts.int4_algorithm}, block {opts.int4_block_size})")
+            out = work / "decoder.int4.onnx"
+            details["decoder.int4"] = quantize_decoder_int4(
+                src["decoder"], out, algorithm=opts.int4_algorithm, block_size=opts.int4_block_size,
+                accuracy_level=opts.int4_accuracy_level, calib=[r[2] for r in calib_records],
+                quantize_lm_head=opts.quantize_lm_head)
+            new_files[graph_file("decoder", "int4")] = out
+        if ("decoder", "int8") in variants:
+            say("dynamic INT8 decoder")
+            out = work / "decoder.int8.onnx"
+            details["decoder.int8"] = quantize_decoder_int8_dynamic(src["decoder"], out)
+            new_files[graph_file("decoder", "int8")] = out
+
+        # A manifest that sees the new graphs where they are now (the work dir), to measure them.
+        rel = {name: str(path.relative_to(root)) for name, path in new_files.items()}
+        trial = _with_artifacts(bundle.manifest, precisions, root, rel)
+        quality, failures = {}, []
+        accuracy_samples = _accuracy_samples(reference, opts, say)
+        baseline = _accuracy(reference, accuracy_samples, say, "fp32") if accuracy_samples else None
+        for p in precisions:
+            candidate = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p)
+            say(f"measuring {p} against fp32 on {len(held_records)} held-out prompts")
+            report = measure(reference, candidate, held_records)
+            report["size_bytes"] = _precision_size(root, trial, p)
+            report["graphs"] = {g: v for g, v in QUANTIZED_PRECISIONS[p].items()}
+            if baseline is not None:
+                acc = _accuracy(candidate, accuracy_samples, say, p)
+                report["accuracy"] = acc
+                report["accuracy_fp32"] = baseline
+                report["accuracy_drop_points"] = round(100 * (baseline - acc), 3)
+            else:
+                report["accuracy"] = None
+                report["accuracy_note"] = ("not measured: the model does not answer edgelmm's synthetic tasks "
+                                           "(it was not trained on them), so held-out accuracy means nothing here")
+            report["failures"] = gate_failures(report, opts)
+            report["passed"] = not report["failures"]
+            failures += [f"{p}: {f}" for f in report["failures"]]
+            quality[p] = report
+            del candidate
+        calibration = {**calib_set.summary(), "held_out": len(held_out), "calibrated_on": len(calib_samples),
+                       "options": opts.as_dict(), "graphs": details}
+        if failures and opts.gate:
+            raise QualityGateError("quantization broke the model beyond the quality gate: " + "; ".join(failures)
+                                   + ". Nothing was added to the bundle. Try more or more varied --calib-samples, "
+                                   "another --vision-method or --int4-algorithm, or pass --no-quality-gate to keep "
+                                   "it anyway.", {"quality": quality, "calibration": calibration})
+        # Commit: move the graphs into onnx/, then replace the manifest in one rename.
+        for name, path in new_files.items():
+            os.replace(path, root / name)
+        final = _with_artifacts(bundle.manifest, precisions, root, {n: n for n in new_files})
+        final["quality"] = {**final.get("quality", {}), **quality}
+        final.setdefault("calibration", {})
+        for p in precisions:
+            final["calibration"][p] = calibration
+        tmp_manifest = work / "edgelmm.json"
+        write_manifest(work, final)
+        os.replace(tmp_manifest, root / "edgelmm.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return CalibrationResult(root, list(precisions), calibration, quality, not failures, failures)
+
+
+def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str], root: Path,
+                    located: dict[str, str]) -> dict[str, Any]:
+    """The manifest plus one artifact per graph and precision. `located` maps a graph's bundle name to
+    where the file is now; fp32 graphs are shared with the fp32 set."""
+    out = {**manifest, "artifacts": [a for a in manifest["artifacts"]
+                                     if not (a["format"] == "onnx" and a["precision"] in precisions)]}
+    fp32 = {a["graph"]: a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
+    hashed: dict[str, dict] = {}
+    for p in precisions:
+        for graph, variant in QUANTIZED_PRECISIONS[p].items():
+            base = fp32[graph]
+            if variant == "fp32":
+                out["artifacts"].append({**base, "precision": p})
+                continue
+            name = graph_file(graph, variant)
+            where = located[name]
+            entry = hashed.setdefault(where, {**file_entry(root, where), "file": where})
+            out["artifacts"].append({**base, "precision": p, "file": where, "files": [entry], "sha256": entry["sha256"],
+                                     "quantized_from": base["file"]})
+    return out
+
+
+def _precision_size(root: Path, manifest: dict[str, Any], precision: str) -> int:
+    files = {e["file"]: e["size"] for a in manifest["artifacts"]
+             if a["format"] == "onnx" and a["precision"] == precision for e in a["files"]}
+    return sum(files.values())
+
+
+def measure(reference, candidate, held_records) -> dict[str, Any]:
+    """Quality of `candidate` against the fp32 `reference` on held-out prompts: per graph (vision
+    features; the decoder alone on the reference's input embeddings) and end to end."""
+    from ..pipeline import SamplingParams
+    from ..verify import cosine_min, kl_divergence, prefill_logits, token_match
+
+    rows = []
+    for prep, _v, _d, ref_feats, ref_embeds in held_records:
+        n = ref_embeds.shape[1]
+        ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
+        feats = candidate.image_features(prep.vision)
+        rl = prefill_logits(reference, ref_embeds, ones, pos)
+        dl = prefill_logits(candidate, ref_embeds, ones, pos)
+        cl = prefill_logits(candidate, candidate.merged_embeddings(prep, feats), ones, pos)
+        params = SamplingParams(max_new_tokens=16)
+        rt = list(reference.stream_tokens(prep, params, features=ref_feats))
+        ct = list(candidate.stream_tokens(prep, params, features=feats))
+        rows.append({"vision_cosine_min": cosine_min(ref_feats, feats),
+                     "vision_max_abs": float(np.abs(ref_feats - feats).max()),
+                     "decoder_logits_max_abs": float(np.abs(rl - dl).max()),
+                     "decoder_logits_cosine": cosine_min(rl, dl), "decoder_kl": kl_divergence(rl, dl),
+                     "logits_kl": kl_divergence(rl, cl), "token_match": token_match(rt, ct)})
+    return {
+        "held_out_prompts": len(rows),
+        "vision_cosine_min": min(r["vision_cosine_min"] for r in rows),
+        "vision_max_abs": max(r["vision_max_abs"] for r in rows),
+        "decoder_logits_max_abs": max(r["decoder_logits_max_abs"] for r in rows),
+        "decoder_logits_cosine_min": min(r["decoder_logits_cosine"] for r in rows),
+        "decoder_kl_max": max(r["decoder_kl"] for r in rows),
+        "logits_kl_max": max(r["logits_kl"] for r in rows),
+        "logits_kl_mean": float(np.mean([r["logits_kl"] for r in rows])),
+        "token_match_mean": float(np.mean([r["token_match"] for r in rows])),
+        "token_match_min": min(r["token_match"] for r in rows),
+    }
+
+
+def gate_failures(report: dict[str, Any], opts: CalibrationOptions) -> list[str]:
+    failures = []
+    if report["vision_cosine_min"] < opts.min_vision_cosine:
+        failures.append(f"vision feature cosine {report['vision_cosine_min']:.4f} < {opts.min_vision_cosine}")
+    if report.get("accuracy") is not None and report["accuracy_drop_points"] > opts.max_accuracy_drop:
+        failures.append(f"held-out accuracy {report['accuracy']:.1%} is {report['accuracy_drop_points']:.1f} points "
+                        f"below fp32 ({report['accuracy_fp32']:.1%}; limit {opts.max_accuracy_drop} points)")
+    return failures
+
+
+# Enough to tell a model that learned the synthetic tasks (the reference model: ~77%) from one that
+# did not (random or foreign checkpoints: ~0%), at two samples per task.
+PROBE_SAMPLES = 18
+PROBE_MIN_ACCURACY = 0.5
+DEFAULT_EVAL_SAMPLES = 180
+
+
+def _accuracy_samples(reference, opts: CalibrationOptions, say) -> int:
+    if opts.eval_samples is not None:
+        return opts.eval_samples
+    say("checking whether the model answers edgelmm's synthetic tasks")
+    return DEFAULT_EVAL_SAMPLES if _accuracy(reference, PROBE_SAMPLES, say, "probe") >= PROBE_MIN_ACCURACY else 0
+
+
+def _accuracy(pipe, samples: int, say, label: str) -> float:
+    from ..evaluate import evaluate
+
+    say(f"held-out accuracy ({label}, {samples} samples)")
+    return evaluate(pipe, samples=samples).accuracy
+
+
+__all__ = ["QUANTIZED_PRECISIONS", "CalibrationOptions", "CalibrationResult", "CalibSample", "CalibSet",
+           "calibrate", "collect", "measure"]

@@ -1,0 +1,279 @@
+"""Graph quantizers over ONNX Runtime's quantization tools (workstation side: needs `onnx`).
+
+- Vision tower: INT8 static QDQ (per-channel weights), calibrated on the sampled images, with
+  sensitive nodes kept in float: first by op type (normalisation, nonlinearities, softmax, residual
+  and bias adds), then by a per-node sensitivity pass until the feature cosine target is met.
+- Decoder: INT4 weight-only MatMulNBits (RTN, HQQ, or GPTQ calibrated on decoder inputs from the
+  sampled prompts), or dynamic INT8. The lm_head (a Gemm on the last position in our graphs) and the
+  token embedding (its own graph) stay fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CalibrationError
+from ..verify import cosine_min
+
+VISION_METHODS = ("minmax", "entropy", "percentile")
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq")
+# Kept in float before any measurement: where INT8 hurts transformers most (outliers in LayerNorm
+# inputs and residual streams, the exponent in Softmax, the curvature of GELU).
+SENSITIVE_OP_TYPES = ("LayerNormalization", "Softmax", "Add", "Erf", "Tanh", "Pow", "Div", "Gelu", "Sigmoid",
+                      "ReduceMean", "Sqrt")
+# What the sensitivity pass may additionally keep in float: the ops that carry the arithmetic.
+COMPUTE_OP_TYPES = ("MatMul", "Conv", "Gemm", "Mul")
+LARGE_GRAPH_BYTES = 1_500_000_000
+
+
+@contextlib.contextmanager
+def quiet_quantization():
+    """ORT's quantization tools print progress to stdout and configure the root logger at import;
+    keep both out of the user's terminal (and out of --json output)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    # A handler of our own stops logging.warning() from calling basicConfig on the root logger.
+    root.handlers[:] = [logging.NullHandler()]
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import calls basicConfig)
+            root.handlers[:] = [logging.NullHandler()]
+            root.setLevel(logging.ERROR)
+            yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
+class FeedReader:
+    """ORT's CalibrationDataReader over a list of feed dicts; re-iterable (GPTQ deep-copies it)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __deepcopy__(self, memo):
+        return FeedReader(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __len__(self):
+        return len(self.feeds)
+
+
+def _session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class VisionInt8Result:
+    method: str
+    per_channel: bool
+    activations: str
+    excluded_by_op_type: list[str]
+    excluded_by_sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    cosine_min: float = 0.0           # on the held-out images, against the fp32 graph
+    cosine_target: float = 0.0
+    max_abs: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "per_channel": self.per_channel, "activations": self.activations,
+                "excluded_op_types": sorted({n.split(":")[0] for n in self.excluded_by_op_type}),
+                "excluded_by_op_type": len(self.excluded_by_op_type),
+                "excluded_nodes": [n.split(":", 1)[1] for n in self.excluded_by_op_type]
+                + [e["node"] for e in self.excluded_by_sensitivity],
+                "excluded_by_sensitivity": self.excluded_by_sensitivity,
+                "cosine_min": self.cosine_min, "cosine_target": self.cosine_target, "max_abs": self.max_abs}
+
+
+def quantize_vision_int8(src: Path, dst: Path, calib: list[dict], held_out: list[dict], *, method: str = "minmax",
+                         cosine_target: float = 0.995, exclude_sensitive_ops: bool = True, sensitivity: bool = True,
+                         per_channel: bool = True, activations: str = "u8",
+                         progress: Callable[[str], None] | None = None) -> VisionInt8Result:
+    """INT8 QDQ vision graph at `dst`. Calibration ranges are computed once (cached) and reused for
+    every exclusion set the sensitivity pass tries."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in VISION_METHODS:
+        raise CalibrationError(f"unknown INT8 calibration method {method!r}; choose from {', '.join(VISION_METHODS)}")
+    if activations not in ("u8", "s8"):
+        raise CalibrationError(f"activations must be 'u8' (CPU kernels) or 's8' (symmetric, for TensorRT), got {activations!r}")
+    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    graph = onnx.load(str(src), load_external_data=False).graph
+    by_type = [f"{n.op_type}:{n.name}" for n in graph.node if exclude_sensitive_ops and n.op_type in SENSITIVE_OP_TYPES]
+    base_excluded = [n.split(":", 1)[1] for n in by_type]
+    reference = _session(src)
+    ref_out = [reference.run(None, f)[0] for f in held_out]
+    large = src.stat().st_size > LARGE_GRAPH_BYTES
+    extra = {"ActivationSymmetric": activations == "s8"}
+
+    with tempfile.TemporaryDirectory(prefix="edgelmm-int8-", dir=dst.parent) as tmp:
+        cache = Path(tmp) / "ranges.json"
+
+        def build(excluded: list[str], out: Path, only: list[str] | None = None) -> None:
+            with quiet_quantization(), _as_calibration_error(f"INT8 {method} quantization of {src.name}"):
+                quantize_static(str(src), str(out), FeedReader(calib) if not cache.exists() else None,
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=calib_method,
+                                nodes_to_exclude=excluded, nodes_to_quantize=only, calibration_cache_path=str(cache),
+                                use_external_data_format=large, extra_options=dict(extra))
+
+        def score(path: Path, feeds=held_out, refs=ref_out) -> tuple[float, float]:
+            sess = _session(path)
+            outs = [sess.run(None, f)[0] for f in feeds]
+            return (min(cosine_min(r, o) for r, o in zip(refs, outs)),
+                    max(float(np.abs(r - o).max()) for r, o in zip(refs, outs)))
+
+        if progress:
+            progress(f"calibrating INT8 ranges ({method}, {len(calib)} samples)")
+        if method == "entropy":
+            _entropy_ranges(src, calib, cache, Path(tmp))
+        build(base_excluded, dst)
+        cos, max_abs = score(dst)
+        result = VisionInt8Result(method, per_channel, activations, by_type, cosine_min=cos,
+                                  cosine_target=cosine_target, max_abs=max_abs)
+        if cos >= cosine_target or not sensitivity:
+            return result
+        # Per-node sensitivity: quantize each compute node alone and measure what it costs.
+        candidates = [n for n in graph.node if n.op_type in COMPUTE_OP_TYPES and n.name not in base_excluded]
+        probe, probe_refs = held_out[:4], ref_out[:4]
+        ranking = []
+        for i, node in enumerate(candidates):
+            if progress:
+                progress(f"INT8 sensitivity {i + 1}/{len(candidates)}: {node.name}")
+            alone = Path(tmp) / "alone.onnx"
+            build(base_excluded, alone, only=[node.name])
+            ranking.append((score(alone, probe, probe_refs)[0], node))
+        ranking.sort(key=lambda r: r[0])  # lowest cosine = most sensitive
+        excluded = list(base_excluded)
+        for cos_alone, node in ranking:
+            excluded.append(node.name)
+            result.excluded_by_sensitivity.append({"node": node.name, "op": node.op_type,
+                                                   "cosine_alone": round(cos_alone, 6)})
+            if progress:
+                progress(f"INT8: keeping {len(result.excluded_by_sensitivity)} sensitive node(s) in float")
+            build(excluded, dst)
+            result.cosine_min, result.max_abs = score(dst)
+            if result.cosine_min >= cosine_target:
+                break
+        return result
+
+
+def _entropy_ranges(src: Path, calib: list[dict], cache: Path, tmp: Path) -> None:
+    """KL-divergence ranges written to quantize_static's range cache. quantize_static cannot pass the
+    histogram size to the entropy calibrator, and at its default (128 bins for 128 quantized bins)
+    there is one candidate threshold, the full range: it degenerates to MinMax."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    with quiet_quantization(), _as_calibration_error(f"INT8 entropy calibration of {src.name}"):
+        calibrator = create_calibrator(src, None, augmented_model_path=str(tmp / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.Entropy,
+                                       extra_options={"num_bins": 2048, "num_quantized_bins": 255})
+        calibrator.collect_data(FeedReader(calib))
+        save_tensors_data(calibrator.compute_data(), cache)
+
+
+@contextlib.contextmanager
+def _as_calibration_error(what: str):
+    """ORT's quantizers raise whatever their internals raise; the user needs to know which step failed."""
+    try:
+        yield
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _clear_value_info(src: Path, dst: Path) -> Path:
+    """The dynamo exporter's value_info can carry shapes ONNX shape inference later disagrees with
+    (ORT's dynamic quantizer re-infers and fails); the graph does not need them."""
+    import onnx
+
+    model = onnx.load(str(src))
+    del model.graph.value_info[:]
+    onnx.save(model, str(dst), save_as_external_data=src.stat().st_size > LARGE_GRAPH_BYTES)
+    return dst
+
+
+def lm_head_nodes(path: Path) -> list[str]:
+    """The node(s) producing the logits output: kept at higher precision by default."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if "logits" in n.output]
+
+
+def quantize_decoder_int4(src: Path, dst: Path, *, algorithm: str = "rtn", block_size: int = 32,
+                          accuracy_level: int | None = 4, symmetric: bool = False,
+                          calib: list[dict] | None = None, quantize_lm_head: bool = False) -> dict[str, Any]:
+    """MatMulNBits INT4 decoder at `dst`; returns what was done, for the manifest."""
+    if algorithm not in INT4_ALGORITHMS:
+        raise CalibrationError(f"unknown INT4 algorithm {algorithm!r}; choose from {', '.join(INT4_ALGORITHMS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise CalibrationError(f"INT4 block size must be a power of two >= 16, got {block_size}")
+    keep = [] if quantize_lm_head else lm_head_nodes(src)
+    with quiet_quantization(), _as_calibration_error(f"INT4 {algorithm} quantization of {src.name}"):
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     GPTQWeightOnlyQuantConfig,
+                                                                     HQQWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+        if algorithm == "rtn":
+            config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                                  accuracy_level=accuracy_level)
+        elif algorithm == "hqq":
+            try:
+                import torch  # noqa: F401  (ORT's HQQ runs its optimisation in torch)
+            except ImportError:
+                raise CalibrationError("INT4 HQQ needs torch (pip install 'edgelmm[export]'); "
+                                       "RTN and GPTQ do not") from None
+            config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+        else:
+            if not calib:
+                raise CalibrationError("INT4 GPTQ needs calibration samples (decoder inputs)")
+            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=FeedReader(calib), block_size=128)
+        quantizer = MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=keep, algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), src.stat().st_size > LARGE_GRAPH_BYTES)
+    return {"scheme": "int4 weight-only (MatMulNBits)", "algorithm": algorithm, "block_size": block_size,
+            "accuracy_level": accuracy_level, "symmetric": symmetric if algorithm == "rtn" else None,
+            "calibration_prompts": len(calib or []) if algorithm == "gptq" else 0,
+            "kept_float": keep + ["embed graph (token embedding)"]}
+
+
+def quantize_decoder_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
+    """Dynamic INT8 decoder (weights per-channel INT8, activations quantized on the fly)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgelmm-int8d-", dir=dst.parent) as tmp:
+        clean = _clear_value_info(src, Path(tmp) / "decoder.onnx")
+        with quiet_quantization(), _as_calibration_error(f"dynamic INT8 quantization of {src.name}"):
+            quantize_dynamic(str(clean), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8,
+                             use_external_data_format=src.stat().st_size > LARGE_GRAPH_BYTES)
+    return {"scheme": "dynamic int8 (MatMulInteger)", "per_channel": True, "kept_float": lm_head_nodes(src)}
