@@ -14,7 +14,7 @@ import numpy as np
 
 import edgelmm
 from edgelmm import synthetic
-from edgelmm.calib import CalibrationOptions, calibrate
+from edgelmm.calib import CalibrationOptions, calibrate, precision_size
 from edgelmm.evaluate import evaluate
 from edgelmm.export import export
 from edgelmm.models import reference_model
@@ -62,8 +62,7 @@ def main():
         pipe = edgelmm.load(root, backend="onnxruntime", provider="cpu", threads=1, precision=p)
         acc = evaluate(pipe, samples=args.samples).accuracy
         v, d = timings(pipe)
-        size = sum({e["file"]: e["size"] for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == p
-                    for e in a["files"]}.values())
+        size = precision_size(manifest, p)
         cos = manifest.get("quality", {}).get(p, {}).get("vision_cosine_min", 1.0)
         rows.append((p, acc, size, v, d, cos))
     base = rows[0]

@@ -22,6 +22,11 @@ MANIFEST = "edgelmm.json"
 FORMAT_VERSION = 1
 
 
+def graph_file(graph: str, variant: str) -> str:
+    """An ONNX graph's file name inside onnx/: vision.onnx (fp32), vision.fp16.onnx, decoder.int4.onnx ..."""
+    return f"{graph}.onnx" if variant == "fp32" else f"{graph}.{variant}.onnx"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

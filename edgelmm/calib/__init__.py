@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..bundle import Bundle, file_entry, open_bundle, write_manifest
+from ..bundle import Bundle, file_entry, graph_file, open_bundle, write_manifest
 from ..errors import CalibrationError, QualityGateError
 from .sources import CalibSample, CalibSet, collect
 
@@ -67,10 +67,6 @@ class CalibrationResult:
     quality: dict[str, dict[str, Any]]
     passed: bool
     failures: list[str] = field(default_factory=list)
-
-
-def graph_file(graph: str, variant: str) -> str:
-    return f"onnx/{graph}.onnx" if variant == "fp32" else f"onnx/{graph}.{variant}.onnx"
 
 
 def _records(pipe, samples: list[CalibSample], with_answers: bool):
@@ -138,7 +134,7 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
                                        method=opts.vision_method, cosine_target=opts.vision_cosine_target,
                                        exclude_sensitive_ops=opts.exclude_sensitive_ops, sensitivity=opts.sensitivity,
                                        activations=opts.activations, progress=say)
-            new_files[graph_file("vision", "int8")] = out
+            new_files["onnx/" + graph_file("vision", "int8")] = out
             details["vision.int8"] = {"scheme": "int8 static QDQ", **res.as_dict()}
         if ("decoder", "int4") in variants:
             say(f"INT4 decoder ({opts.int4_algorithm}, block {opts.int4_block_size})")
@@ -147,12 +143,12 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
                 src["decoder"], out, algorithm=opts.int4_algorithm, block_size=opts.int4_block_size,
                 accuracy_level=opts.int4_accuracy_level, calib=[r[2] for r in calib_records],
                 quantize_lm_head=opts.quantize_lm_head)
-            new_files[graph_file("decoder", "int4")] = out
+            new_files["onnx/" + graph_file("decoder", "int4")] = out
         if ("decoder", "int8") in variants:
             say("dynamic INT8 decoder")
             out = work / "decoder.int8.onnx"
             details["decoder.int8"] = quantize_decoder_int8_dynamic(src["decoder"], out)
-            new_files[graph_file("decoder", "int8")] = out
+            new_files["onnx/" + graph_file("decoder", "int8")] = out
 
         # A manifest that sees the new graphs where they are now (the work dir), to measure them.
         rel = {name: str(path.relative_to(root)) for name, path in new_files.items()}
@@ -160,11 +156,12 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         quality, failures = {}, []
         accuracy_samples = _accuracy_samples(reference, opts, say)
         baseline = _accuracy(reference, accuracy_samples, say, "fp32") if accuracy_samples else None
+        references = reference_outputs(reference, held_records)
         for p in precisions:
             candidate = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p)
             say(f"measuring {p} against fp32 on {len(held_records)} held-out prompts")
-            report = measure(reference, candidate, held_records)
-            report["size_bytes"] = _precision_size(root, trial, p)
+            report = measure(candidate, held_records, references)
+            report["size_bytes"] = precision_size(trial, p)
             report["graphs"] = {g: v for g, v in QUANTIZED_PRECISIONS[p].items()}
             if baseline is not None:
                 acc = _accuracy(candidate, accuracy_samples, say, p)
@@ -217,7 +214,7 @@ def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str], root: P
             if variant == "fp32":
                 out["artifacts"].append({**base, "precision": p})
                 continue
-            name = graph_file(graph, variant)
+            name = "onnx/" + graph_file(graph, variant)
             where = located[name]
             entry = hashed.setdefault(where, {**file_entry(root, where), "file": where})
             out["artifacts"].append({**base, "precision": p, "file": where, "files": [entry], "sha256": entry["sha256"],
@@ -225,29 +222,45 @@ def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str], root: P
     return out
 
 
-def _precision_size(root: Path, manifest: dict[str, Any], precision: str) -> int:
+def precision_size(manifest: dict[str, Any], precision: str) -> int:
+    """Bytes on disk of one ONNX precision's graph set (a file shared by two graphs counts once)."""
     files = {e["file"]: e["size"] for a in manifest["artifacts"]
              if a["format"] == "onnx" and a["precision"] == precision for e in a["files"]}
     return sum(files.values())
 
 
-def measure(reference, candidate, held_records) -> dict[str, Any]:
-    """Quality of `candidate` against the fp32 `reference` on held-out prompts: per graph (vision
-    features; the decoder alone on the reference's input embeddings) and end to end."""
+GREEDY_TOKENS = 16
+
+
+def reference_outputs(reference, held_records) -> list[tuple[np.ndarray, list[int]]]:
+    """The fp32 prefill logits and greedy tokens of each held-out prompt: computed once, compared
+    with every precision."""
+    from ..pipeline import SamplingParams
+    from ..verify import prefill_logits
+
+    out = []
+    for prep, _v, _d, ref_feats, ref_embeds in held_records:
+        n = ref_embeds.shape[1]
+        logits = prefill_logits(reference, ref_embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None])
+        out.append((logits, list(reference.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS),
+                                                         features=ref_feats))))
+    return out
+
+
+def measure(candidate, held_records, references: list[tuple[np.ndarray, list[int]]]) -> dict[str, Any]:
+    """Quality of `candidate` against the fp32 `references` (from reference_outputs) on held-out
+    prompts: per graph (vision features; the decoder alone on the fp32 input embeddings) and end to end."""
     from ..pipeline import SamplingParams
     from ..verify import cosine_min, kl_divergence, prefill_logits, token_match
 
     rows = []
-    for prep, _v, _d, ref_feats, ref_embeds in held_records:
+    for (prep, _v, _d, ref_feats, ref_embeds), (rl, rt) in zip(held_records, references):
         n = ref_embeds.shape[1]
         ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
         feats = candidate.image_features(prep.vision)
-        rl = prefill_logits(reference, ref_embeds, ones, pos)
         dl = prefill_logits(candidate, ref_embeds, ones, pos)
         cl = prefill_logits(candidate, candidate.merged_embeddings(prep, feats), ones, pos)
-        params = SamplingParams(max_new_tokens=16)
-        rt = list(reference.stream_tokens(prep, params, features=ref_feats))
-        ct = list(candidate.stream_tokens(prep, params, features=feats))
+        ct = list(candidate.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS), features=feats))
         rows.append({"vision_cosine_min": cosine_min(ref_feats, feats),
                      "vision_max_abs": float(np.abs(ref_feats - feats).max()),
                      "decoder_logits_max_abs": float(np.abs(rl - dl).max()),
@@ -299,4 +312,4 @@ def _accuracy(pipe, samples: int, say, label: str) -> float:
 
 
 __all__ = ["QUANTIZED_PRECISIONS", "CalibrationOptions", "CalibrationResult", "CalibSample", "CalibSet",
-           "calibrate", "collect", "measure"]
+           "calibrate", "collect", "measure", "precision_size"]

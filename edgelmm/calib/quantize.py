@@ -64,9 +64,6 @@ class FeedReader:
     def get_next(self):
         return next(self._it, None)
 
-    def rewind(self):
-        self._it = iter(self.feeds)
-
     def __deepcopy__(self, memo):
         return FeedReader(self.feeds)
 

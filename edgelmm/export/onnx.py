@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..bundle import graph_file
 from ..errors import ExportError
 from ..families import Family, TorchParts
 
@@ -102,10 +103,6 @@ def _export_one(module, args, path: Path, input_names, output_names, dynamic_sha
 
 
 PRECISIONS = ("fp32", "fp16")
-
-
-def graph_file(graph: str, precision: str) -> str:
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
 def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, precision: str = "fp32") -> list[dict[str, Any]]:
