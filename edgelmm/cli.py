@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -334,6 +335,130 @@ def info(
     for row in data["image_tokens"]:
         table.add_row(f"{row['height']}x{row['width']}", str(row["tokens"]))
     out.print(table)
+
+
+@app.command()
+def watch(
+    source: str = typer.Argument(..., help="What to watch: a camera index (0 = /dev/video0), a video file, an "
+                                           "rtsp:// or http:// URL, or a GStreamer pipeline (it contains '!'; e.g. "
+                                           "'nvarguscamerasrc ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! "
+                                           "appsink' for a Jetson CSI camera)."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="The bundle (from `edgelmm export`) that embeds the "
+                                                            "frames and answers the verifier's question."),
+    events: Optional[Path] = typer.Option(None, help="Append events as JSON lines to this file (default: stdout). "
+                                                     "The last line is a summary."),
+    out: Optional[Path] = typer.Option(None, help="Save the frames each event was about (normal + latest) here."),
+    reference: List[Path] = typer.Option([], "--reference", "-r",
+                                         help="An image of the normal scene, remembered for good; repeatable."),
+    every: int = typer.Option(1, help="Gate every Nth frame (1 = every frame)."),
+    warmup: int = typer.Option(30, help="Frames learned as normal before scoring starts (0 with --reference)."),
+    trigger: int = typer.Option(3, help="Consecutive unusual frames that make an event (hysteresis)."),
+    clear: int = typer.Option(15, help="Consecutive normal frames that end an event, so the next one can fire."),
+    margin: float = typer.Option(3.0, help="Threshold = margin x the 99th percentile of normal frames' scores."),
+    min_threshold: float = typer.Option(0.01, help="The threshold never goes below this (cosine distance)."),
+    threshold: Optional[float] = typer.Option(None, help="A fixed threshold instead of the adaptive one."),
+    latest: int = typer.Option(3, help="Latest frames shown to the verifier after the normal frame."),
+    prompt: Optional[str] = typer.Option(None, help="The verifier's question; {last} is the last image's number. "
+                                                    "Default: 'Image 1 shows the normal scene; images 2-{last} are the "
+                                                    "latest frames. Is anything abnormal? ...'"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Report the gate's events without asking the LMM."),
+    max_new_tokens: int = typer.Option(24, help="Length limit of the verifier's answer."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after processing this many frames."),
+    duration: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
+    realtime: bool = typer.Option(False, help="Replay a video file at its own frame rate, dropping frames when "
+                                              "behind, as a camera would (files are otherwise read losslessly)."),
+    queue_size: int = typer.Option(8, help="Frames buffered between capture and the gate."),
+    reconnect_attempts: int = typer.Option(5, help="Live sources: reopen this many times when frames stop coming."),
+    reconnect_backoff: float = typer.Option(0.5, help="Seconds before the first reconnect; doubles each time."),
+    backend: str = typer.Option("auto", help="Runtime: auto, onnxruntime or llamacpp."),
+    provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    quiet: bool = typer.Option(False, help="No live status line on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object on stdout."),
+):
+    """Watch a camera or video for anomalies. Each frame is embedded once by the bundle's vision graph
+    and compared with a memory of the normal scene (learned during a warm-up); when frames stay
+    unusual, the LMM is asked, in the background, whether the latest frames show anything abnormal
+    next to a normal one. Events are JSON lines; Ctrl-C or SIGTERM stops cleanly (a second Ctrl-C
+    also cancels an answer in progress). Exit status 3 means the source was lost."""
+    import signal
+
+    from rich.live import Live
+    from rich.text import Text
+
+    from . import api
+    from .apps.anomaly import AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, summary_line
+
+    try:
+        config = WatchConfig(
+            gate=GateConfig(warmup_frames=warmup, trigger_frames=trigger, clear_frames=clear, margin=margin,
+                            min_threshold=min_threshold, threshold=threshold),
+            capture=CaptureConfig(queue_size=queue_size, realtime=realtime, reconnect_attempts=reconnect_attempts,
+                                  reconnect_backoff_s=reconnect_backoff),
+            every=every, latest_frames=latest, verify=not no_verify, max_new_tokens=max_new_tokens,
+            max_frames=max_frames, duration_s=duration, out_dir=out)
+        if prompt is not None:
+            config.prompt = prompt
+        config.validate()
+    except ValueError as exc:
+        err.print(f"[bold red]invalid option[/]: {exc}")
+        raise typer.Exit(2)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
+    try:
+        pipe = api.load(bundle, backend=backend, provider=provider, threads=threads)
+        watcher = AnomalyWatcher(pipe, config, references=[str(r) for r in reference],
+                                 events=events if events is not None else sys.stdout,
+                                 on_summary=None if quiet else lambda s: live.update(Text(summary_line(s)), refresh=True))
+
+        def on_signal(signum, _frame):
+            if watcher.stopping.is_set():
+                watcher.abort(f"signal {signal.Signals(signum).name} (twice)")
+            else:
+                watcher.stop(f"signal {signal.Signals(signum).name}")
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        with live if not quiet else nullcontext():
+            report = watcher.run(source)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    summary = report.as_dict()
+    if as_json:
+        if events is not None:
+            print(json.dumps(summary))
+    else:
+        err.print(f"[bold]stopped[/]: {report.stop_reason}\n{summary_line(summary)}")
+    if report.source_lost:
+        raise typer.Exit(3)
+
+
+@app.command(name="demo-video")
+def demo_video(
+    out: Path = typer.Argument(..., help="The video file to write (Motion-JPEG AVI)."),
+    anomaly: str = typer.Option("appear", help="appear (an object appears), fall (an object falls in), "
+                                               "scene-change (the light changes) or none."),
+    at: int = typer.Option(90, help="The first frame that shows the anomaly."),
+    frames: int = typer.Option(150, help="Length of the video in frames."),
+    seed: int = typer.Option(0, help="Which scene (every seed draws another)."),
+    fps: float = typer.Option(30.0, help="Frame rate written into the file."),
+    scale: int = typer.Option(2, help="Frame size is 64 x scale pixels square."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+):
+    """Write a test video for `edgelmm watch`: a normal scene of the reference model's world, with
+    sway, flicker and sensor noise, then an anomaly at a known frame."""
+    from .synthetic_video import VideoSpec, write_video
+
+    try:
+        meta = write_video(out, VideoSpec(seed=seed, frames=frames, anomaly=anomaly, anomaly_frame=at, fps=fps,
+                                          scale=scale))
+    except (ValueError, OSError) as exc:
+        err.print(f"[bold red]cannot write the video[/]: {exc}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(meta))
+    else:
+        Console().print(meta)
 
 
 def main() -> None:

@@ -69,3 +69,12 @@ class QualityGateError(ExportError):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report
+
+
+class SourceError(EdgeLMMError):
+    """A video source cannot be opened or was lost: a missing file, a URL or camera that does not
+    answer (after the reconnect attempts), an OpenCV build without the needed backend. Names it."""
+
+    def __init__(self, message: str, *, source: str | None = None):
+        super().__init__(f"{source}: {message}" if source else message)
+        self.source = source

@@ -69,3 +69,12 @@ def bundle(checkpoint, tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def reference_bundle(tmp_path_factory):
+    """The shipped reference model exported to an ONNX bundle (once). Tests that change a bundle copy it."""
+    from edgelmm.export import export
+    from edgelmm.models import reference_model
+
+    return export(reference_model(), tmp_path_factory.mktemp("ref") / "bundle", quiet=True)

@@ -173,14 +173,6 @@ def test_gptq_and_probe_on_a_model_that_never_learned_the_tasks(tiny_bundle):
     assert q["decoder_logits_cosine_min"] > 0.9
 
 
-@pytest.fixture(scope="module")
-def reference_bundle(tmp_path_factory):
-    from edgelmm.export import export
-    from edgelmm.models import reference_model
-
-    return export(reference_model(), tmp_path_factory.mktemp("ref") / "bundle", quiet=True)
-
-
 def test_gate_refuses_int8_without_exclusions_on_a_tiny_calibration_set(reference_bundle, tmp_path):
     dst = tmp_path / "ref"
     shutil.copytree(reference_bundle, dst)

@@ -48,6 +48,9 @@ class OrtCache:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    # InferenceSession.run may be called from several threads at once (`edgelmm watch` encodes
+    # frames while its verifier decodes); the KV cache is per generation, so nothing is shared.
+    thread_safe = True
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
                  io_binding: bool | None = None):

@@ -1,0 +1,1 @@
+"""Applications built on the runtime: `anomaly` is what `edgelmm watch` runs."""

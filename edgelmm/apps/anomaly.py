@@ -1,0 +1,538 @@
+"""Real-time anomaly detection on a camera stream, in two stages.
+
+  capture thread  -> bounded frame queue (capture.py: drops the oldest frame when behind, counted)
+  gate, per frame -> the bundle's vision graph embeds the frame once; gate.py scores it against a
+                     memory of the normal scene, with hysteresis
+  verifier thread -> on a suspected anomaly, one multi-image question to the LMM: the last normal
+                     frame and the latest frames, answered from the features the gate already
+                     computed (no frame is encoded twice); asynchronous, so the gate keeps up
+  events          -> one JSON line per anomaly (and a summary line at the end), snapshots on disk
+
+`edgelmm watch` is a thin layer over `AnomalyWatcher`; from Python:
+
+    watcher = AnomalyWatcher(edgelmm.load("bundle"), WatchConfig(out_dir="snaps"), on_event=print)
+    report = watcher.run("rtsp://camera/stream")     # until the source ends, stop(), or a limit
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue as queue_module
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import numpy as np
+
+from ..errors import EdgeLMMError, PromptError
+from ..images import ImageInput, load_images
+from ..pipeline import Pipeline, SamplingParams
+from ..prompt import IMAGE_MARKER
+from ..synthetic import ANOMALY_PROMPT
+from .capture import CaptureConfig, CaptureThread, Frame, FrameQueue, parse_source
+from .gate import GateConfig, NormalSceneGate
+
+log = logging.getLogger(__name__)
+LATENCY_WINDOW = 2048        # latencies kept for the percentiles (a bounded memory for long runs)
+
+
+@dataclass
+class WatchConfig:
+    gate: GateConfig = field(default_factory=GateConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    every: int = 1                       # gate every Nth frame read (the others are processed, not gated)
+    latest_frames: int = 3               # latest frames shown to the verifier, after the normal one
+    prompt: str = ANOMALY_PROMPT         # {last}: number of the last image; markers are added if absent
+    verify: bool = True                  # ask the LMM about each suspected anomaly
+    max_new_tokens: int = 24
+    verifier_queue: int = 2              # suspected anomalies waiting for the verifier; more are not verified
+    recheck_frames: int = 15             # the verifier said no but the gate still sees an anomaly: ask
+    max_checks: int = 3                  # again after this many frames (0 = never), up to max_checks times
+    max_frames: int | None = None        # stop after processing this many frames
+    duration_s: float | None = None      # stop after this long
+    out_dir: str | Path | None = None    # snapshots of the frames each event was about
+    summary_every_s: float = 1.0
+
+    def validate(self) -> None:
+        self.gate.validate()
+        self.capture.validate()
+        if min(self.every, self.latest_frames, self.verifier_queue, self.max_new_tokens, self.max_checks) < 1:
+            raise ValueError("every, latest_frames, verifier_queue, max_new_tokens and max_checks must be >= 1")
+        if self.recheck_frames < 0:
+            raise ValueError("recheck_frames must be >= 0")
+        markers = self.prompt.count(IMAGE_MARKER)
+        if markers not in (0, self.latest_frames + 1):
+            raise PromptError(f"the verifier prompt has {markers} {IMAGE_MARKER} markers but asks about "
+                              f"{self.latest_frames + 1} images (1 normal + {self.latest_frames} latest)")
+
+    def verifier_prompt(self) -> str:
+        n = self.latest_frames + 1
+        text = self.prompt.replace("{last}", str(n)).replace("{latest}", str(self.latest_frames))
+        return text if IMAGE_MARKER in text else IMAGE_MARKER * n + text
+
+
+@dataclass
+class Verdict:
+    status: str                  # done | skipped: verifier busy | cancelled | disabled | error: ...
+    answer: str | None = None    # yes | no | unclear
+    text: str | None = None      # the description after yes/no
+    raw: str | None = None       # the model's whole answer
+    latency_ms: float | None = None
+
+
+YES = {"yes", "yeah", "yep", "abnormal", "anomalous"}
+NO = {"no", "nope", "nothing", "normal"}
+
+
+def parse_answer(text: str) -> tuple[str, str]:
+    """The model's answer -> ("yes" | "no" | "unclear", the rest of the text)."""
+    match = re.match(r"\W*([A-Za-z']+)\W*(.*)", text, flags=re.S)
+    if not match:
+        return "unclear", text.strip()
+    first = match.group(1).lower()
+    answer = "yes" if first in YES else "no" if first in NO else "unclear"
+    return answer, (match.group(2) if answer != "unclear" else text).strip()
+
+
+@dataclass
+class GatedFrame:
+    frame: Frame
+    features: np.ndarray         # the vision graph's output for this frame, [tiles, T, D]
+    score: float | None
+    label: str = ""              # how snapshots and events name it
+
+    @property
+    def name(self) -> str:
+        return self.label or f"frame {self.frame.index}"
+
+
+@dataclass
+class Episode:
+    """One stretch of frames the gate finds abnormal; the verifier is asked once, and again while
+    it keeps answering no and the stretch goes on (a falling object is clearer once it has landed)."""
+    id: int
+    first: GatedFrame                # its first frame over the threshold
+    checks: int = 0
+    awaiting: bool = False           # a check is queued or running
+    answer: str | None = None        # the last check's answer
+    frames_since_check: int = 0
+
+
+@dataclass
+class AnomalyEvent:
+    id: int
+    episode: int                     # events of one episode are checks of one anomaly
+    check: int                       # 1 for the first question, 2... for re-checks
+    frame_index: int                 # the frame that confirmed the anomaly (the event fires on it)
+    first_frame_index: int           # the first frame over the threshold in this episode
+    time: str                        # wall clock, ISO 8601 UTC
+    stream_time_s: float | None      # frame_index / the source's fps
+    gate_score: float
+    threshold: float
+    frames: list[str]                # what the verifier was shown: the normal frame, then the latest
+    latency_ms: dict[str, float]     # gate (this frame), detect (first frame captured -> event), verifier
+    snapshot: list[str] = field(default_factory=list)
+    verifier: Verdict | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "anomaly", **asdict(self)}
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None}
+    arr = np.asarray(values, np.float64)
+    return {"p50": round(float(np.percentile(arr, 50)), 3), "p95": round(float(np.percentile(arr, 95)), 3)}
+
+
+class WatchStats:
+    """Counters and latency windows; `snapshot()` is what the live line and the summary show."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.processed = 0
+        self.gated = 0
+        self.episodes = 0
+        self.events = 0
+        self.verified = 0
+        self.verifier_skipped = 0
+        self.gate_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.verifier_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.detect_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._recent: deque[float] = deque(maxlen=512)     # processing times of the last frames, for fps
+
+    def processed_one(self) -> None:
+        self.processed += 1
+        self._recent.append(time.monotonic())
+
+    def fps(self) -> float:
+        now = time.monotonic()
+        recent = [t for t in list(self._recent) if now - t <= 2.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
+
+    def snapshot(self, capture: CaptureThread, frames: FrameQueue) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.started
+        return {
+            "elapsed_s": round(elapsed, 3), "fps": round(self.fps(), 2),
+            "mean_fps": round(self.processed / elapsed, 2) if elapsed > 0 else 0.0,
+            "read": capture.read, "processed": self.processed, "dropped": frames.dropped, "queued": len(frames),
+            "unreadable": capture.unreadable, "reconnects": capture.reconnects, "gated": self.gated,
+            "episodes": self.episodes, "events": self.events, "verified": self.verified, "verifier_skipped": self.verifier_skipped,
+            "gate_ms": percentiles(list(self.gate_ms)), "verifier_ms": percentiles(list(self.verifier_ms)),
+            "detect_ms": percentiles(list(self.detect_ms)),
+        }
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    def ms(p):
+        return "-" if p["p50"] is None else f"{p['p50']:.1f}/{p['p95']:.1f}"
+    return (f"{s['fps']:6.1f} fps  queue {s['queued']}  read {s['read']}  dropped {s['dropped']}  "
+            f"unreadable {s['unreadable']}  events {s['events']}  gate p50/p95 {ms(s['gate_ms'])} ms  "
+            f"verifier p50/p95 {ms(s['verifier_ms'])} ms")
+
+
+@dataclass
+class WatchReport:
+    stop_reason: str
+    source: dict[str, Any]
+    stats: dict[str, Any]
+    gate: dict[str, Any]
+    events: list[AnomalyEvent]
+
+    @property
+    def source_lost(self) -> bool:
+        return self.stop_reason.startswith(("source lost", "capture failed"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "summary", "stop_reason": self.stop_reason, "source": self.source, **self.stats,
+                "gate": self.gate}
+
+
+class SerializedBackend:
+    """Runs a backend that is not thread-safe one call at a time: the gate then waits for at most
+    one verifier step (a decode call), never for a whole answer."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._lock = threading.Lock()
+        self.name = backend.name
+
+    def __getattr__(self, attr):
+        value = getattr(self._backend, attr)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+        return locked
+
+
+class EventSink:
+    """Where events go: a JSON-lines file (appended, one flushed line per event, so a stop at any
+    moment leaves only whole lines), a text stream, and a Python callback."""
+
+    def __init__(self, events: str | Path | TextIO | None, on_event: Callable[[AnomalyEvent], None] | None):
+        self._lock = threading.Lock()
+        self.on_event = on_event
+        self.callback_errors = 0
+        self._owned = events is not None and not hasattr(events, "write")
+        if self._owned:
+            Path(events).parent.mkdir(parents=True, exist_ok=True)
+            self._stream: TextIO | None = open(events, "a", encoding="utf-8")
+        else:
+            self._stream = events
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._stream is not None:
+            with self._lock:
+                self._stream.write(json.dumps(record) + "\n")
+                self._stream.flush()
+
+    def event(self, event: AnomalyEvent) -> None:
+        self.write(event.as_dict())
+        if self.on_event:
+            try:
+                self.on_event(event)
+            except Exception:   # a user's callback must not stop the watcher
+                self.callback_errors += 1
+                log.exception("the on_event callback raised")
+
+    def close(self) -> None:
+        if self._owned and self._stream is not None:
+            self._stream.close()
+
+
+@dataclass
+class VerifyJob:
+    event: AnomalyEvent
+    episode: Episode
+    shown: list[GatedFrame]          # the normal frame first, then the latest frames
+    fired_at: float                  # time.monotonic() when the gate fired
+
+
+class Verifier(threading.Thread):
+    """Saves each event's snapshot, asks the LMM about it (unless verification is off), emits it."""
+
+    def __init__(self, watcher: "AnomalyWatcher"):
+        super().__init__(name="edgelmm-verifier", daemon=True)
+        self.watcher = watcher
+        self.jobs: queue_module.Queue[VerifyJob | None] = queue_module.Queue(maxsize=watcher.config.verifier_queue)
+
+    def submit(self, job: VerifyJob) -> bool:
+        try:
+            self.jobs.put_nowait(job)
+            return True
+        except queue_module.Full:
+            return False
+
+    def finish(self) -> None:
+        self.jobs.put(None)      # after whatever is queued; blocks only until the worker takes a job
+        self.join()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                self.watcher.save_snapshot(job)
+                job.event.verifier = self.verify(job) if self.watcher.config.verify else Verdict("disabled")
+            except Exception as exc:   # a failed answer is reported in the event, never lost
+                log.exception("verifier failed")
+                job.event.verifier = Verdict(f"error: {type(exc).__name__}: {exc}")
+            job.episode.answer = job.event.verifier.answer
+            job.episode.awaiting = False
+            self.watcher.emit(job.event)
+
+    def verify(self, job: VerifyJob) -> Verdict:
+        w = self.watcher
+        if w.aborted.is_set():
+            return Verdict("cancelled")
+        t0 = time.perf_counter()
+        prepared = w.pipeline.prepare(w.config.verifier_prompt(), [g.frame.image for g in job.shown])
+        features = np.concatenate([g.features for g in job.shown], axis=0)
+        if prepared.vision.pixel_values.shape[0] != features.shape[0]:
+            raise EdgeLMMError(f"the verifier prompt has {prepared.vision.pixel_values.shape[0]} tiles but the "
+                               f"gate kept features for {features.shape[0]}")
+        ids: list[int] = []
+        for token in w.pipeline.stream_tokens(prepared, SamplingParams(w.config.max_new_tokens), features=features):
+            ids.append(token)
+            if w.aborted.is_set():
+                return Verdict("cancelled", raw=w.pipeline.decode_text(ids))
+        raw = w.pipeline.decode_text(ids)
+        answer, text = parse_answer(raw)
+        latency = (time.perf_counter() - t0) * 1e3
+        job.event.latency_ms["verifier"] = round(latency, 3)
+        job.event.latency_ms["event_to_verdict"] = round((time.monotonic() - job.fired_at) * 1e3, 3)
+        w.stats.verifier_ms.append(latency)
+        w.stats.verified += 1
+        return Verdict("done", answer, text, raw, round(latency, 3))
+
+
+class AnomalyWatcher:
+    def __init__(self, pipeline: Pipeline, config: WatchConfig | None = None, *,
+                 references: Sequence[ImageInput] = (), events: str | Path | TextIO | None = None,
+                 on_event: Callable[[AnomalyEvent], None] | None = None,
+                 on_summary: Callable[[dict[str, Any]], None] | None = None):
+        """`references`: images of the normal scene, remembered for good (warm-up still runs unless
+        config.gate.warmup_frames is 0). `events`: a JSON-lines file or stream for the events and
+        the final summary. `on_event` is called from the verifier thread with each finished event."""
+        self.config = config or WatchConfig()
+        self.config.validate()
+        if not getattr(pipeline.backend, "thread_safe", False):
+            pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend))
+        self.pipeline = pipeline
+        self.gate = NormalSceneGate(self.config.gate)
+        self.events_target = events
+        self.on_event = on_event
+        self.on_summary = on_summary
+        self.stopping = threading.Event()
+        self.aborted = threading.Event()
+        self.stats = WatchStats()
+        self.events: list[AnomalyEvent] = []
+        self._stop_reason = ""
+        self._sink: EventSink | None = None
+        self._latest: deque[GatedFrame] = deque(maxlen=self.config.latest_frames)
+        self._last_normal: GatedFrame | None = None
+        self._first_over: GatedFrame | None = None
+        self._episode: Episode | None = None
+        self._fps: float | None = None
+        self.references: list[GatedFrame] = []
+        for i, image in enumerate(load_images(list(references))):
+            feats = self.encode(image)
+            self.gate.add_reference(feats)
+            self.references.append(GatedFrame(Frame(-1 - i, image, time.monotonic()), feats, None,
+                                               label=f"reference image {i + 1}"))
+
+    # ---- control ----
+    def stop(self, reason: str = "stopped") -> None:
+        """Finish cleanly: stop reading, answer what the verifier already has, flush the events."""
+        self._stop_reason = self._stop_reason or reason
+        self.stopping.set()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """As stop(), and cancel the verifier's answers in progress (a second Ctrl-C)."""
+        self.aborted.set()
+        self.stop(reason)
+
+    # ---- stage 1 ----
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        vision = self.pipeline.family.preprocess([image])
+        return self.pipeline.backend.encode_images(vision.pixel_values, vision.pixel_attention_mask)
+
+    def _gate(self, frame: Frame, verifier: Verifier) -> None:
+        t0 = time.perf_counter()
+        features = self.encode(frame.image)
+        decision = self.gate.observe(features)
+        gate_ms = (time.perf_counter() - t0) * 1e3
+        self.stats.gate_ms.append(gate_ms)
+        self.stats.gated += 1
+        gated = GatedFrame(frame, features, decision.score)
+        self._latest.append(gated)
+        if decision.normal:
+            self._last_normal = gated
+        if decision.over and self._first_over is None:
+            self._first_over = gated
+        elif not decision.over and not decision.in_episode:
+            self._first_over = None
+        episode = self._episode
+        if decision.started:
+            self.stats.episodes += 1
+            self._episode = Episode(self.stats.episodes, self._first_over or gated)
+            self._check(self._episode, gated, decision.threshold, gate_ms, verifier)
+        elif decision.in_episode and episode is not None:
+            episode.frames_since_check += 1
+            if (self.config.verify and self.config.recheck_frames and not episode.awaiting
+                    and episode.answer != "yes" and episode.checks < self.config.max_checks
+                    and episode.frames_since_check >= self.config.recheck_frames):
+                self._check(episode, gated, decision.threshold, gate_ms, verifier)
+        elif not decision.in_episode:
+            self._episode = None
+
+    def _check(self, episode: Episode, gated: GatedFrame, threshold: float, gate_ms: float,
+               verifier: Verifier) -> None:
+        """Emit an event about `episode` and queue its question for the verifier."""
+        now = time.monotonic()
+        first = episode.first
+        episode.checks += 1
+        episode.frames_since_check = 0
+        episode.awaiting = True
+        normal = self._last_normal or (self.references[0] if self.references else None)
+        shown = ([normal] if normal else []) + list(self._latest)
+        if len(shown) < self.config.latest_frames + 1:      # too early to show a normal frame: repeat the oldest
+            shown = [shown[0]] * (self.config.latest_frames + 1 - len(shown)) + shown
+        self.stats.events += 1
+        if episode.checks == 1:
+            self.stats.detect_ms.append((now - first.frame.captured_at) * 1e3)
+        event = AnomalyEvent(
+            id=self.stats.events, episode=episode.id, check=episode.checks,
+            frame_index=gated.frame.index, first_frame_index=first.frame.index,
+            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            stream_time_s=round(gated.frame.index / self._fps, 3) if self._fps else None,
+            gate_score=round(float(gated.score), 6), threshold=round(float(threshold), 6),
+            frames=[g.name for g in shown],
+            latency_ms={"gate": round(gate_ms, 3), "detect": round((now - first.frame.captured_at) * 1e3, 3)})
+        job = VerifyJob(event, episode, shown, now)
+        if not verifier.submit(job):
+            self.stats.verifier_skipped += 1
+            self.save_snapshot(job)
+            event.verifier = Verdict("skipped: verifier busy")
+            episode.awaiting = False
+            self.emit(event)
+
+    # ---- events ----
+    def save_snapshot(self, job: VerifyJob) -> None:
+        if self.config.out_dir is None:
+            return
+        from PIL import Image
+
+        folder = Path(self.config.out_dir) / f"event-{job.event.id:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, g in enumerate(job.shown):
+            role = "normal" if i == 0 else "latest"
+            tag = f"ref{-g.frame.index}" if g.frame.index < 0 else f"f{g.frame.index:06d}"
+            path = folder / f"{i + 1}-{role}-{tag}.jpg"
+            Image.fromarray(g.frame.image).save(path, quality=90)
+            job.event.snapshot.append(str(path))
+
+    def emit(self, event: AnomalyEvent) -> None:
+        self.events.append(event)
+        if self._sink:
+            self._sink.event(event)
+
+    # ---- the loop ----
+    def run(self, source: str | int | Path) -> WatchReport:
+        """Watch `source` until it ends, stop() is called, or max_frames / duration is reached.
+        Raises SourceError if the source cannot be opened at all."""
+        cfg = self.config
+        src = parse_source(source)
+        frames = FrameQueue(cfg.capture.queue_size, lossy=src.live or cfg.capture.realtime)
+        capture = CaptureThread(src, frames, cfg.capture, self.stopping)
+        capture.start()
+        while not capture.opened.wait(0.05):
+            pass
+        if capture.error is not None and capture.read == 0:
+            capture.join()
+            raise capture.error
+        self._fps = capture.fps
+        self.stats = WatchStats()
+        self._sink = EventSink(self.events_target, self.on_event)
+        verifier = Verifier(self)
+        verifier.start()
+        deadline = self.stats.started + cfg.duration_s if cfg.duration_s else None
+        next_summary = time.monotonic() + cfg.summary_every_s
+        reason = ""
+        try:
+            while not reason:
+                if self.stopping.is_set():
+                    reason = self._stop_reason or "stopped"
+                elif cfg.max_frames is not None and self.stats.processed >= cfg.max_frames:
+                    reason = f"max frames ({cfg.max_frames})"
+                elif deadline is not None and time.monotonic() >= deadline:
+                    reason = f"duration ({cfg.duration_s:g} s)"
+                else:
+                    frame = frames.get(timeout=0.05)
+                    if frame is not None:
+                        self.stats.processed_one()
+                        if frame.index % cfg.every == 0:
+                            self._gate(frame, verifier)
+                    elif frames.finished:   # the reader ended: the source did, or stop() made it
+                        reason = (self._stop_reason if self.stopping.is_set() else capture.end_reason) or "source ended"
+                    if self.on_summary and time.monotonic() >= next_summary:
+                        next_summary += cfg.summary_every_s
+                        self.on_summary(self.stats.snapshot(capture, frames))
+        except BaseException:
+            self.aborted.set()      # an error or KeyboardInterrupt in the loop: wind down fast
+            raise
+        finally:
+            self.stopping.set()
+            capture.join()
+            frames.discard()
+            verifier.finish()
+            report = WatchReport(reason or "interrupted", {**capture.describe()},
+                                 self.stats.snapshot(capture, frames), self.gate.describe(), list(self.events))
+            report.stats["callback_errors"] = self._sink.callback_errors
+            self._sink.write(report.as_dict())
+            self._sink.close()
+        return report
+
+
+def watch(source: str | int | Path, bundle: str | Path, config: WatchConfig | None = None, *,
+          backend: str = "auto", provider: str = "auto", threads: int | None = None,
+          references: Sequence[ImageInput] = (), events: str | Path | TextIO | None = None,
+          on_event: Callable[[AnomalyEvent], None] | None = None) -> WatchReport:
+    """Load `bundle` and watch `source` (see AnomalyWatcher)."""
+    from ..api import load
+
+    pipeline = load(bundle, backend=backend, provider=provider, threads=threads)
+    return AnomalyWatcher(pipeline, config, references=references, events=events, on_event=on_event).run(source)
+
+
+__all__ = ["AnomalyEvent", "AnomalyWatcher", "GateConfig", "CaptureConfig", "Verdict", "WatchConfig",
+           "WatchReport", "parse_answer", "watch"]

@@ -1,0 +1,109 @@
+"""Procedural camera videos for `edgelmm watch`: a normal scene from `synthetic.py` with the small
+motion and noise of a real camera (shapes sway by a pixel, the light flickers, every frame has
+fresh sensor noise), then, at a known frame, an anomaly:
+
+  appear        a new object appears and stays
+  fall          a new object falls in from the top edge and lands on the floor
+  scene-change  the lighting changes (a different background)
+  none          no anomaly: the whole video is normal
+
+Frames are drawn at the reference model's 64-pixel scale times `scale`, so the model sees the
+scenes it was trained on. Used by the tests, the watch benchmark and `edgelmm demo-video`.
+Needs numpy and PIL; writing a video file needs OpenCV (the `watch` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import synthetic
+
+ANOMALIES = ("appear", "fall", "scene-change", "none")
+FALL_FRAMES = 8          # an object falls from the top edge to the floor in this many frames
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    seed: int = 0
+    frames: int = 150
+    anomaly: str = "appear"
+    anomaly_frame: int = 90          # the first frame that shows the anomaly
+    fps: float = 30.0
+    scale: int = 2                   # frame size = 64 * scale pixels square
+    sway_px: float = 0.6             # amplitude of each shape's slow sway, in 64-pixel units
+    flicker: float = 2.0             # amplitude of the global brightness flicker (grey levels)
+
+    def validate(self) -> None:
+        if self.anomaly not in ANOMALIES:
+            raise ValueError(f"anomaly must be one of {', '.join(ANOMALIES)}, got {self.anomaly!r}")
+        if self.frames < 1 or self.scale < 1 or self.fps <= 0:
+            raise ValueError("frames and scale must be >= 1 and fps > 0")
+        if self.anomaly != "none" and not 0 < self.anomaly_frame < self.frames:
+            raise ValueError(f"anomaly_frame must be within 1..{self.frames - 1}, got {self.anomaly_frame}")
+
+    @property
+    def size(self) -> int:
+        return synthetic.IMAGE_SIZE * self.scale
+
+    def describe(self) -> dict:
+        return {**asdict(self), "width": self.size, "height": self.size,
+                "anomaly_frame": self.anomaly_frame if self.anomaly != "none" else None}
+
+
+def _scaled(shapes: list[synthetic.Shape], k: int) -> list[synthetic.Shape]:
+    return [replace(s, x=s.x * k, y=s.y * k, r=s.r * k) for s in shapes]
+
+
+def frames(spec: VideoSpec) -> Iterator[np.ndarray]:
+    """The video's RGB uint8 frames, [size, size, 3], in order."""
+    spec.validate()
+    rng = np.random.default_rng([spec.seed, 7])
+    bg = synthetic.random_background(rng)
+    base = synthetic.scene(rng, int(rng.integers(1, 4)))
+    phases = rng.uniform(0, 2 * math.pi, (len(base), 2))
+    period = float(rng.uniform(40, 80))
+    intruder = synthetic.place(rng, base, y_range=(36, 56) if spec.anomaly == "fall" else None)
+    new_bg = synthetic.random_background(rng)
+    while abs(int(np.mean(new_bg.base)) - int(np.mean(bg.base))) < 40:   # a visible change of light
+        new_bg = synthetic.random_background(rng)
+    for f in range(spec.frames):
+        t = 2 * math.pi * f / period
+        shapes = [replace(s, x=s.x + spec.sway_px * math.sin(t + p[0]), y=s.y + spec.sway_px * math.sin(t + p[1]))
+                  for s, p in zip(base, phases)]
+        background = bg
+        since = f - spec.anomaly_frame
+        if spec.anomaly != "none" and since >= 0:
+            if spec.anomaly == "appear":
+                shapes.append(intruder)
+            elif spec.anomaly == "fall":
+                progress = min(1.0, (since + 1) / FALL_FRAMES) ** 2
+                top = intruder.r + 1
+                shapes.append(replace(intruder, y=top + (intruder.y - top) * progress))
+            else:
+                background = new_bg
+        light = spec.flicker * math.sin(2 * math.pi * f / 17.0)
+        background = replace(background, base=tuple(int(np.clip(c + light, 0, 255)) for c in background.base))
+        yield synthetic.render(_scaled(shapes, spec.scale), background, rng, size=spec.size)
+
+
+def write_video(path: str | Path, spec: VideoSpec) -> dict:
+    """Write the video as Motion-JPEG in an AVI (readable by every OpenCV build) and return its
+    description: the spec, the frame size and the anomaly's first frame (None for 'none')."""
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), spec.fps, (spec.size, spec.size))
+    if not writer.isOpened():
+        raise OSError(f"{path}: OpenCV cannot write an MJPG video here")
+    try:
+        for frame in frames(spec):
+            writer.write(np.ascontiguousarray(frame[:, :, ::-1]))   # OpenCV writes BGR
+    finally:
+        writer.release()
+    return {"path": str(path), **spec.describe()}

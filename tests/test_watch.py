@@ -1,0 +1,303 @@
+"""`edgelmm watch`: detection on generated videos with the reference model, exact frame accounting
+with a slow verifier, and the faults a camera stream brings (a file that ends early, a URL that
+does not answer or goes away, corrupt frames, SIGTERM)."""
+
+import functools
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgelmm.apps.anomaly import AnomalyWatcher, WatchConfig, parse_answer
+from edgelmm.apps.capture import CaptureConfig, parse_source
+from edgelmm.apps.gate import FeatureReducer, GateConfig, NormalSceneGate
+from edgelmm.errors import PromptError, SourceError
+from edgelmm.synthetic_video import VideoSpec, frames, write_video
+
+pytest.importorskip("cv2")
+
+
+@pytest.fixture(scope="module")
+def pipe(reference_bundle):
+    import edgelmm
+
+    return edgelmm.load(reference_bundle, threads=1)
+
+
+def _video(tmp_path, name="v.avi", **kw):
+    return write_video(tmp_path / name, VideoSpec(**kw))
+
+
+def _accounts_add_up(stats):
+    assert stats["read"] == stats["processed"] + stats["dropped"], stats
+    assert stats["queued"] == 0
+
+
+# ---------------------------------------------------------------- detection with the reference model
+
+@pytest.mark.parametrize("anomaly", ["appear", "fall"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anomaly_is_reported_within_10_frames_and_verified(pipe, tmp_path, anomaly, seed):
+    at = 60 + 20 * seed
+    meta = _video(tmp_path, seed=seed, anomaly=anomaly, anomaly_frame=at, frames=at + 40)
+    report = AnomalyWatcher(pipe, WatchConfig(out_dir=tmp_path / "snaps")).run(meta["path"])
+    assert report.stop_reason == "end of file"
+    _accounts_add_up(report.stats)
+    assert report.stats["read"] == meta["frames"] and report.stats["unreadable"] == 0
+    assert {e.episode for e in report.events} == {1}, "one anomaly, one episode"
+    first = report.events[0]
+    assert at <= first.first_frame_index and first.frame_index - at < 10, "no event in the normal stretch"
+    assert first.gate_score > first.threshold
+    assert [e.verifier.answer for e in report.events][-1] == "yes"
+    assert first.frames[0] == f"frame {first.first_frame_index - 1}" and len(first.frames) == 4
+    assert [os.path.basename(p)[:8] for p in first.snapshot] == ["1-normal", "2-latest", "3-latest", "4-latest"]
+    assert all(os.path.getsize(p) > 0 for p in first.snapshot)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_normal_video_yields_no_event(pipe, tmp_path, seed):
+    meta = _video(tmp_path, seed=seed, anomaly="none", frames=240)
+    report = AnomalyWatcher(pipe).run(meta["path"])
+    assert report.events == [] and report.stats["gated"] == 240
+    assert report.gate["threshold"] >= GateConfig().min_threshold
+
+
+def test_a_change_of_light_is_caught_by_the_gate(pipe, tmp_path):
+    """The gate flags it; the reference model's verifier (trained on intruders) may call it normal."""
+    meta = _video(tmp_path, seed=3, anomaly="scene-change", anomaly_frame=80, frames=110)
+    events = AnomalyWatcher(pipe).run(meta["path"]).events
+    assert events and 80 <= events[0].first_frame_index and events[0].frame_index - 80 < 10
+    assert events[0].verifier.status == "done" and events[0].verifier.answer in ("yes", "no")
+
+
+class CountingBackend:
+    """The real ONNX Runtime backend, counting vision calls (each frame must be encoded once)."""
+
+    def __init__(self, backend, decode_delay_s=0.0, encode_delay_s=0.0):
+        self._backend = backend
+        self.vision_calls = 0
+        self.decode_delay_s = decode_delay_s
+        self.encode_delay_s = encode_delay_s
+        self.name = backend.name
+        self.thread_safe = True
+
+    def encode_images(self, pixel_values, mask=None):
+        self.vision_calls += pixel_values.shape[0]
+        time.sleep(self.encode_delay_s)
+        return self._backend.encode_images(pixel_values, mask)
+
+    def decode(self, *args):
+        time.sleep(self.decode_delay_s)      # an artificially slow verifier
+        return self._backend.decode(*args)
+
+    def __getattr__(self, attr):
+        return getattr(self._backend, attr)
+
+
+def _wrapped(pipe, **kw):
+    from edgelmm.pipeline import Pipeline
+
+    backend = CountingBackend(pipe.backend, **kw)
+    return Pipeline(pipe.files, pipe.family, backend), backend
+
+
+def test_each_frame_is_encoded_once_and_references_are_used(pipe, tmp_path):
+    meta = _video(tmp_path, seed=1, anomaly="appear", anomaly_frame=40, frames=60)
+    refs = list(frames(VideoSpec(seed=1, anomaly="none", frames=4)))
+    counted, backend = _wrapped(pipe)
+    config = WatchConfig(gate=GateConfig(warmup_frames=0))
+    report = AnomalyWatcher(counted, config, references=refs).run(meta["path"])
+    assert backend.vision_calls == 60 + len(refs), "the verifier re-encoded frames"
+    assert report.gate["reference_frames"] == len(refs)
+    assert report.events and report.events[0].first_frame_index >= 40
+    assert report.events[-1].verifier.answer == "yes"
+
+
+def test_accounting_with_a_slow_verifier(pipe, tmp_path):
+    """Input at 300 fps, a gate slowed to ~200 fps and a small queue: frames are dropped, the
+    counters add up, and the gate keeps going while the verifier (0.15 s a decode step) answers."""
+    meta = _video(tmp_path, seed=2, anomaly="appear", anomaly_frame=300, frames=600, fps=300)
+    slow, _ = _wrapped(pipe, decode_delay_s=0.15, encode_delay_s=0.004)
+    gated_at = {}
+    watcher = AnomalyWatcher(slow, WatchConfig(capture=CaptureConfig(realtime=True, queue_size=2), max_new_tokens=8))
+    gate = watcher._gate
+
+    def timed(frame, verifier):
+        gate(frame, verifier)
+        gated_at[frame.index] = time.monotonic()
+    watcher._gate = timed
+    report = watcher.run(meta["path"])
+    s = report.stats
+    _accounts_add_up(s)
+    assert s["read"] == 600 and s["dropped"] > 0 and s["processed"] == s["gated"] == len(gated_at)
+    first = report.events[0]
+    busy = first.verifier.latency_ms / 1e3
+    assert first.verifier.status == "done" and busy > 1.0
+    fired = gated_at[first.frame_index]
+    during = [t for t in gated_at.values() if fired < t < fired + busy]
+    assert len(during) > 50, "the gate waited for the verifier"
+    assert max(np.diff(sorted(gated_at.values()))) < busy / 4
+    assert s["gate_ms"]["p95"] < 50
+
+
+# ---------------------------------------------------------------- faults
+
+def test_a_file_that_ends_mid_run_finishes_cleanly(pipe, tmp_path):
+    meta = _video(tmp_path, seed=0, anomaly="none", frames=80)
+    data = open(meta["path"], "rb").read()
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(data[: len(data) // 2])
+    events = tmp_path / "events.jsonl"
+    report = AnomalyWatcher(pipe, events=events).run(truncated)
+    assert report.stop_reason.startswith("file ended early, at frame ") and report.stop_reason.endswith("of 80")
+    assert 20 < report.stats["read"] < 80
+    _accounts_add_up(report.stats)
+    last = json.loads(events.read_text().splitlines()[-1])
+    assert last["type"] == "summary" and last["read"] == report.stats["read"]
+
+
+def test_corrupt_frames_are_counted_and_skipped(pipe, tmp_path):
+    meta = _video(tmp_path, seed=0, anomaly="none", frames=60)
+    data = bytearray(open(meta["path"], "rb").read())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]   # JPEG frame starts
+    assert len(starts) == 60
+    rng = np.random.default_rng(0)
+    for k in (10, 11, 40):
+        data[starts[k]:starts[k] + 300] = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+    bad = tmp_path / "corrupt.avi"
+    bad.write_bytes(bytes(data))
+    report = AnomalyWatcher(pipe).run(bad)
+    assert report.stop_reason == "end of file"
+    assert report.stats["unreadable"] == 3 and report.stats["read"] == 57
+    _accounts_add_up(report.stats)
+
+
+def test_sources_are_parsed_and_bad_ones_are_typed_errors(pipe, tmp_path):
+    assert parse_source("0").kind == "camera" and parse_source(2).kind == "camera"
+    assert parse_source("rtsp://10.0.0.2/stream").live
+    assert parse_source("videotestsrc ! videoconvert ! appsink").kind == "gstreamer"
+    with pytest.raises(SourceError, match="missing.avi: no such video file"):
+        parse_source(tmp_path / "missing.avi")
+    not_video = tmp_path / "notes.avi"
+    not_video.write_text("not a video")
+    with pytest.raises(SourceError, match="notes.avi: OpenCV cannot open it"):
+        AnomalyWatcher(pipe).run(not_video)
+    config = WatchConfig(capture=CaptureConfig(reconnect_attempts=2, reconnect_backoff_s=0.01))
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match=r"http://127\.0\.0\.1:9/cam\.mjpg: no frames after 3 attempt\(s\) to open"):
+        AnomalyWatcher(pipe, config).run("http://127.0.0.1:9/cam.mjpg")
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(PromptError, match="2 <image> markers but asks about 4 images"):
+        WatchConfig(prompt="<image><image>Anything odd?").validate()
+
+
+@pytest.fixture
+def flaky_http_camera(tmp_path):
+    """An HTTP server that serves a video twice, then answers 404: a camera that goes away."""
+    meta = _video(tmp_path / "srv", "cam.avi", seed=0, anomaly="none", frames=40)
+    served = {"n": 0}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            served["n"] += 1
+            if served["n"] > 2:
+                return self.send_error(404)
+            return super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=tmp_path / "srv"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cam.avi", meta, served
+    server.shutdown()
+
+
+def test_a_live_source_that_goes_away_reconnects_then_stops(pipe, flaky_http_camera):
+    url, meta, served = flaky_http_camera
+    config = WatchConfig(capture=CaptureConfig(reconnect_attempts=2, reconnect_backoff_s=0.01, max_failed_reads=2))
+    report = AnomalyWatcher(pipe, config).run(url)
+    assert report.source_lost and "no frames after 3 attempt(s) to reopen" in report.stop_reason
+    assert report.stats["read"] == 2 * meta["frames"], "the second connection was read too"
+    assert report.stats["reconnects"] >= 1 and served["n"] == 2 + 3
+    _accounts_add_up(report.stats)
+
+
+def test_sigterm_mid_run_leaves_a_complete_events_file(reference_bundle, tmp_path):
+    meta = _video(tmp_path, seed=1, anomaly="appear", anomaly_frame=45, frames=900)
+    events = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "edgelmm", "watch", meta["path"], "--bundle", str(reference_bundle),
+                             "--events", str(events), "--realtime", "--quiet", "--threads", "1", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (events.exists() and events.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, errs = proc.communicate(timeout=60)
+    assert proc.returncode == 0, errs
+    lines = [json.loads(line) for line in events.read_text().splitlines()]   # every line whole JSON
+    assert lines[0]["type"] == "anomaly" and lines[0]["verifier"]["status"] == "done"
+    summary = lines[-1]
+    assert summary["type"] == "summary" and summary["stop_reason"] == "signal SIGTERM"
+    assert summary["read"] == summary["processed"] + summary["dropped"] < 900
+    assert json.loads(out)["stop_reason"] == "signal SIGTERM"
+
+
+# ---------------------------------------------------------------- the gate and the answer parser
+
+def test_gate_hysteresis_on_real_numbers():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1, 16, 32)).astype(np.float32)
+    gate = NormalSceneGate(GateConfig(warmup_frames=10, trigger_frames=3, clear_frames=4))
+
+    def frame(change=0.0):
+        f = base + 0.01 * rng.standard_normal(base.shape).astype(np.float32)
+        f[0, 5] += change * rng.standard_normal(32).astype(np.float32)   # one cell changes
+        return f
+    decisions = [gate.observe(frame()) for _ in range(10)]
+    assert all(d.score is None for d in decisions) and gate.threshold >= 0.01
+    assert not gate.observe(frame(3.0)).started          # one noisy frame does not fire
+    assert not any(gate.observe(frame()).over for _ in range(5))
+    fired = [gate.observe(frame(3.0)) for _ in range(4)]
+    assert [d.started for d in fired] == [False, False, True, False] and fired[-1].in_episode
+    cleared = [gate.observe(frame()) for _ in range(4)]
+    assert [d.in_episode for d in cleared] == [True, True, True, False]
+    assert gate.observe(frame()).normal
+
+
+def test_feature_reducer_pools_and_projects():
+    reduce = FeatureReducer(max_positions=64, max_dims=256)
+    assert reduce(np.ones((1, 576, 1024), np.float32)).shape == (64, 256)       # a 24x24 grid -> 8x8
+    assert reduce(np.ones((5, 81, 64), np.float32)).shape == (5 * 9, 64)        # 5 tiles of 9x9 -> 3x3 each
+    assert reduce(np.ones((1, 100, 8), np.float32)).shape == (64, 8)
+    cells = reduce(np.random.default_rng(0).standard_normal((1, 16, 300)).astype(np.float32))
+    assert np.allclose(np.linalg.norm(cells, axis=-1), 1.0, atol=1e-5)
+
+
+def test_parse_answer():
+    assert parse_answer("yes, a red circle appeared") == ("yes", "a red circle appeared")
+    assert parse_answer("No.") == ("no", "")
+    assert parse_answer("  Nothing unusual") == ("no", "unusual")
+    assert parse_answer("maybe") == ("unclear", "maybe")
+    assert parse_answer("") == ("unclear", "")
+
+
+def test_demo_video_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgelmm.cli import app
+
+    r = CliRunner().invoke(app, ["demo-video", str(tmp_path / "d.avi"), "--anomaly", "fall", "--at", "20",
+                                 "--frames", "30", "--json"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.output)
+    assert meta["anomaly_frame"] == 20 and meta["width"] == 128 and os.path.getsize(meta["path"]) > 0
+    r = CliRunner().invoke(app, ["demo-video", str(tmp_path / "e.avi"), "--anomaly", "explode"])
+    assert r.exit_code == 2 and "anomaly must be one of" in r.output
