@@ -408,9 +408,11 @@ def watch(
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
     try:
         pipe = api.load(bundle, backend=backend, provider=provider, threads=threads)
+        def show(stats):
+            live.update(Text(summary_line(stats)), refresh=True)
         watcher = AnomalyWatcher(pipe, config, references=[str(r) for r in reference],
                                  events=events if events is not None else sys.stdout,
-                                 on_summary=None if quiet else lambda s: live.update(Text(summary_line(s)), refresh=True))
+                                 on_summary=None if quiet else show)
 
         def on_signal(signum, _frame):
             if watcher.stopping.is_set():

@@ -33,6 +33,8 @@ class VideoSpec:
     frames: int = 150
     anomaly: str = "appear"
     anomaly_frame: int = 90          # the first frame that shows the anomaly
+    anomaly_length: int | None = None   # frames it lasts (None: to the end)
+    repeat_every: int | None = None     # it comes back every this many frames (long soak videos)
     fps: float = 30.0
     scale: int = 2                   # frame size = 64 * scale pixels square
     sway_px: float = 0.6             # amplitude of each shape's slow sway, in 64-pixel units
@@ -45,6 +47,21 @@ class VideoSpec:
             raise ValueError("frames and scale must be >= 1 and fps > 0")
         if self.anomaly != "none" and not 0 < self.anomaly_frame < self.frames:
             raise ValueError(f"anomaly_frame must be within 1..{self.frames - 1}, got {self.anomaly_frame}")
+        if self.repeat_every is not None and (self.anomaly_length is None or self.repeat_every <= self.anomaly_length):
+            raise ValueError("repeat_every needs an anomaly_length shorter than it")
+
+    def since_anomaly(self, f: int) -> int | None:
+        """Frames since the anomaly (showing at frame f) began, or None when frame f is normal."""
+        if self.anomaly == "none" or f < self.anomaly_frame:
+            return None
+        since = f - self.anomaly_frame
+        if self.repeat_every:
+            since %= self.repeat_every
+        return since if self.anomaly_length is None or since < self.anomaly_length else None
+
+    def anomaly_starts(self) -> list[int]:
+        """The frames where an anomaly begins."""
+        return [f for f in range(self.frames) if self.since_anomaly(f) == 0]
 
     @property
     def size(self) -> int:
@@ -52,7 +69,8 @@ class VideoSpec:
 
     def describe(self) -> dict:
         return {**asdict(self), "width": self.size, "height": self.size,
-                "anomaly_frame": self.anomaly_frame if self.anomaly != "none" else None}
+                "anomaly_frame": self.anomaly_frame if self.anomaly != "none" else None,
+                "anomaly_starts": self.anomaly_starts()}
 
 
 def _scaled(shapes: list[synthetic.Shape], k: int) -> list[synthetic.Shape]:
@@ -76,8 +94,8 @@ def frames(spec: VideoSpec) -> Iterator[np.ndarray]:
         shapes = [replace(s, x=s.x + spec.sway_px * math.sin(t + p[0]), y=s.y + spec.sway_px * math.sin(t + p[1]))
                   for s, p in zip(base, phases)]
         background = bg
-        since = f - spec.anomaly_frame
-        if spec.anomaly != "none" and since >= 0:
+        since = spec.since_anomaly(f)
+        if since is not None:
             if spec.anomaly == "appear":
                 shapes.append(intruder)
             elif spec.anomaly == "fall":

@@ -185,7 +185,8 @@ class WatchStats:
             "mean_fps": round(self.processed / elapsed, 2) if elapsed > 0 else 0.0,
             "read": capture.read, "processed": self.processed, "dropped": frames.dropped, "queued": len(frames),
             "unreadable": capture.unreadable, "reconnects": capture.reconnects, "gated": self.gated,
-            "episodes": self.episodes, "events": self.events, "verified": self.verified, "verifier_skipped": self.verifier_skipped,
+            "episodes": self.episodes, "events": self.events, "verified": self.verified,
+            "verifier_skipped": self.verifier_skipped,
             "gate_ms": percentiles(list(self.gate_ms)), "verifier_ms": percentiles(list(self.verifier_ms)),
             "detect_ms": percentiles(list(self.detect_ms)),
         }

@@ -10,10 +10,13 @@ average away, and comparing cell with cell (not with any cell) notices an object
 The memory holds a fixed core (the user's reference images and the warm-up frames) and a FIFO of
 recent normal frames (under the threshold, outside an episode), so slow drift (light, a swaying
 branch) is learned while an abrupt change is not; the price is that an anomaly that creeps in
-slower than the threshold is learned too. The threshold adapts: `margin` times the 99th percentile of the scores of normal frames
+slower than the threshold is learned too, as is one already there during the warm-up.
+
+The threshold adapts: `margin` times the 99th percentile of the scores of normal frames
 (leave-one-out scores over the warm-up core at first), never below `min_threshold`. Hysteresis:
 an episode starts after `trigger_frames` consecutive frames over the threshold and ends after
-`clear_frames` consecutive frames under half of it; one episode is one event.
+`clear_frames` consecutive frames under half of it. The watcher asks its verifier once per
+episode (and again while the answer is no and the episode goes on).
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class FeatureReducer:
         if d > self.max_dims:
             if self._projection is None or self._projection.shape[0] != d:
                 rng = np.random.default_rng(self.seed)
-                self._projection = (rng.standard_normal((d, self.max_dims)) / math.sqrt(self.max_dims)).astype(np.float32)
+                gaussian = rng.standard_normal((d, self.max_dims)) / math.sqrt(self.max_dims)
+                self._projection = gaussian.astype(np.float32)
             cells = cells @ self._projection
         norms = np.linalg.norm(cells, axis=-1, keepdims=True)
         return cells / np.maximum(norms, 1e-12)
