@@ -301,3 +301,42 @@ def test_demo_video_cli(tmp_path):
     assert meta["anomaly_frame"] == 20 and meta["width"] == 128 and os.path.getsize(meta["path"]) > 0
     r = CliRunner().invoke(app, ["demo-video", str(tmp_path / "e.avi"), "--anomaly", "explode"])
     assert r.exit_code == 2 and "anomaly must be one of" in r.output
+
+
+def test_a_tiling_family_watches_and_rejects_references_of_another_size(bundle, tmp_path):
+    """Idefics3 splits a frame into tiles: the gate's cells span every tile; a reference image that
+    tiles differently from the camera's frames is a typed error naming the frame."""
+    import edgelmm
+    from edgelmm.errors import ImageError
+
+    pipe = edgelmm.load(bundle("idefics3"), threads=1)
+    meta = _video(tmp_path, seed=0, anomaly="appear", anomaly_frame=40, frames=60)
+    tiles = pipe.family.preprocess([next(frames(VideoSpec(seed=0)))]).pixel_values.shape[0]
+    assert tiles > 1
+    report = AnomalyWatcher(pipe, WatchConfig(max_new_tokens=4)).run(meta["path"])
+    _accounts_add_up(report.stats)
+    assert report.stats["gated"] == 60 and report.stop_reason == "end of file"
+    assert all(e.verifier.status == "done" for e in report.events)    # a random tiny model: any answer
+    wide = np.zeros((16, 64, 3), np.uint8)
+    assert pipe.family.preprocess([wide]).pixel_values.shape[0] != tiles
+    with pytest.raises(ImageError, match="'frame 0': a frame has .* feature cells"):
+        AnomalyWatcher(pipe, WatchConfig(gate=GateConfig(warmup_frames=0)), references=[wide]).run(meta["path"])
+
+
+def test_max_frames_duration_and_cli_errors(pipe, reference_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgelmm.cli import app
+
+    meta = _video(tmp_path, seed=0, anomaly="none", frames=300)
+    report = AnomalyWatcher(pipe, WatchConfig(max_frames=50)).run(meta["path"])
+    assert report.stop_reason == "max frames (50)" and report.stats["processed"] == 50
+    _accounts_add_up(report.stats)
+    report = AnomalyWatcher(pipe, WatchConfig(duration_s=0.5, capture=CaptureConfig(realtime=True))).run(meta["path"])
+    assert report.stop_reason == "duration (0.5 s)" and 8 <= report.stats["processed"] <= 20   # 30 fps for 0.5 s
+    _accounts_add_up(report.stats)
+    r = CliRunner().invoke(app, ["watch", "http://127.0.0.1:9/cam.mjpg", "--bundle", str(reference_bundle),
+                                 "--reconnect-attempts", "0", "--json"])
+    assert r.exit_code == 2 and json.loads(r.output)["error"] == "SourceError"
+    r = CliRunner().invoke(app, ["watch", meta["path"], "--bundle", str(reference_bundle), "--every", "0"])
+    assert r.exit_code == 2 and "must be >= 1" in r.output

@@ -6,7 +6,7 @@
   verifier thread -> on a suspected anomaly, one multi-image question to the LMM: the last normal
                      frame and the latest frames, answered from the features the gate already
                      computed (no frame is encoded twice); asynchronous, so the gate keeps up
-  events          -> one JSON line per anomaly (and a summary line at the end), snapshots on disk
+  events          -> one JSON line per question asked (and a summary line at the end), snapshots
 
 `edgelmm watch` is a thin layer over `AnomalyWatcher`; from Python:
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
-from ..errors import EdgeLMMError, PromptError
+from ..errors import EdgeLMMError, ImageError, PromptError
 from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
 from ..prompt import IMAGE_MARKER
@@ -52,8 +52,9 @@ class WatchConfig:
     verify: bool = True                  # ask the LMM about each suspected anomaly
     max_new_tokens: int = 24
     verifier_queue: int = 2              # suspected anomalies waiting for the verifier; more are not verified
-    recheck_frames: int = 15             # the verifier said no but the gate still sees an anomaly: ask
-    max_checks: int = 3                  # again after this many frames (0 = never), up to max_checks times
+    recheck_frames: int = 15             # while the verifier says no and the episode goes on, ask
+                                         # again this many gated frames later (0: never)
+    max_checks: int = 3                  # questions per episode, at most
     max_frames: int | None = None        # stop after processing this many frames
     duration_s: float | None = None      # stop after this long
     out_dir: str | Path | None = None    # snapshots of the frames each event was about
@@ -390,7 +391,10 @@ class AnomalyWatcher:
     def _gate(self, frame: Frame, verifier: Verifier) -> None:
         t0 = time.perf_counter()
         features = self.encode(frame.image)
-        decision = self.gate.observe(features)
+        try:
+            decision = self.gate.observe(features)
+        except ValueError as exc:
+            raise ImageError(str(exc), source=f"frame {frame.index}") from None
         gate_ms = (time.perf_counter() - t0) * 1e3
         self.stats.gate_ms.append(gate_ms)
         self.stats.gated += 1

@@ -120,10 +120,14 @@ class NormalSceneGate:
         """Remember a frame of the normal scene for good (a user's reference image)."""
         self._remember_core(self.reduce(features))
 
-    def _remember_core(self, cells: np.ndarray) -> None:
+    def _check_shape(self, cells: np.ndarray) -> None:
         if self.core and cells.shape != self.core[0].shape:
-            raise ValueError(f"a reference frame has {cells.shape[0]} feature cells, the others "
-                             f"{self.core[0].shape[0]}: every frame must have the same size")
+            raise ValueError(f"a frame has {cells.shape[0]} feature cells but the remembered normal frames have "
+                             f"{self.core[0].shape[0]} (the model tiles images of other sizes differently): "
+                             "give reference images of the camera's frame size")
+
+    def _remember_core(self, cells: np.ndarray) -> None:
+        self._check_shape(cells)
         self.core.append(cells)
         self._memory = None
 
@@ -164,13 +168,14 @@ class NormalSceneGate:
     def observe(self, features: np.ndarray) -> GateDecision:
         """Score one frame's features and step the hysteresis."""
         cells = self.reduce(features)
-        if self.warming_up:
-            self.gated += 1
+        warming_up = self.warming_up
+        self.gated += 1
+        if warming_up:
             self._remember_core(cells)
             if not self.warming_up:          # that was the last warm-up frame
                 self._calibrate()
             return GateDecision(None, self.threshold, False, False, False, True)
-        self.gated += 1
+        self._check_shape(cells)
         if self.threshold is None:
             self._calibrate()
         score = self.distance(cells, self.memory())
