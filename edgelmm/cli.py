@@ -374,7 +374,9 @@ def watch(
     provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     quiet: bool = typer.Option(False, help="No live status line on stderr."),
-    as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object on stdout (with "
+                                                        "--events; on stdout it is already the last event line) "
+                                                        "and errors as JSON."),
 ):
     """Watch a camera or video for anomalies. Each frame is embedded once by the bundle's vision graph
     and compared with a memory of the normal scene (learned during a warm-up); when frames stay
@@ -401,13 +403,17 @@ def watch(
             config.prompt = prompt
         config.validate()
     except ValueError as exc:
-        err.print(f"[bold red]invalid option[/]: {exc}")
+        if as_json:
+            print(json.dumps({"error": "ValueError", "message": str(exc)}))
+        else:
+            err.print(f"[bold red]invalid option[/]: {exc}")
         raise typer.Exit(2)
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
     try:
         pipe = api.load(bundle, backend=backend, provider=provider, threads=threads)
+
         def show(stats):
             live.update(Text(summary_line(stats)), refresh=True)
         watcher = AnomalyWatcher(pipe, config, references=[str(r) for r in reference],

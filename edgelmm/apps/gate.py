@@ -106,19 +106,22 @@ class NormalSceneGate:
         self.config.validate()
         self.reduce = FeatureReducer(self.config.max_positions, self.config.max_dims)
         self.core: list[np.ndarray] = []
-        self.recent: deque[np.ndarray] = deque(maxlen=self.config.memory_size or None)
+        self.references = 0
+        self._core_stack: np.ndarray | None = None  # the core as one array, rebuilt when it grows
+        self._recent: np.ndarray | None = None      # a ring of recent normal frames, written in place
+        self._recent_count = 0
         self.normal_scores: deque[float] = deque(maxlen=self.config.score_window)
         self.threshold: float | None = self.config.threshold
         self.in_episode = False
         self.gated = 0
         self._over_run = 0
         self._under_run = 0
-        self._memory: np.ndarray | None = None     # stacked core + recent, rebuilt when it changes
 
     # ---- memory ----
     def add_reference(self, features: np.ndarray) -> None:
         """Remember a frame of the normal scene for good (a user's reference image)."""
         self._remember_core(self.reduce(features))
+        self.references += 1
 
     def _check_shape(self, cells: np.ndarray) -> None:
         if self.core and cells.shape != self.core[0].shape:
@@ -129,12 +132,15 @@ class NormalSceneGate:
     def _remember_core(self, cells: np.ndarray) -> None:
         self._check_shape(cells)
         self.core.append(cells)
-        self._memory = None
+        self._core_stack = None
 
-    def memory(self) -> np.ndarray:
-        if self._memory is None:
-            self._memory = np.stack(self.core + list(self.recent))
-        return self._memory
+    def _remember_recent(self, cells: np.ndarray) -> None:
+        if not self.config.memory_size:
+            return
+        if self._recent is None:
+            self._recent = np.empty((self.config.memory_size,) + cells.shape, np.float32)
+        self._recent[self._recent_count % self.config.memory_size] = cells
+        self._recent_count += 1
 
     @property
     def warming_up(self) -> bool:
@@ -147,10 +153,17 @@ class NormalSceneGate:
         self._update_threshold()
 
     @staticmethod
-    def distance(cells: np.ndarray, memory: np.ndarray) -> float:
+    def distance(cells: np.ndarray, *memories: np.ndarray) -> float:
         """Over cells, the largest cosine distance to the nearest memory frame at that cell."""
-        similarity = np.einsum("pd,kpd->kp", cells, memory)
-        return float(1.0 - similarity.max(axis=0).min())
+        best = np.max([np.einsum("pd,kpd->kp", cells, m).max(axis=0) for m in memories if len(m)], axis=0)
+        return float(1.0 - best.min())
+
+    def score(self, cells: np.ndarray) -> float:
+        """The frame's distance to the memory: the core, then the recent normal frames."""
+        if self._core_stack is None:
+            self._core_stack = np.stack(self.core)
+        recent = self._recent[: min(self._recent_count, self.config.memory_size)] if self._recent_count else None
+        return self.distance(cells, self._core_stack, *([] if recent is None else [recent]))
 
     def _leave_one_out_scores(self) -> list[float]:
         core = np.stack(self.core)
@@ -178,7 +191,7 @@ class NormalSceneGate:
         self._check_shape(cells)
         if self.threshold is None:
             self._calibrate()
-        score = self.distance(cells, self.memory())
+        score = self.score(cells)
         over = score > self.threshold
         started = False
         if over:
@@ -193,14 +206,13 @@ class NormalSceneGate:
                 self.in_episode = False
         normal = not self.in_episode and not over
         if normal:
-            if self.config.memory_size:
-                self.recent.append(cells)
-                self._memory = None
+            self._remember_recent(cells)
             self.normal_scores.append(score)
             if self.gated % 16 == 0:
                 self._update_threshold()
         return GateDecision(score, self.threshold, over, started, self.in_episode, normal)
 
     def describe(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "memory_frames": len(self.core) + len(self.recent),
-                "reference_frames": len(self.core), "in_episode": self.in_episode, "gated": self.gated}
+        recent = min(self._recent_count, self.config.memory_size)
+        return {"threshold": self.threshold, "memory_frames": len(self.core) + recent, "core_frames": len(self.core),
+                "reference_frames": self.references, "in_episode": self.in_episode, "gated": self.gated}
