@@ -6,8 +6,10 @@
   headroom   the same video read losslessly as fast as the gate goes: the gate's own fps
   soak       10,000 frames with an anomaly every 400 frames, as fast as the gate goes: resident
              memory (RSS) after the first 1,000 frames and at the end
+  survey     (--survey N) N seeds of each kind of generated video, the anomaly at frame 90: how many
+             are reported within 10 frames, with no event in the normal stretch, and verified yes
 
-    .venv/bin/python benchmarks/watch.py [--bundle DIR] [--soak-frames 10000] [--json]
+    .venv/bin/python benchmarks/watch.py [--bundle DIR] [--soak-frames 10000] [--survey 30] [--json]
 """
 
 import argparse
@@ -52,10 +54,30 @@ def run(pipe, video, **config):
                                       "mean_fps", "gate_ms", "verifier_ms", "detect_ms")}
 
 
+def survey(pipe, work, seeds):
+    """Per kind of video: reported within 10 frames, videos with an event before the anomaly (or
+    any event when there is none), episodes verified yes (on any check, on the first)."""
+    out = {}
+    for kind in ("appear", "fall", "scene-change", "none"):
+        row = {"videos": seeds, "within_10_frames": 0, "false_alarm_videos": 0, "yes": 0, "yes_first_check": 0}
+        for seed in range(seeds):
+            video = write_video(work / "survey.avi", VideoSpec(seed=seed, anomaly=kind, frames=150, anomaly_frame=90))
+            events = AnomalyWatcher(pipe).run(video["path"]).events
+            real = [e for e in events if kind != "none" and e.first_frame_index >= 90]
+            row["false_alarm_videos"] += len(real) < len(events)
+            if real:
+                row["within_10_frames"] += real[0].frame_index - 90 < 10
+                row["yes"] += any(e.verifier.answer == "yes" for e in real)
+                row["yes_first_check"] += real[0].verifier.answer == "yes"
+        out[kind] = row
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None, help="default: export the reference model to a temp dir")
     ap.add_argument("--soak-frames", type=int, default=10_000)
+    ap.add_argument("--survey", type=int, default=0, help="seeds per kind of video (0: skip the survey)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgelmm-watch-bench-"))
@@ -92,6 +114,8 @@ def main():
                        "gate_ms": s["gate_ms"]}
     if at_1000:
         results["soak"]["rss_growth_mib_after_1000"] = round(rss_mib() - at_1000, 1)
+    if args.survey:
+        results["survey"] = survey(pipe, work, args.survey)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -108,8 +132,11 @@ def main():
     print(f"headroom (gate alone, lossless): {hr['mean_fps']:.0f} fps, gate p50/p95 {hr['gate_ms']['p50']}/"
           f"{hr['gate_ms']['p95']} ms")
     print(f"soak: {sk['processed']} frames in {sk['elapsed_s']:.0f} s ({sk['mean_fps']:.0f} fps), {sk['episodes']} "
-          f"episodes for {sk['anomalies']} anomalies ({sk['yes']} verified yes); RSS {sk['rss_mib_start']} MiB at start, "
+          f"episodes for {sk['anomalies']} anomalies ({sk['yes']} verified yes); "
+          f"RSS {sk['rss_mib_start']} MiB at start, "
           f"{sk['rss_mib_at_1000']} after 1,000 frames, {sk['rss_mib_end']} at the end")
+    for kind, row in results.get("survey", {}).items():
+        print(f"survey {kind}: {row}")
 
 
 if __name__ == "__main__":
