@@ -16,15 +16,13 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
 import edgelmm  # noqa: E402
-from edgelmm.export import export  # noqa: E402
-from edgelmm.testing.checkpoints import build_bench_checkpoint, sample_images  # noqa: E402
+from edgelmm.testing.checkpoints import build_bench_bundle, sample_images  # noqa: E402
 
 TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
@@ -65,11 +63,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    work = Path(args.workdir)
-    ckpt = build_bench_checkpoint(work)
-    bundle = work / "bundle"
-    if not (bundle / "edgelmm.json").exists():
-        export(ckpt, bundle, formats=["gguf"], gguf_types=list(TYPES), overwrite=True)
+    ckpt, bundle = build_bench_bundle(args.workdir, formats=["gguf"], gguf_types=list(TYPES))
     images = sample_images(2, seed=1, sizes=[(240, 320), (300, 300)])
     prompt = "Compare <image> with <image>. " + "Describe every difference in detail. " * 8
     torch_pipe = edgelmm.load(ckpt, backend="torch", threads=1)

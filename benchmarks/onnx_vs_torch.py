@@ -10,13 +10,11 @@ import argparse
 import json
 import os
 import statistics
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import edgelmm  # noqa: E402
-from edgelmm.export import export  # noqa: E402
-from edgelmm.testing.checkpoints import build_bench_checkpoint, sample_images  # noqa: E402
+from edgelmm.testing.checkpoints import build_bench_bundle, sample_images  # noqa: E402
 
 
 
@@ -39,11 +37,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    work = Path(args.workdir)
-    ckpt = build_bench_checkpoint(work)
-    bundle = work / "bundle"
-    if not (bundle / "edgelmm.json").exists():
-        export(ckpt, bundle, overwrite=True)
+    ckpt, bundle = build_bench_bundle(args.workdir)
     torch_pipe = edgelmm.load(ckpt, backend="torch", threads=1)
     ort_pipe = edgelmm.load(bundle, threads=1)
     # The same graphs with the KV cache round-tripped through numpy each step (no IO binding).

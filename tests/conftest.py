@@ -55,20 +55,24 @@ def pipelines(checkpoint):
     return get
 
 
-@pytest.fixture(scope="session")
-def bundle(checkpoint, tmp_path_factory):
-    """bundle(kind) -> an ONNX bundle exported (and verified) from the tiny checkpoint (built once)."""
+def cached_exports(checkpoint, root, **export_kwargs):
+    """get(kind) -> the tiny checkpoint of `kind` exported (and verified) under root, once per kind."""
     from edgelmm.export import export
 
-    root = tmp_path_factory.mktemp("bundles")
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            cache[kind] = export(checkpoint(kind), root / kind, quiet=True)
+            cache[kind] = export(checkpoint(kind), root / kind, quiet=True, **export_kwargs)
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bundle(checkpoint, tmp_path_factory):
+    """bundle(kind) -> an ONNX bundle exported (and verified) from the tiny checkpoint (built once)."""
+    return cached_exports(checkpoint, tmp_path_factory.mktemp("bundles"))
 
 
 @pytest.fixture(scope="session")

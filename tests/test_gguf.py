@@ -17,7 +17,7 @@ from edgelmm.gguf_file import read_gguf, validate_gguf  # noqa: E402
 from edgelmm.testing import sample_images  # noqa: E402
 from edgelmm.verify import verify  # noqa: E402
 
-from .conftest import run_without_torch  # noqa: E402
+from .conftest import cached_exports, run_without_torch  # noqa: E402
 
 pytestmark = pytest.mark.slow
 GGUF_KINDS = ["llava-siglip", "idefics3"]
@@ -26,18 +26,8 @@ SIZES = [(48, 64), (64, 40), (30, 90)]
 
 @pytest.fixture(scope="module")
 def gguf_bundle(checkpoint, tmp_path_factory):
-    from edgelmm.export import export
-
-    root = tmp_path_factory.mktemp("gguf-bundles")
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = export(checkpoint(kind), root / kind, formats=["gguf"],
-                                 gguf_types=["f32", "f16", "q8_0", "q4_k_m"], quiet=True)
-        return cache[kind]
-
-    return get
+    return cached_exports(checkpoint, tmp_path_factory.mktemp("gguf-bundles"), formats=["gguf"],
+                          gguf_types=["f32", "f16", "q8_0", "q4_k_m"])
 
 
 @pytest.mark.parametrize("kind", GGUF_KINDS)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
-from ..errors import EdgeLMMError, ImageError, PromptError
+from ..errors import ImageError, PromptError
 from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
 from ..prompt import IMAGE_MARKER
@@ -318,10 +318,8 @@ class Verifier(threading.Thread):
             return Verdict("cancelled")
         t0 = time.perf_counter()
         prepared = w.pipeline.prepare(w.config.verifier_prompt(), [g.frame.image for g in job.shown])
+        # merged_embeddings checks that the prompt's image tokens match these feature rows
         features = np.concatenate([g.features for g in job.shown], axis=0)
-        if prepared.vision.pixel_values.shape[0] != features.shape[0]:
-            raise EdgeLMMError(f"the verifier prompt has {prepared.vision.pixel_values.shape[0]} tiles but the "
-                               f"gate kept features for {features.shape[0]}")
         ids: list[int] = []
         for token in w.pipeline.stream_tokens(prepared, SamplingParams(w.config.max_new_tokens), features=features):
             ids.append(token)
@@ -385,8 +383,7 @@ class AnomalyWatcher:
 
     # ---- stage 1 ----
     def encode(self, image: np.ndarray) -> np.ndarray:
-        vision = self.pipeline.family.preprocess([image])
-        return self.pipeline.backend.encode_images(vision.pixel_values, vision.pixel_attention_mask)
+        return self.pipeline.image_features(self.pipeline.family.preprocess([image]))
 
     def _gate(self, frame: Frame, verifier: Verifier) -> None:
         t0 = time.perf_counter()
@@ -520,7 +517,7 @@ class AnomalyWatcher:
             capture.join()
             frames.discard()
             verifier.finish()
-            report = WatchReport(reason or "interrupted", {**capture.describe()},
+            report = WatchReport(reason or "interrupted", capture.describe(),
                                  self.stats.snapshot(capture, frames), self.gate.describe(), list(self.events))
             report.stats["callback_errors"] = self._sink.callback_errors
             self._sink.write(report.as_dict())

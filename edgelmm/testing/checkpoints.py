@@ -266,6 +266,18 @@ def build_bench_checkpoint(workdir: str | Path) -> Path:
     return out
 
 
+def build_bench_bundle(workdir: str | Path, **export_kwargs) -> tuple[Path, Path]:
+    """The benchmark checkpoint and its bundle under workdir, each built once (a rerun of a
+    benchmark reuses them): (checkpoint dir, bundle dir). `export_kwargs` go to export()."""
+    from ..export import export
+
+    ckpt = build_bench_checkpoint(workdir)
+    bundle = Path(workdir) / "bundle"
+    if not (bundle / "edgelmm.json").exists():
+        export(ckpt, bundle, overwrite=True, **export_kwargs)
+    return ckpt, bundle
+
+
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava-siglip": lambda out: build_llava(out, "siglip"),
     "llava-clip": lambda out: build_llava(out, "clip"),
