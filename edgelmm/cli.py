@@ -402,13 +402,7 @@ def watch(
         if prompt is not None:
             config.prompt = prompt
         config.validate()
-    except ValueError as exc:
-        if as_json:
-            print(json.dumps({"error": "ValueError", "message": str(exc)}))
-        else:
-            err.print(f"[bold red]invalid option[/]: {exc}")
-        raise typer.Exit(2)
-    except EdgeLMMError as exc:
+    except EdgeLMMError as exc:   # OptionError for an option out of range, PromptError for the prompt
         _fail(exc, as_json)
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
     try:

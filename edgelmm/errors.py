@@ -78,3 +78,8 @@ class SourceError(EdgeLMMError):
     def __init__(self, message: str, *, source: str | None = None):
         super().__init__(f"{source}: {message}" if source else message)
         self.source = source
+
+
+class OptionError(EdgeLMMError, ValueError):
+    """An option is out of its range (a watch or video setting); names the option. A ValueError
+    too, so code that caught ValueError keeps working."""

@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from . import synthetic
+from .errors import OptionError
 
 ANOMALIES = ("appear", "fall", "scene-change", "none")
 FALL_FRAMES = 8          # an object falls from the top edge to the floor in this many frames
@@ -42,13 +43,13 @@ class VideoSpec:
 
     def validate(self) -> None:
         if self.anomaly not in ANOMALIES:
-            raise ValueError(f"anomaly must be one of {', '.join(ANOMALIES)}, got {self.anomaly!r}")
+            raise OptionError(f"anomaly must be one of {', '.join(ANOMALIES)}, got {self.anomaly!r}")
         if self.frames < 1 or self.scale < 1 or self.fps <= 0:
-            raise ValueError("frames and scale must be >= 1 and fps > 0")
+            raise OptionError("frames and scale must be >= 1 and fps > 0")
         if self.anomaly != "none" and not 0 < self.anomaly_frame < self.frames:
-            raise ValueError(f"anomaly_frame must be within 1..{self.frames - 1}, got {self.anomaly_frame}")
+            raise OptionError(f"anomaly_frame must be within 1..{self.frames - 1}, got {self.anomaly_frame}")
         if self.repeat_every is not None and (self.anomaly_length is None or self.repeat_every <= self.anomaly_length):
-            raise ValueError("repeat_every needs an anomaly_length shorter than it")
+            raise OptionError("repeat_every needs an anomaly_length shorter than it")
 
     def since_anomaly(self, f: int) -> int | None:
         """Frames since the anomaly (showing at frame f) began, or None when frame f is normal."""

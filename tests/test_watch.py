@@ -18,7 +18,7 @@ import pytest
 from edgelmm.apps.anomaly import AnomalyWatcher, WatchConfig, parse_answer
 from edgelmm.apps.capture import CaptureConfig, parse_source
 from edgelmm.apps.gate import FeatureReducer, GateConfig, NormalSceneGate
-from edgelmm.errors import PromptError, SourceError
+from edgelmm.errors import OptionError, PromptError, SourceError
 from edgelmm.synthetic_video import VideoSpec, frames, write_video
 
 pytest.importorskip("cv2")
@@ -338,5 +338,7 @@ def test_max_frames_duration_and_cli_errors(pipe, reference_bundle, tmp_path):
     r = CliRunner().invoke(app, ["watch", "http://127.0.0.1:9/cam.mjpg", "--bundle", str(reference_bundle),
                                  "--reconnect-attempts", "0", "--json"])
     assert r.exit_code == 2 and json.loads(r.output)["error"] == "SourceError"
-    r = CliRunner().invoke(app, ["watch", meta["path"], "--bundle", str(reference_bundle), "--every", "0"])
-    assert r.exit_code == 2 and "must be >= 1" in r.output
+    r = CliRunner().invoke(app, ["watch", meta["path"], "--bundle", str(reference_bundle), "--every", "0", "--json"])
+    assert r.exit_code == 2 and json.loads(r.output)["error"] == "OptionError" and "must be >= 1" in r.output
+    with pytest.raises(OptionError, match="anomaly_frame must be within 1..29, got 30"):
+        VideoSpec(frames=30, anomaly_frame=30).validate()

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
-from ..errors import ImageError, PromptError
+from ..errors import ImageError, OptionError, PromptError
 from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
 from ..prompt import IMAGE_MARKER
@@ -64,9 +64,9 @@ class WatchConfig:
         self.gate.validate()
         self.capture.validate()
         if min(self.every, self.latest_frames, self.verifier_queue, self.max_new_tokens, self.max_checks) < 1:
-            raise ValueError("every, latest_frames, verifier_queue, max_new_tokens and max_checks must be >= 1")
+            raise OptionError("every, latest_frames, verifier_queue, max_new_tokens and max_checks must be >= 1")
         if self.recheck_frames < 0:
-            raise ValueError("recheck_frames must be >= 0")
+            raise OptionError("recheck_frames must be >= 0")
         markers = self.prompt.count(IMAGE_MARKER)
         if markers not in (0, self.latest_frames + 1):
             raise PromptError(f"the verifier prompt has {markers} {IMAGE_MARKER} markers but asks about "

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import OptionError, SourceError
 
 # FFmpeg's own decoder messages ("No JPEG data found in image") go to stderr from C; the reader
 # counts those frames as unreadable instead. Must be set before cv2 opens anything.
@@ -83,7 +83,7 @@ class CaptureConfig:
 
     def validate(self) -> None:
         if self.queue_size < 1 or self.reconnect_attempts < 0 or self.max_failed_reads < 1:
-            raise ValueError("queue_size and max_failed_reads must be >= 1, reconnect_attempts >= 0")
+            raise OptionError("queue_size and max_failed_reads must be >= 1, reconnect_attempts >= 0")
 
 
 @dataclass

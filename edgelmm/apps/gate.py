@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import OptionError
+
 
 @dataclass
 class GateConfig:
@@ -44,11 +46,11 @@ class GateConfig:
 
     def validate(self) -> None:
         if self.warmup_frames < 0 or self.trigger_frames < 1 or self.clear_frames < 1:
-            raise ValueError("warmup_frames must be >= 0, trigger_frames and clear_frames >= 1")
+            raise OptionError("warmup_frames must be >= 0, trigger_frames and clear_frames >= 1")
         if self.margin <= 0 or self.min_threshold < 0 or (self.threshold is not None and self.threshold <= 0):
-            raise ValueError("margin and a fixed threshold must be > 0, min_threshold >= 0")
+            raise OptionError("margin and a fixed threshold must be > 0, min_threshold >= 0")
         if self.memory_size < 0 or self.max_positions < 1 or self.max_dims < 1:
-            raise ValueError("memory_size must be >= 0, max_positions and max_dims >= 1")
+            raise OptionError("memory_size must be >= 0, max_positions and max_dims >= 1")
 
 
 @dataclass
