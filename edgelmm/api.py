@@ -10,10 +10,8 @@ from .families import detect
 from .modelfiles import ModelFiles
 from .pipeline import Pipeline
 
-BACKENDS = ("auto", "torch", "onnxruntime", "llamacpp")
-BACKEND_FORMAT = {"onnxruntime": "onnx", "llamacpp": "gguf"}
-# What backend="auto" tries first on a bundle: ONNX Runtime where ONNX graphs exist, else llama.cpp.
-AUTO_ORDER = ("onnxruntime", "llamacpp")
+BACKENDS = ("auto", "torch", "tensorrt", "onnxruntime", "llamacpp")
+BACKEND_FORMAT = {"tensorrt": "tensorrt", "onnxruntime": "onnx", "llamacpp": "gguf"}
 # llama.cpp's precision="auto" takes the smallest type the bundle has: the user exported it to run it.
 GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "f32")
 
@@ -45,24 +43,44 @@ def pick_precision(bundle: Bundle, provider: str) -> str:
     return have[0]
 
 
+# TensorRT engines: the smallest built precision (the user built them to run them).
+TRT_PREFERENCE = ("int8-vision+int4", "int4", "int8-vision", "fp16", "fp32")
+
+
 def bundle_backend(bundle: Bundle, backend: str) -> str:
     """The backend that will run this bundle: the requested one if the bundle has its artifacts."""
     formats = bundle_formats(bundle)
-    if backend == "auto":
-        for name in AUTO_ORDER:
-            if BACKEND_FORMAT[name] in formats:
-                return name
     if backend not in BACKEND_FORMAT:
         raise BackendUnavailable(f"backend {backend!r} cannot run a bundle (it has {formats} artifacts); choose from "
                                  f"{', '.join(BACKEND_FORMAT)}, or load the source checkpoint for 'torch'")
     if BACKEND_FORMAT[backend] not in formats:
+        how = ("build them on this device with `edgelmm build-engines BUNDLE`" if backend == "tensorrt" else
+               f"export them with `edgelmm export --format {BACKEND_FORMAT[backend]}`")
         raise BackendUnavailable(f"backend {backend!r} needs {BACKEND_FORMAT[backend]} artifacts but this bundle has "
-                                 f"{formats}; export them with `edgelmm export --format {BACKEND_FORMAT[backend]}`")
+                                 f"{formats}; {how}")
     return backend
 
 
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
-                        threads: int | None = None, precision: str = "auto") -> Pipeline:
+                        threads: int | None = None, precision: str = "auto", *,
+                        gpu_layers: int | None = None, max_context: int | None = None) -> Pipeline:
+    """A Pipeline over one of the bundle's artifact sets. backend="auto" with provider="auto" takes
+    the first usable candidate of `runtimes.select.plan` (TensorRT engines, ONNX Runtime on the GPU,
+    llama.cpp offloaded, then the CPU) and records why in describe()["selection"]."""
+    selection = None
+    if backend == "auto" and provider == "auto":
+        from .runtimes.select import choose
+
+        chosen, chain = choose(bundle)
+        backend = chosen.backend
+        if backend == "onnxruntime":
+            provider = chosen.provider
+        if backend == "llamacpp" and gpu_layers is None and chosen.provider == "cpu":
+            gpu_layers = 0
+        selection = {"chosen": chosen.label(), "reason": chosen.reason,
+                     "passed_over": [f"{c.label()}: {c.reason}" for c in chain[:chain.index(chosen)]]}
+    elif backend == "auto":
+        backend = "onnxruntime"  # a provider was named: providers are ONNX Runtime's
     backend = bundle_backend(bundle, backend)
     files = ModelFiles.open(bundle.root)
     family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
@@ -72,27 +90,45 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
         if precision == "auto":
             have = bundle_precisions(bundle, "gguf")
             precision = next(p for p in GGUF_PREFERENCE if p in have)
-        return Pipeline(files, family, LlamaCppBackend(bundle, precision=precision, threads=threads))
-    from .runtimes.onnxruntime import OnnxRuntimeBackend
+        runtime = LlamaCppBackend(bundle, precision=precision, threads=threads, gpu_layers=gpu_layers)
+    elif backend == "tensorrt":
+        from .runtimes.tensorrt import TensorRTBackend
 
-    if precision == "auto":
-        precision = pick_precision(bundle, provider)
-    return Pipeline(files, family, OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision))
+        if precision == "auto":
+            have = bundle_precisions(bundle, "tensorrt")
+            precision = next(p for p in TRT_PREFERENCE if p in have)
+        runtime = TensorRTBackend(bundle, precision=precision, max_context=max_context)
+    else:
+        from .runtimes.onnxruntime import OnnxRuntimeBackend
+
+        if precision == "auto":
+            precision = pick_precision(bundle, provider)
+        runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision)
+    return Pipeline(files, family, runtime, selection=selection)
 
 
 def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
-         threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False) -> Pipeline:
+         threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
+         device: str = "cpu", gpu_layers: int | None = None, max_context: int | None = None) -> Pipeline:
     """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
     Pipeline over the chosen backend.
 
-    backend: "auto" picks the best available; "onnxruntime" runs a bundle's ONNX graphs
-    (provider "auto" | "tensorrt" | "cuda" | "cpu"); "llamacpp" runs its GGUF pair (precision
-    "f32" | "f16" | "q8_0" | "q4_k_m"); "torch" is the PyTorch reference (checkpoints).
+    backend: "auto" picks the best this machine can run (TensorRT engines, ONNX Runtime on the GPU,
+    llama.cpp offloaded to the GPU, then the CPU; `pipe.describe()["selection"]` says why);
+    "tensorrt" runs engines built by `edgelmm build-engines` (precision "fp16" | "int8-vision" |
+    "int4" | "int8-vision+int4" | "fp32"; max_context caps the KV cache); "onnxruntime" runs a
+    bundle's ONNX graphs (provider "auto" | "tensorrt" | "cuda" | "cpu"); "llamacpp" runs its GGUF
+    pair (precision "f32" | "f16" | "q8_0" | "q4_k_m"; gpu_layers to offload, default all when
+    llama.cpp was built with CUDA and a GPU is here); "torch" is the PyTorch reference
+    (checkpoints; device "cpu" or "cuda").
     A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
     """
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if is_bundle(path):
-        return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision)
+        return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
+                                   gpu_layers=gpu_layers, max_context=max_context)
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
     if backend not in ("auto", "torch"):
@@ -100,7 +136,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
                                  f"(a checkpoint runs on 'torch'; backends: {', '.join(BACKENDS)})")
     from .runtimes.torch import TorchBackend
 
-    return Pipeline(files, family, TorchBackend(family, threads=threads, trust_remote_code=trust_remote_code))
+    return Pipeline(files, family, TorchBackend(family, threads=threads, trust_remote_code=trust_remote_code,
+                                                device=device))
 
 
 def info(path: str | Path, prompt_style: str | None = None, sizes=((224, 224), (480, 640), (1080, 1920))) -> dict:

@@ -40,10 +40,14 @@ def run(
     temperature: float = typer.Option(0.0, help="0 answers greedily; higher samples more freely."),
     top_p: float = typer.Option(1.0, help="Sample only from the smallest set of tokens with this much probability."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling, for repeatable answers."),
-    backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime or llamacpp (bundles), torch "
+    backend: str = typer.Option("auto", help="Which runtime answers: auto (the best this machine runs; see "
+                                             "`edgelmm doctor`), tensorrt, onnxruntime or llamacpp (bundles), torch "
                                              "(the PyTorch reference, checkpoints)."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider for bundles: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    device: str = typer.Option("cpu", help="torch backend only: cpu or cuda."),
+    gpu_layers: Optional[int] = typer.Option(None, help="llamacpp only: layers to offload to the GPU (default: all "
+                                                        "when llama.cpp was built with CUDA and a GPU is here)."),
     raw: bool = typer.Option(False, help="Send the prompt as-is, without the model's chat template."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' numbers images in the text, "
                                                           "'plain' does not. Default: from the checkpoint name."),
@@ -53,13 +57,14 @@ def run(
     from . import api
 
     try:
-        pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads)
+        pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads,
+                        device=device, gpu_layers=gpu_layers)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if as_json:
             g = pipe.generate(prompt, [str(p) for p in image], **kw)
             print(json.dumps({"answer": g.text, "token_ids": g.token_ids, "prompt_tokens": g.prompt_tokens,
                               "finish_reason": g.finish_reason, "timings_ms": g.timings_ms,
-                              "backend": pipe.backend.describe()}))
+                              "backend": pipe.describe()}))
             return
         for piece in pipe.stream(prompt, [str(p) for p in image], **kw):
             sys.stdout.write(piece)
@@ -85,17 +90,19 @@ _MIN_COSINE = typer.Option(0.99, help="Quality gate: the lowest vision feature c
 _EVAL_SAMPLES = typer.Option(None, help="Held-out accuracy samples per precision. Default: 180 when the model "
                                         "answers edgelmm's synthetic tasks (the reference model), else none.")
 _SEED = typer.Option(0, help="Seed for sampling the calibration prompts.")
+_ACTIVATIONS = typer.Option("u8", help="INT8 vision activations: u8 (fastest on CPU) or s8 (symmetric, what "
+                                       "TensorRT takes: use it for bundles that will get INT8 engines).")
 
 
 def _calibration_options(source, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level, no_gate,
-                         max_accuracy_drop, min_vision_cosine, eval_samples, seed):
+                         max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations="u8"):
     from .calib import CalibrationOptions
 
     return CalibrationOptions(samples=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
                               int4_algorithm=int4_algorithm, int4_block_size=block_size,
                               int4_accuracy_level=accuracy_level, gate=not no_gate,
                               max_accuracy_drop=max_accuracy_drop, min_vision_cosine=min_vision_cosine,
-                              eval_samples=eval_samples)
+                              eval_samples=eval_samples, activations=activations)
 
 
 @app.command()
@@ -104,7 +111,12 @@ def export(
     out: Path = typer.Argument(..., help="The bundle directory to create (it appears only when complete)."),
     format: str = typer.Option("onnx", "--format", "-f", help="What to write, comma-separated: onnx (vision, embedding "
                                                               "and decoder graphs for ONNX Runtime), gguf (LLM + "
-                                                              "mmproj files for llama.cpp)."),
+                                                              "mmproj files for llama.cpp), tensorrt (engines for "
+                                                              "THIS machine's GPU, from the onnx graphs; for a "
+                                                              "Jetson, export onnx here and run `edgelmm "
+                                                              "build-engines` there)."),
+    engine_precision: str = typer.Option("fp16", help="tensorrt: comma-separated engine precisions (see "
+                                                      "`edgelmm build-engines --help`)."),
     precision: str = typer.Option("fp32", "--precision", help="ONNX: comma-separated graph precisions: fp32 (exact), "
                                                               "fp16 (half the size, for GPUs), int8 (INT8 vision + "
                                                               "dynamic INT8 decoder), int4 (INT4 decoder), "
@@ -116,7 +128,7 @@ def export(
     calib_samples: int = _CALIB_SAMPLES, vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
     block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
     max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
-    eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED,
+    eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
     gguf_types: str = typer.Option("f16", "--gguf-types", help="GGUF: comma-separated types: f32 (exact), f16, q8_0, "
                                                               "q4_k_m (smallest; llama.cpp's k-quants)."),
     force: bool = typer.Option(False, help="Write a GGUF that llama.cpp is known to run wrongly (a CLIP tower) "
@@ -135,9 +147,11 @@ def export(
                           precisions=[p.strip() for p in precision.split(",")],
                           gguf_types=[t.strip() for t in gguf_types.split(",")], force=force, verify=not no_verify,
                           overwrite=overwrite, prompt_style=prompt_style, quiet=as_json,
+                          engine_precisions=[p.strip() for p in engine_precision.split(",")],
                           calibration=_calibration_options(calib, calib_samples, vision_method, int4_algorithm,
                                                            block_size, accuracy_level, no_quality_gate,
-                                                           max_accuracy_drop, min_vision_cosine, eval_samples, seed))
+                                                           max_accuracy_drop, min_vision_cosine, eval_samples, seed,
+                                                           activations))
         manifest = json.loads((path / MANIFEST).read_text())  # just written and hashed by export
     except EdgeLMMError as exc:
         _fail(exc, as_json)
@@ -177,7 +191,7 @@ def calibrate(
     calib_samples: int = _CALIB_SAMPLES, vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
     block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
     max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
-    eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED,
+    eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
     image_root: Optional[Path] = typer.Option(None, help="Where relative image paths in a JSONL/JSON source point "
                                                          "(default: the file's folder)."),
     overwrite: bool = typer.Option(False, help="Recalibrate precisions the bundle already has."),
@@ -191,7 +205,7 @@ def calibrate(
     from .calib import calibrate as run_calibrate
 
     opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level,
-                                no_quality_gate, max_accuracy_drop, min_vision_cosine, eval_samples, seed)
+                                no_quality_gate, max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations)
     opts.image_root = str(image_root) if image_root else None
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
@@ -308,6 +322,117 @@ def eval_(
     out = Console()
     out.print(Markdown(format_table(report)))
     out.print(f"{report.samples} samples in {report.seconds:.1f} s on {pipe.backend.describe()}")
+
+
+@app.command(name="build-engines")
+def build_engines(
+    bundle: Path = typer.Argument(..., help="A bundle with fp32 ONNX graphs (from `edgelmm export`), on the device "
+                                            "that will run it: engines only run on the GPU model and TensorRT "
+                                            "version that built them."),
+    precision: str = typer.Option("fp16", "--precision", help="Comma-separated engine precisions: fp16 (the usual "
+                                                              "choice), fp32, int8-vision (INT8 vision tower from the "
+                                                              "calibrated graph, calibrate with --activations s8 "
+                                                              "first), int4 (INT4 weight-only decoder), "
+                                                              "int8-vision+int4."),
+    max_images: int = typer.Option(8, help="Most images one prompt may hold (sets the vision engine's profile)."),
+    max_context: int = typer.Option(4096, help="Most positions (prompt + answer) the decoder engine holds; the KV "
+                                               "cache is preallocated for this many."),
+    workspace_mib: int = typer.Option(2048, help="TensorRT builder workspace. Lower it on small Jetsons."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused across builds on this GPU "
+                                                           "(default ~/.cache/edgelmm/tensorrt/)."),
+    int4_block_size: int = typer.Option(32, help="int4: weights per scale."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the check of each engine set against the fp32 "
+                                                              "ONNX graphs (run on ONNX Runtime's CPU provider)."),
+    overwrite: bool = typer.Option(False, help="Rebuild engine precisions the bundle already has."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was built (engines, GPU, layer report) as JSON."),
+):
+    """Build TensorRT engines for this machine's GPU into a bundle, with a report of the layers that
+    fell back to a wider type, and check them against the bundle's fp32 graphs. The bundle is only
+    changed when every engine built and passed. Needs TensorRT 10 (JetPack >= 6.1 on Jetson)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .export.tensorrt import EngineOptions
+    from .export.tensorrt import build_engines as run_build
+
+    opts = EngineOptions(precisions=[p.strip() for p in precision.split(",")], max_images=max_images,
+                         max_context=max_context, workspace_mib=workspace_mib,
+                         timing_cache=str(timing_cache) if timing_cache else None, int4_block_size=int4_block_size,
+                         verify=not no_verify, overwrite=overwrite)
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                      disable=as_json, transient=True) as bar:
+            task = bar.add_task("building engines", total=None)
+            result = run_build(bundle, opts, progress=lambda msg: bar.update(task, description=msg))
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.table import Table
+
+    t = result["target"]
+    table = Table(title=f"TensorRT {t['tensorrt']} engines for {t['gpu']} (compute {t['compute_capability']})")
+    for col in ("precision", "graph", "file", "build s", "layers", "fell back"):
+        table.add_column(col)
+    for art in result["engines"]:
+        e = art["engine"]
+        table.add_row(art["precision"], art["graph"], art["file"], str(e["build_seconds"]), str(e["layers"]["layers"]),
+                      ", ".join(f"{x['layer']} ({x['runs_in']})" for x in e["layers"]["fell_back"][:4]) or "none")
+    Console().print(table)
+    for p, report in result["verify"].items():
+        err.print(f"{p}: parity with the fp32 ONNX graphs {'passed' if report['passed'] else 'FAILED'}")
+
+
+@app.command()
+def doctor(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Also show which backend would run this "
+                                                                       "bundle here, and why."),
+    as_json: bool = typer.Option(False, "--json", help="Print the platform, the probes and the plan as JSON."),
+):
+    """What this machine is (Jetson with its JetPack, desktop NVIDIA GPU, or CPU) and which backends
+    really run here: each is imported AND runs a tiny model (a listed ONNX Runtime provider may
+    still fall back to the CPU). Says what to install for what is missing."""
+    from .runtimes.select import probe_all
+
+    platform, probes = probe_all()
+    data: dict = {"platform": platform.as_dict(), "probes": [p.as_dict() for p in probes]}
+    if bundle is not None:
+        from .bundle import open_bundle
+        from .runtimes.select import plan
+
+        try:
+            chain = plan(open_bundle(bundle))
+        except EdgeLMMError as exc:
+            _fail(exc, as_json)
+        data["bundle"] = str(bundle)
+        data["plan"] = [{"candidate": c.label(), "usable": c.usable, "reason": c.reason} for c in chain]
+        data["chosen"] = next((c.label() for c in chain if c.usable), None)
+    if as_json:
+        print(json.dumps(data))
+        return
+    from rich.table import Table
+
+    out = Console()
+    p = platform
+    where = {"jetson": f"Jetson: {p.jetson_model}, L4T {p.l4t or '?'}, JetPack {p.jetpack or '?'}",
+             "nvidia-gpu": f"desktop NVIDIA GPU, driver {p.driver or '?'}", "cpu": "CPU only (no NVIDIA GPU)"}[p.kind]
+    out.print(f"[bold]platform[/]: {where}; {p.machine}, {p.cpu}, {p.cpu_count} cores, "
+              f"{p.memory_mib or '?'} MiB")
+    for gpu in p.gpus:
+        out.print(f"  GPU: {gpu}")
+    for note in p.notes:
+        out.print(f"  note: {note}")
+    table = Table(title="backends (imported, then run on a tiny model)")
+    for col in ("backend", "version", "runs here", "detail", "to fix"):
+        table.add_column(col, overflow="fold")
+    for probe in probes:
+        table.add_row(probe.name.replace("ExecutionProvider", ""), probe.version or "-", "[green]yes[/]" if probe.runs else "[red]no[/]",
+                      probe.detail, probe.hint or "")
+    out.print(table)
+    if bundle is not None:
+        out.print(f"[bold]{bundle}[/] would run on: [green]{data['chosen'] or 'nothing'}[/]")
+        for c in data["plan"]:
+            out.print(f"  {'+' if c['usable'] else '-'} {c['candidate']}: {c['reason']}")
 
 
 @app.command()

@@ -84,8 +84,9 @@ def left_pad(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 class Pipeline:
-    def __init__(self, files: ModelFiles, family: Family, backend: Backend):
+    def __init__(self, files: ModelFiles, family: Family, backend: Backend, selection: dict | None = None):
         self.files = files
+        self.selection = selection  # backend="auto": what was chosen and what was passed over, and why
         self.family = family
         self.backend = backend
         self.tokenizer = files.tokenizer
@@ -242,5 +243,8 @@ class Pipeline:
             shown = text
 
     def describe(self) -> dict[str, Any]:
-        return {**self.family.describe(), **self.backend.describe(), "model": str(self.files.root),
-                "context_length": self.context_length}
+        out = {**self.family.describe(), **self.backend.describe(), "model": str(self.files.root),
+               "context_length": self.context_length}
+        if self.selection:
+            out["selection"] = self.selection
+        return out

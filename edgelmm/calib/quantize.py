@@ -263,6 +263,28 @@ def quantize_decoder_int4(src: Path, dst: Path, *, algorithm: str = "rtn", block
             "kept_float": keep + ["embed graph (token embedding)"]}
 
 
+def quantize_decoder_int4_qdq(src: Path, dst: Path, *, block_size: int = 32,
+                              quantize_lm_head: bool = False) -> dict[str, Any]:
+    """INT4 weight-only decoder in standard ONNX (opset 21 DequantizeLinear with int4 weights and a
+    block size, then MatMul) for TensorRT, whose parser has no MatMulNBits. Symmetric (TensorRT's
+    dequantize takes no zero points); ONNX Runtime runs it too, which is how it is checked off a GPU."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise CalibrationError(f"INT4 block size must be a power of two >= 16, got {block_size}")
+    keep = [] if quantize_lm_head else lm_head_nodes(src)
+    with quiet_quantization(), _as_calibration_error(f"INT4 QDQ quantization of {src.name}"):
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                              quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=True,
+                                         nodes_to_exclude=keep, algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), src.stat().st_size > LARGE_GRAPH_BYTES)
+    return {"scheme": "int4 weight-only (QDQ DequantizeLinear, blocked, symmetric)", "algorithm": "rtn",
+            "block_size": block_size, "kept_float": keep + ["embed graph (token embedding)"]}
+
+
 def quantize_decoder_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     """Dynamic INT8 decoder (weights per-channel INT8, activations quantized on the fly)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic

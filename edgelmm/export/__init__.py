@@ -13,13 +13,13 @@ from ..bundle import (FORMAT_VERSION, build_versions, checkpoint_fingerprint, fi
 from ..errors import ExportError
 from ..modelfiles import PROMPT_FILES
 
-FORMATS = ("onnx", "gguf")
+FORMATS = ("onnx", "gguf", "tensorrt")
 
 
 def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
            precisions: Sequence[str] = ("fp32",), gguf_types: Sequence[str] = ("f16",), force: bool = False,
            verify: bool = True, overwrite: bool = False, prompt_style: str | None = None,
-           calibration=None, quiet: bool = False) -> Path:
+           calibration=None, quiet: bool = False, engine_precisions: Sequence[str] = ("fp16",)) -> Path:
     """Export `model_dir` into a bundle at `out_dir` and (by default) verify every precision against
     the fp32 PyTorch reference, storing the reports in the manifest (`verify[precision]`).
     Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers).
@@ -30,7 +30,10 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
 
     Quantized precisions (int8, int4, int8-vision+int4) are calibrated from the fp32 graphs (exported
     too, as their source and fallback) with `calibration` (a calib.CalibrationOptions: sample source,
-    methods, quality gate); a precision that fails the gate fails the export (QualityGateError)."""
+    methods, quality gate); a precision that fails the gate fails the export (QualityGateError).
+
+    "tensorrt" builds engines (`engine_precisions`) for this machine's GPU from the ONNX graphs (added
+    to the formats) once they are verified, as `build-engines` does on a device."""
     from ..api import load, pipeline_for_bundle
     from ..calib import QUANTIZED_PRECISIONS, CalibrationOptions, calibrate
     from ..export.gguf import GGUF_TYPES, export_gguf, gguf_support
@@ -41,6 +44,11 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown or formats}; available: {', '.join(FORMATS)}")
+    if "tensorrt" in formats:
+        from ..runtimes.tensorrt import import_tensorrt
+
+        import_tensorrt()  # refuse before minutes of export when TensorRT is not here
+        formats = list(dict.fromkeys(["onnx", *formats]))
     bad = [p for p in precisions if p not in PRECISIONS and p not in QUANTIZED_PRECISIONS]
     if bad or not precisions:
         raise ExportError(f"unknown precision(s) {bad or precisions}; available: "
@@ -115,5 +123,11 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
             with console.status("calibrating") as status:
                 calibrate(stage, quantized, calibration or CalibrationOptions(), progress=status.update,
                           verify_checksums=False)
+        if "tensorrt" in formats:
+            from .tensorrt import EngineOptions, build_engines
+
+            with console.status("building TensorRT engines") as status:
+                build_engines(stage, EngineOptions(precisions=tuple(engine_precisions), verify=verify),
+                              progress=status.update)
     console.print(f"[green]bundle written[/]: {out_dir}")
     return Path(out_dir)

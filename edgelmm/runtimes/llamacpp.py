@@ -295,3 +295,85 @@ class LlamaCppBackend:
             self.close()
         except Exception:  # interpreter shutdown: the bindings may already be gone
             pass
+
+
+def _write_probe_gguf(path) -> None:
+    """A one-layer llama of width 32 with a 8-token vocabulary and fixed weights: small enough to
+    write on the fly for `doctor`, real enough that llama.cpp loads and decodes it."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, heads, vocab = 32, 64, 2, 8
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def t(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    t("token_embd.weight", vocab, hidden)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(hidden, np.float32))
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        t(f"blk.0.{name}.weight", hidden, hidden)
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(hidden, np.float32))
+    t("blk.0.ffn_gate.weight", ffn, hidden)
+    t("blk.0.ffn_up.weight", ffn, hidden)
+    t("blk.0.ffn_down.weight", hidden, ffn)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    t("output.weight", vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_probe_model(gpu_layers: int = 0) -> tuple[bool, str]:
+    """Load a tiny generated GGUF into llama.cpp, decode 4 tokens, check the logits are finite and
+    not all equal (for `doctor`: a library that imports may still fail to load or run a model)."""
+    import tempfile
+    from pathlib import Path
+
+    import llama_cpp
+
+    quiet_llamacpp()
+    with tempfile.TemporaryDirectory(prefix="edgelmm-probe-") as tmp:
+        path = Path(tmp) / "probe.gguf"
+        _write_probe_gguf(path)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            return False, f"llama.cpp could not load a probe model ({_recent_log()})"
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_threads, cp.n_threads_batch, cp.no_perf = 64, 64, 1, 1, True
+        ctx = llama_cpp.llama_init_from_model(model, cp)
+        try:
+            if not ctx:
+                return False, f"llama.cpp could not create a context ({_recent_log()})"
+            tokens = (llama_cpp.llama_token * 4)(1, 3, 4, 5)
+            rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, 4))
+            if rc != 0:
+                return False, f"llama_decode returned {rc} ({_recent_log()})"
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(8,)).copy()
+            ok = bool(np.isfinite(logits).all() and np.ptp(logits) > 0)
+            where = f"{gpu_layers} layer(s) offloaded" if gpu_layers else "CPU"
+            return ok, f"loaded and decoded a probe model ({where})" + ("" if ok else f"; bad logits {logits}")
+        finally:
+            if ctx:
+                llama_cpp.llama_free(ctx)
+            llama_cpp.llama_model_free(model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,30 @@ def nvidia_gpu_present() -> bool:
 
 def _np_dtype(ort_type: str):
     return {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(ort_type, np.float32)
+
+
+@dataclass
+class GpuOptions:
+    """ONNX Runtime's GPU providers. The TensorRT provider builds an engine per graph on first use
+    (minutes on a Jetson), so its engines and timing cache are kept on disk and reused."""
+    device_id: int = 0
+    fp16: bool = True                  # TensorRT provider: allow fp16 kernels
+    engine_cache_dir: str | None = None  # default ~/.cache/edgelmm/ort-tensorrt/<decoder hash>-<precision>
+
+    def provider_options(self, provider: str, bundle: Bundle, precision: str) -> dict[str, Any]:
+        if provider == "CUDAExecutionProvider":
+            return {"device_id": self.device_id}
+        if provider != "TensorrtExecutionProvider":
+            return {}
+        # Keyed by the decoder graph's hash: another bundle, or a re-export, never reuses stale engines.
+        key = bundle.artifact("decoder", "onnx", precision)["sha256"][:16]
+        cache = self.engine_cache_dir or str(Path(os.environ.get("EDGELMM_CACHE", Path.home() / ".cache" / "edgelmm"))
+                                             / "ort-tensorrt" / f"{key}-{precision}")
+        return {"device_id": self.device_id, "trt_fp16_enable": self.fp16,
+                # QDQ graphs (calibrated INT8 vision) run as INT8 only with this on
+                "trt_int8_enable": precision.startswith("int8"),
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
 
 
 class OrtCache:
@@ -53,7 +79,7 @@ class OnnxRuntimeBackend:
     thread_safe = True
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, gpu: GpuOptions | None = None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -68,7 +94,9 @@ class OnnxRuntimeBackend:
         if provider == "auto" and not nvidia_gpu_present():
             # onnxruntime-gpu lists the GPU providers anyway; trying them only logs load errors.
             available &= {"CPUExecutionProvider"}
+        self.gpu = gpu or GpuOptions()
         providers = [p for p in PROVIDER_ALIASES[provider] if p in available]
+        providers = [(p, self.gpu.provider_options(p, bundle, precision)) for p in providers]
         ort.set_default_logger_severity(3)  # missing CUDA libraries are reported by us, below, not as log spam
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -168,4 +196,6 @@ class OnnxRuntimeBackend:
         return {"backend": self.name, "providers": self.providers, "requested_provider": self.requested,
                 "precision": self.precision, "threads": self.threads or "default",
                 "io_binding": self.io_binding, "kv_device": self.kv_device if self.io_binding else "host",
+                "provider_options": (self.sessions["decoder"].get_provider_options().get(self.providers[0], {})
+                                     if self.kv_device == "cuda" else {}),
                 "onnxruntime": self.ort.__version__}

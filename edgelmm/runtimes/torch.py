@@ -46,28 +46,34 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, family: Family, model=None, dtype: str = "float32", threads: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, device: str = "cpu"):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {device!r} was asked for but torch {torch.__version__} sees no CUDA GPU "
+                                     f"({'a CPU-only build' if not torch.version.cuda else 'no GPU or driver'}); "
+                                     "install a CUDA build of torch, or use device='cpu'")
+        self.device = torch.device(device)
         self.model = model if model is not None else load_hf_model(family, dtype, trust_remote_code)
+        self.model.to(self.device)
         self.parts = family.torch_parts(self.model)
         self.dtype = next(self.model.parameters()).dtype
 
     def _t(self, a: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(a))
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def encode_images(self, pixel_values, pixel_attention_mask=None):
         with self.torch.inference_mode():
             pv = self._t(pixel_values).to(self.dtype)
             mask = None if pixel_attention_mask is None else self._t(pixel_attention_mask)
-            return self.parts.vision(pv, mask).float().numpy()
+            return self.parts.vision(pv, mask).float().cpu().numpy()
 
     def embed_tokens(self, input_ids):
         with self.torch.inference_mode():
-            return self.parts.embed_tokens(self._t(input_ids.astype(np.int64))).float().numpy()
+            return self.parts.embed_tokens(self._t(input_ids.astype(np.int64))).float().cpu().numpy()
 
     def new_cache(self, batch_size: int = 1) -> TorchCache:
         return TorchCache()
@@ -79,8 +85,8 @@ class TorchBackend:
                                      position_ids=self._t(position_ids.astype(np.int64)),
                                      past_key_values=cache.cache, use_cache=True)
             hidden = out.last_hidden_state[:, -1:, :]
-            return self.parts.lm_head(hidden)[:, -1, :].float().numpy()
+            return self.parts.lm_head(hidden)[:, -1, :].float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": "cpu", "dtype": str(self.dtype).replace("torch.", ""),
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "threads": self.torch.get_num_threads()}

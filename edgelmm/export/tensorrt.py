@@ -1,0 +1,284 @@
+"""TensorRT engines from a bundle's ONNX graphs, built on the device that will run them (engines are
+tied to the GPU and the TensorRT version). Needs TensorRT 10 and a GPU; not torch or transformers.
+
+Per engine: the ONNX parser, one optimization profile (tiles for vision; batch, sequence and past
+length for the decoder), FP16, INT8 from the calibrated QDQ vision graph (explicit quantization),
+INT4 weight-only from a blocked QDQ decoder graph made here, a timing cache shared by every build on
+this GPU, and a report of the compute layers that fell back to a wider type than asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..bundle import file_entry, open_bundle, write_manifest
+from ..errors import ExportError
+
+# precision -> per graph: (which ONNX source, TensorRT builder flags)
+ENGINE_PRECISIONS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "fp32": {"vision": ("fp32", ()), "embed": ("fp32", ()), "decoder": ("fp32", ())},
+    "fp16": {"vision": ("fp32", ("fp16",)), "embed": ("fp32", ("fp16",)), "decoder": ("fp32", ("fp16",))},
+    "int8-vision": {"vision": ("int8", ("fp16", "int8")), "embed": ("fp32", ("fp16",)),
+                    "decoder": ("fp32", ("fp16",))},
+    "int4": {"vision": ("fp32", ("fp16",)), "embed": ("fp32", ("fp16",)), "decoder": ("int4-qdq", ("fp16",))},
+    "int8-vision+int4": {"vision": ("int8", ("fp16", "int8")), "embed": ("fp32", ("fp16",)),
+                         "decoder": ("int4-qdq", ("fp16",))},
+}
+# What the engine layer report counts as "the type asked for" per flags.
+_WANTED = {(): "fp32", ("fp16",): "fp16", ("fp16", "int8"): "int8"}
+# verify thresholds per engine precision (TensorRT's fp32 uses TF32 on Ampere and later: not exact).
+VERIFY_KEY = {"fp32": "fp16", "fp16": "fp16", "int8-vision": "int8", "int4": "int8", "int8-vision+int4": "int8"}
+# Image sizes whose tiles the vision profile must cover (camera frames up to 1080p).
+_PROFILE_IMAGE_SIZES = ((224, 224), (480, 640), (720, 1280), (1080, 1920), (64, 48), (40, 56))
+
+
+@dataclass
+class EngineOptions:
+    precisions: Sequence[str] = ("fp16",)
+    max_images: int = 8              # images per prompt the vision engine takes at once
+    max_context: int = 4096          # positions (prompt + answer) the decoder engine holds
+    max_batch: int = 1
+    workspace_mib: int = 2048
+    timing_cache: str | None = None  # default ~/.cache/edgelmm/tensorrt/<gpu>-trt<version>.timing
+    optimization_level: int | None = None  # TensorRT's builder optimization level (default 3)
+    int4_block_size: int = 32
+    device_index: int = 0
+    verify: bool = True
+    overwrite: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "precisions": list(self.precisions)}
+
+
+def _dims(shape: list) -> list[int | str]:
+    return [d if isinstance(d, int) and d > 0 else str(d) for d in shape]
+
+
+def tile_range(family) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(most tiles one image becomes, smallest (H, W) tile, largest (H, W) tile) over camera-like sizes."""
+    most, hs, ws = 1, [], []
+    for h, w in _PROFILE_IMAGE_SIZES:
+        vis = family.preprocess([np.zeros((h, w, 3), np.uint8)])
+        most = max(most, vis.tiles_per_image[0])
+        hs.append(vis.pixel_values.shape[2])
+        ws.append(vis.pixel_values.shape[3])
+    return most, (min(hs), min(ws)), (max(hs), max(ws))
+
+
+def profiles(graph: str, inputs: list[dict], family, text: dict, opts: EngineOptions,
+             context_length: int | None) -> dict[str, list[list[int]]]:
+    """name -> [min, opt, max] shapes for one engine. Static dims are kept; the dynamic ones come
+    from the options (images, context, batch) and the family's tiling."""
+    B = opts.max_batch
+    ctx = min(opts.max_context, context_length or opts.max_context)
+    out = {}
+    if graph == "vision":
+        per_image, (h0, w0), (h1, w1) = tile_range(family)
+        tiles = max(1, opts.max_images * per_image)
+        for inp in inputs:
+            shape = inp["shape"]
+            lo, opt, hi = [], [], []
+            for axis, d in enumerate(shape):
+                if isinstance(d, int) and d > 0:
+                    lo.append(d), opt.append(d), hi.append(d)
+                elif axis == 0:
+                    lo.append(1), opt.append(min(tiles, 2 * per_image)), hi.append(tiles)
+                else:  # a tile's height or width (families with variable tile sizes)
+                    spatial = axis - (len(shape) - 2)  # 0 = H, 1 = W
+                    lo.append((h0, w0)[spatial]), opt.append((h1, w1)[spatial]), hi.append((h1, w1)[spatial])
+            out[inp["name"]] = [lo, opt, hi]
+        return out
+    if graph == "embed":
+        return {"input_ids": [[1, 1], [1, 1], [B, ctx]]}
+    kv, hd, D = text["num_kv_heads"], text["head_dim"], text["hidden_size"]
+    opt_past = min(512, ctx)
+    out = {"inputs_embeds": [[1, 1, D], [1, 1, D], [B, ctx, D]],
+           # one hidden slot in front of the cache (see runtimes/tensorrt.py): past is never empty
+           "attention_mask": [[1, 2], [1, opt_past + 1], [B, ctx + 1]],
+           "position_ids": [[1, 1], [1, 1], [B, ctx]]}
+    for inp in inputs[3:]:
+        out[inp["name"]] = [[1, kv, 1, hd], [1, kv, opt_past, hd], [B, kv, ctx, hd]]
+    return out
+
+
+def default_timing_cache(target: dict[str, Any]) -> Path:
+    name = f"{target['gpu'].replace(' ', '_')}-sm{target['compute_capability']}-trt{target['tensorrt']}.timing"
+    return Path(os.environ.get("EDGELMM_CACHE", Path.home() / ".cache" / "edgelmm")) / "tensorrt" / name
+
+
+def build_engine(trt, onnx_path: Path, engine_path: Path, shapes: dict[str, list[list[int]]], flags: Sequence[str],
+                 opts: EngineOptions, timing_cache: Path) -> dict[str, Any]:
+    """Parse, configure, build and serialise one engine; returns its build record for the manifest."""
+    from ..runtimes.tensorrt import engine_layer_report, trt_logger
+
+    logger = trt_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise ExportError(f"{onnx_path.name}: TensorRT's ONNX parser refused the graph: " + " | ".join(errors[:5]))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # for the layer precision report
+    if opts.optimization_level is not None:
+        config.builder_optimization_level = opts.optimization_level
+    for flag in flags:
+        config.set_flag({"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8}[flag])
+    profile = builder.create_optimization_profile()
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for name, (lo, opt, hi) in shapes.items():
+        if name in names:
+            profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError(f"{onnx_path.name}: TensorRT could not build an engine: " + " | ".join(logger.errors))
+    seconds = time.perf_counter() - start
+    engine_path.write_bytes(memoryview(plan))
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = timing_cache.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    os.replace(tmp, timing_cache)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    inspector = engine.create_engine_inspector()
+    layers = engine_layer_report(inspector.get_engine_information(trt.LayerInformationFormat.JSON),
+                                 _WANTED.get(tuple(flags), "fp16"))
+    return {"flags": list(flags), "profile": shapes, "build_seconds": round(seconds, 1),
+            "workspace_mib": opts.workspace_mib, "layers": layers}
+
+
+def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, *,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build TensorRT engines for `options.precisions` into the bundle at `bundle_dir`: files go to a
+    hidden directory inside it and the manifest is replaced in one rename at the end, so a failed or
+    interrupted build leaves the bundle as it was. Each engine is then checked against the bundle's
+    fp32 ONNX graphs on ONNX Runtime's CPU provider (no PyTorch needed on the device)."""
+    from ..api import pipeline_for_bundle
+    from ..calib.quantize import quantize_decoder_int4_qdq
+    from ..families import detect
+    from ..modelfiles import ModelFiles
+    from ..runtimes.select import current_engine_target
+    from ..runtimes.tensorrt import import_tensorrt
+    from ..verify import THRESHOLDS
+    from ..verify import verify as run_verify
+
+    opts = options or EngineOptions()
+    say = progress or (lambda _msg: None)
+    unknown = [p for p in opts.precisions if p not in ENGINE_PRECISIONS]
+    if unknown or not opts.precisions:
+        raise ExportError(f"unknown engine precision(s) {unknown or list(opts.precisions)}; choose from "
+                          f"{', '.join(ENGINE_PRECISIONS)}")
+    root = Path(bundle_dir)
+    bundle = open_bundle(root)
+    onnx = {(a["graph"], a["file"]): a for a in bundle.manifest["artifacts"] if a["format"] == "onnx"}
+    fp32 = {a["graph"]: a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
+    if len(fp32) < 3:
+        raise ExportError(f"{root}: engines are built from the bundle's fp32 ONNX graphs and it has none "
+                          "(export with --format onnx)")
+    have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "tensorrt"}
+    present = [p for p in opts.precisions if p in have]
+    if present and not opts.overwrite:
+        raise ExportError(f"{root}: already has {present} engines; pass --overwrite to rebuild them")
+    needs_int8 = any(ENGINE_PRECISIONS[p]["vision"][0] == "int8" for p in opts.precisions)
+    int8_vision = next((a for (g, f), a in onnx.items() if g == "vision" and f.endswith("vision.int8.onnx")), None)
+    if needs_int8:
+        if int8_vision is None:
+            raise ExportError(f"{root}: INT8 vision engines are built from the calibrated QDQ vision graph; run "
+                              "`edgelmm calibrate BUNDLE --precision int8-vision+int4 --activations s8` first")
+        activations = {c.get("options", {}).get("activations") for c in bundle.manifest.get("calibration", {}).values()}
+        if "s8" not in activations:
+            raise ExportError(f"{root}: the INT8 vision graph was calibrated with unsigned (asymmetric) activations for "
+                              "CPU kernels; TensorRT takes symmetric INT8 only: recalibrate with "
+                              "`edgelmm calibrate BUNDLE --precision int8-vision+int4 --activations s8 --overwrite`")
+
+    trt = import_tensorrt()
+    target = current_engine_target(opts.device_index)
+    timing_cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache(target)
+    files = ModelFiles.open(root)
+    family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
+    work = Path(tempfile.mkdtemp(prefix=".engines-partial-", dir=root))
+    try:
+        sources = {"fp32": {g: bundle.path(a) for g, a in fp32.items()}}
+        if int8_vision is not None:
+            sources["int8"] = {"vision": bundle.path(int8_vision)}
+        if any(ENGINE_PRECISIONS[p]["decoder"][0] == "int4-qdq" for p in opts.precisions):
+            say(f"INT4 weight-only QDQ decoder (block {opts.int4_block_size})")
+            qdq = work / "decoder.int4-qdq.onnx"
+            int4 = quantize_decoder_int4_qdq(sources["fp32"]["decoder"], qdq, block_size=opts.int4_block_size)
+            sources["int4-qdq"] = {"decoder": qdq}
+        built: dict[tuple[str, tuple], dict[str, Any]] = {}   # (source file, flags) -> engine, built once
+        artifacts = []
+        for precision in opts.precisions:
+            for graph, (variant, flags) in ENGINE_PRECISIONS[precision].items():
+                src = sources[variant][graph]
+                key = (str(src), tuple(flags))
+                if key not in built:
+                    name = f"{graph}.{variant}{''.join('.' + f for f in flags)}.engine"
+                    say(f"building the {graph} engine ({variant} graph, flags {list(flags) or ['fp32']})")
+                    shapes = profiles(graph, fp32[graph]["inputs"], family, bundle.manifest["text"], opts,
+                                      files.context_length)
+                    record = build_engine(trt, src, work / name, shapes, flags, opts, timing_cache)
+                    built[key] = {"name": name, "record": record}
+                name, record = built[key]["name"], built[key]["record"]
+                engine = {"target": target, "source": variant, "tensorrt_version": target["tensorrt"], **record}
+                if variant == "int4-qdq":
+                    engine["int4"] = int4
+                artifacts.append({"graph": graph, "format": "tensorrt", "precision": precision,
+                                  "file": f"tensorrt/{name}", "inputs": fp32[graph]["inputs"],
+                                  "outputs": fp32[graph]["outputs"], "engine": engine})
+
+        def with_engines(where: Callable[[str], str]) -> dict[str, Any]:
+            arts = []
+            for art in artifacts:
+                entry = {**file_entry(root, where(art["file"])), "file": where(art["file"])}
+                arts.append({**art, "file": entry["file"], "files": [entry], "sha256": entry["sha256"]})
+            kept = [a for a in bundle.manifest["artifacts"]
+                    if not (a["format"] == "tensorrt" and a["precision"] in opts.precisions)]
+            # An engine file shared with a precision not rebuilt now (--overwrite) gets its new hash.
+            rebuilt = {art["file"] for art in artifacts}
+            kept = [{**a, "files": [file_entry(root, a["file"])], "sha256": file_entry(root, a["file"])["sha256"]}
+                    if a["file"] in rebuilt and where(a["file"]) == a["file"] else a for a in kept]
+            return {**bundle.manifest, "artifacts": kept + arts}
+
+        # Verify the engines where they are (the work dir), so a failure changes nothing in the bundle.
+        in_work = str(work.relative_to(root))
+        trial = with_engines(lambda f: f.replace("tensorrt/", in_work + "/", 1))
+        verified = {}
+        if opts.verify:
+            from ..bundle import Bundle
+
+            reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
+            for precision in opts.precisions:
+                say(f"verifying the {precision} engines against the fp32 ONNX graphs (ONNX Runtime CPU)")
+                candidate = pipeline_for_bundle(Bundle(root, trial), backend="tensorrt", precision=precision)
+                report = run_verify(candidate, reference, precision, thresholds=THRESHOLDS[VERIFY_KEY[precision]])
+                verified[precision] = {k: report[k] for k in ("summary", "passed", "failures")}
+                del candidate
+                if not report["passed"]:
+                    raise ExportError(f"the {precision} TensorRT engines failed parity with the fp32 ONNX graphs: "
+                                      + "; ".join(report["failures"]) + ". Nothing was added to the bundle.")
+        # Commit: engines into tensorrt/, then the manifest in one rename.
+        (root / "tensorrt").mkdir(exist_ok=True)
+        for name in {b["name"] for b in built.values()}:
+            os.replace(work / name, root / "tensorrt" / name)
+        manifest = with_engines(lambda f: f)
+        manifest["tensorrt"] = {"target": target, "options": opts.as_dict(), "timing_cache": str(timing_cache),
+                                "verify": {**bundle.manifest.get("tensorrt", {}).get("verify", {}), **verified}}
+        write_manifest(work, manifest)
+        os.replace(work / "edgelmm.json", root / "edgelmm.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"bundle": str(root), "target": target, "engines": manifest["artifacts"][-len(artifacts):],
+            "timing_cache": str(timing_cache), "verify": verified}
