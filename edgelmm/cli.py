@@ -235,8 +235,8 @@ def calibrate(
 def verify(
     bundle: Path = typer.Argument(..., help="A bundle directory made by `edgelmm export`."),
     reference: Path = typer.Option(..., "--reference", "-r", help="The checkpoint the bundle was exported from."),
-    backend: Optional[str] = typer.Option(None, help="onnxruntime (ONNX graphs) or llamacpp (GGUF files). "
-                                                     "Default: every backend the bundle has artifacts for."),
+    backend: Optional[str] = typer.Option(None, help="onnxruntime (ONNX graphs), llamacpp (GGUF files) or tensorrt "
+                                                     "(engines). Default: every backend the bundle has artifacts for."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
     precision: Optional[str] = typer.Option(None, help="Which precision to check (ONNX fp32/fp16, GGUF f32/f16/"
                                                        "q8_0/q4_k_m). Default: every one the bundle has."),
@@ -258,8 +258,13 @@ def verify(
             raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
                                      f"(formats {api.bundle_formats(opened)})")
         ref = api.load(reference, backend="torch")
+        from .export.tensorrt import VERIFY_KEY
+        from .verify import THRESHOLDS
+
+        # TensorRT's precisions are judged as fp16 (TF32 and fp16 kernels) or, quantized, on the vision cosine.
         reports = [run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p), ref, p,
-                              max_new_tokens=max_new_tokens) for b, p in checks]
+                              max_new_tokens=max_new_tokens,
+                              thresholds=THRESHOLDS[VERIFY_KEY[p]] if b == "tensorrt" else None) for b, p in checks]
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:

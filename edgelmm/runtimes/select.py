@@ -228,7 +228,7 @@ def probe_onnxruntime(plat: Platform) -> list[Probe]:
         gpu_hint = HINTS["ort-tensorrt"] if provider.startswith("Tensorrt") else HINTS[f"onnxruntime-gpu:{_where(plat)}"]
         if not listed:
             out.append(Probe(name, True, False, ort.__version__, "not in this onnxruntime build",
-                             None if provider.startswith("CPU") else gpu_hint))
+                             gpu_hint if plat.has_gpu and not provider.startswith("CPU") else None))
             continue
         if provider != "CPUExecutionProvider" and not plat.has_gpu:
             out.append(Probe(name, True, False, ort.__version__,

@@ -56,7 +56,7 @@ def trt_logger(trt):
                 self.errors: list[str] = []
 
             def log(self, severity, msg):
-                if severity <= trt.ILogger.Severity.ERROR:
+                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                     self.errors = (self.errors + [str(msg)])[-5:]
 
         _LOGGERS["logger"] = Logger()
