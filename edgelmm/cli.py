@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,6 +19,18 @@ app = typer.Typer(
          "verify it against PyTorch, and answer interleaved multi-image prompts. Each command has --help.",
 )
 err = Console(stderr=True)
+
+
+@contextmanager
+def _progress(label: str, quiet: bool):
+    """A live status line on stderr for a long step (off with --json). Yields update(message,
+    done=None, total=None): a spinner until a total is given, then a bar with a count."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, disable=quiet, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda msg, done=None, total=None: bar.update(task, description=msg, completed=done, total=total)
 
 
 def _fail(exc: EdgeLMMError, as_json: bool) -> None:
@@ -200,19 +212,15 @@ def calibrate(
     """Quantize a bundle's fp32 ONNX graphs on your own multi-image data (INT8 vision tower, INT4 or
     INT8 decoder), measure each precision against fp32 on held-out prompts, and add the ones that
     pass the quality gate to the bundle. Needs onnxruntime and onnx, not torch."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from .calib import calibrate as run_calibrate
 
     opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level,
                                 no_quality_gate, max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations)
     opts.image_root = str(image_root) if image_root else None
     try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                      disable=as_json, transient=True) as bar:
-            task = bar.add_task("calibrating", total=None)
+        with _progress("calibrating", as_json) as update:
             result = run_calibrate(bundle, [p.strip() for p in precision.split(",")], opts, overwrite=overwrite,
-                                   progress=lambda msg: bar.update(task, description=msg))
+                                   progress=update)
     except EdgeLMMError as exc:
         report = getattr(exc, "report", None)
         if as_json and report:
@@ -354,8 +362,6 @@ def build_engines(
     """Build TensorRT engines for this machine's GPU into a bundle, with a report of the layers that
     fell back to a wider type, and check them against the bundle's fp32 graphs. The bundle is only
     changed when every engine built and passed. Needs TensorRT 10 (JetPack >= 6.1 on Jetson)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from .export.tensorrt import EngineOptions
     from .export.tensorrt import build_engines as run_build
 
@@ -364,10 +370,8 @@ def build_engines(
                          timing_cache=str(timing_cache) if timing_cache else None, int4_block_size=int4_block_size,
                          verify=not no_verify, overwrite=overwrite)
     try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                      disable=as_json, transient=True) as bar:
-            task = bar.add_task("building engines", total=None)
-            result = run_build(bundle, opts, progress=lambda msg: bar.update(task, description=msg))
+        with _progress("building engines", as_json) as update:
+            result = run_build(bundle, opts, progress=update)
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
@@ -386,6 +390,46 @@ def build_engines(
     Console().print(table)
     for p, report in result["verify"].items():
         err.print(f"{p}: parity with the fp32 ONNX graphs {'passed' if report['passed'] else 'FAILED'}")
+
+
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="A bundle from `edgelmm export` (every backend and precision it has is "
+                                            "measured)."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated subset: tensorrt, onnxruntime, llamacpp. "
+                                                      "Default: every one the bundle has artifacts for and that runs "
+                                                      "here."),
+    threads: int = typer.Option(1, help="CPU threads per backend. 1 gives repeatable numbers on a busy machine."),
+    repeats: int = typer.Option(5, help="Measured rounds per backend (after one warm-up); the median is reported."),
+    new_tokens: int = typer.Option(32, help="Greedy decode steps per round (EOS ignored)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report (medians, spreads, roofline) as JSON."),
+):
+    """Measure every backend x precision of a bundle in one run: vision ms/image (1 and 4 images),
+    time to first token of a 2-image prompt, prefill and decode tokens/s, peak memory and size, and
+    decode against this machine's memory-bandwidth roofline. Each runs in its own process."""
+    from rich.markdown import Markdown
+
+    from .bench import BenchOptions, format_table
+    from .bench import bench as run_bench
+
+    opts = BenchOptions(backends=[b.strip() for b in backends.split(",")] if backends else None, threads=threads,
+                        repeats=repeats, new_tokens=new_tokens)
+    try:
+        with _progress("benchmarking", as_json) as update:
+            report = run_bench(bundle, opts, progress=update)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(report))
+        return
+    m = report["machine"]
+    out = Console()
+    out.print(Markdown(format_table(report)))
+    out.print(f"{m['cpu']} ({m['cores']} cores), {report['threads']} thread(s), median of {report['repeats']}; "
+              f"memory bandwidth {report['memory_bandwidth_gb_s']} GB/s (streaming copy), last-level cache "
+              f"{report['last_level_cache_mib']} MiB")
+    for why in report["skipped"]:
+        err.print(f"skipped {why}")
 
 
 @app.command()

@@ -171,10 +171,18 @@ class Pipeline:
             if token in self.eos_ids or i == budget - 1:
                 break
             t = time.perf_counter()
-            pos = n + i
-            step = self.backend.embed_tokens(np.array([[token]], np.int64))
-            logits = self.backend.decode(step, np.ones((1, pos + 1), np.int64), np.array([[pos]], np.int64), cache)
+            logits = self.decode_step(token, n + i, cache)
             timings["decode_ms"] += (time.perf_counter() - t) * 1e3
+
+    def decode_step(self, token: int, position: int, cache) -> np.ndarray:
+        """One generated token (batch 1) through the decoder -> logits [1, V]. A backend that takes
+        token ids itself (`decode_ids`: llama.cpp looks the row up inside its graph) skips the
+        host-side embedding lookup, which on a small model costs a third of a step."""
+        ids, pos = np.array([[token]], np.int64), np.array([[position]], np.int64)
+        by_id = getattr(self.backend, "decode_ids", None)
+        if by_id is not None:
+            return by_id(ids, pos, cache)
+        return self.backend.decode(self.backend.embed_tokens(ids), np.ones((1, position + 1), np.int64), pos, cache)
 
     def generate_batch(self, requests: Sequence[tuple[PromptInput, Sequence[ImageInput] | None]], *,
                        chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -35,3 +35,6 @@ class Backend(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """What really runs: device, providers, threads, precision."""
+
+# Optional: `decode_ids(input_ids [1, S], position_ids [1, S], cache) -> logits [1, V]`, for text tokens
+# of a batch-1 generation, where the backend looks embeddings up itself (Pipeline.decode_step uses it).

@@ -93,7 +93,7 @@ class LlamaCppBackend:
                                      f"CMAKE_ARGS='-DGGML_CUDA=on' for a GPU build): {exc}") from None
         self.L, self.M = llama_cpp, mtmd_cpp
         self._model = self._ctx = self._mctx = None
-        self._batch = None
+        self._batch = self._token_batch = None
         llm_art, mm_art = bundle.artifact("llm", "gguf", precision), bundle.artifact("mmproj", "gguf", precision)
         llm_path, mm_path = bundle.path(llm_art), bundle.path(mm_art)
         # Checked before llama.cpp opens them: some malformed files abort the process inside C code.
@@ -154,6 +154,7 @@ class LlamaCppBackend:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, self.hidden, 1)
+        self._token_batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)  # text tokens by id (decode_ids)
         self._generation = 0
 
     # ---- vision ----
@@ -270,6 +271,34 @@ class LlamaCppBackend:
         cache.length += S
         return logits
 
+    def decode_ids(self, input_ids, position_ids, cache: LlamaCppCache):
+        """Batch-1 text tokens by id: llama.cpp gathers (and dequantizes) the embedding rows inside
+        its graph, as stock llama.cpp does, instead of edgelmm doing it on the host."""
+        if cache.generation != self._generation:
+            raise EdgeLMMError("this KV cache was superseded by a newer one: a llama.cpp context holds one "
+                               "cache, so finish one generation before starting the next")
+        ids = np.asarray(input_ids, np.int64).reshape(-1)
+        if cache.batch_size != 1 or ids.size > self.n_batch:
+            raise PromptError("decode_ids takes one sequence of at most n_batch tokens")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
+            raise PromptError(f"token id {int(ids.max())} is outside the model's vocabulary")
+        if cache.length + ids.size > self.n_ctx:
+            raise PromptError(f"{cache.length + ids.size} positions exceed the llama.cpp context of {self.n_ctx}")
+        batch = self._token_batch
+        pos = np.asarray(position_ids, np.int64).reshape(-1)
+        for k, (token, p) in enumerate(zip(ids.tolist(), pos.tolist())):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, p, 1, 0
+            batch.seq_id[k][0] = 0
+        batch.logits[ids.size - 1] = 1
+        batch.n_tokens = int(ids.size)
+        rc = self.L.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise PromptError(f"llama_decode failed ({rc}): " + ("no room left in the KV cache" if rc == 1
+                                                                  else _recent_log()))
+        cache.length += int(ids.size)
+        ptr = self.L.llama_get_logits_ith(self._ctx, int(ids.size) - 1)
+        return np.ctypeslib.as_array(ptr, shape=(1, self.n_vocab)).copy()
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "threads": self.threads,
                 "gpu_layers": self.gpu_layers, "kv_cache_type": self.kv_type, "n_ctx": self.n_ctx,
@@ -280,6 +309,9 @@ class LlamaCppBackend:
         if self._batch is not None:
             self.L.llama_batch_free(self._batch)
             self._batch = None
+        if self._token_batch is not None:
+            self.L.llama_batch_free(self._token_batch)
+            self._token_batch = None
         if self._mctx:
             self.M.mtmd_free(self._mctx)
             self._mctx = None

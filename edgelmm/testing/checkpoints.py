@@ -121,7 +121,7 @@ def _write_generation_config(out: Path, bos_id: int, eos_ids: list[int], pad_id:
 # ---------------------------------------------------------------- llava (Mantis-8B-*-llama3)
 
 def build_llava(out: Path, vision: str = "siglip", seed: int = 0, *, image_size: int = 32, patch: int = 8,
-                vision_dims: dict | None = None, text_dims: dict | None = None) -> Path:
+                vision_dims: dict | None = None, text_dims: dict | None = None, max_positions: int = 1024) -> Path:
     """A LLaVA checkpoint; the defaults are tiny, the size arguments make benchmark-sized ones
     (text_dims may set vocab_size above the tokenizer's size, as real checkpoints pad it)."""
     import torch
@@ -151,7 +151,7 @@ def build_llava(out: Path, vision: str = "siglip", seed: int = 0, *, image_size:
                                                 crop_size={"height": image_size, "width": image_size})
     else:
         raise ValueError(f"unknown vision tower {vision!r} (siglip or clip)")
-    tcfg = LlamaConfig(**tdims, max_position_embeddings=1024,
+    tcfg = LlamaConfig(**tdims, max_position_embeddings=max_positions,
                        bos_token_id=tok.token_to_id(bos), eos_token_id=tok.token_to_id(eot),
                        pad_token_id=tok.token_to_id("<pad>"), rope_theta=500000.0)
     num_tokens = (image_size // patch) ** 2
@@ -257,25 +257,21 @@ BENCH_TEXT = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers"
               "num_key_value_heads": 4, "vocab_size": 32000}
 
 
-def build_bench_checkpoint(workdir: str | Path) -> Path:
-    """Build (once) the benchmark LLaVA-SigLIP checkpoint under workdir and return its directory."""
-    out = Path(workdir) / "Mantis-bench60m-siglip-llama3"
+BENCH_TEXT_200M = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "vocab_size": 32000}
+
+
+def build_bench_checkpoint(workdir: str | Path, size: str = "60m") -> Path:
+    """Build (once) a benchmark LLaVA-SigLIP checkpoint under workdir and return its directory:
+    "60m" (text hidden 512 x 6 layers) or "200m" (hidden 1024 x 12, FFN 2816); random weights,
+    hidden and FFN sizes multiples of 256 (k-quants apply), vocab 32000, 4096 positions."""
+    text = {"60m": BENCH_TEXT, "200m": BENCH_TEXT_200M}[size]
+    out = Path(workdir) / f"Mantis-bench{size}-siglip-llama3"
     if not (out / "config.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        build_llava(out, "siglip", image_size=224, patch=16, vision_dims=BENCH_VISION, text_dims=BENCH_TEXT)
+        build_llava(out, "siglip", image_size=224, patch=16, vision_dims=BENCH_VISION, text_dims=text,
+                    max_positions=4096)
     return out
-
-
-def build_bench_bundle(workdir: str | Path, **export_kwargs) -> tuple[Path, Path]:
-    """The benchmark checkpoint and its bundle under workdir, each built once (a rerun of a
-    benchmark reuses them): (checkpoint dir, bundle dir). `export_kwargs` go to export()."""
-    from ..export import export
-
-    ckpt = build_bench_checkpoint(workdir)
-    bundle = Path(workdir) / "bundle"
-    if not (bundle / "edgelmm.json").exists():
-        export(ckpt, bundle, overwrite=True, **export_kwargs)
-    return ckpt, bundle
 
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {

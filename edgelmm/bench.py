@@ -1,0 +1,308 @@
+"""`edgelmm bench`: every backend x precision a bundle has, measured the same way in one run, against
+this machine's memory bandwidth (the decode roofline).
+
+Each (backend, precision) runs in a subprocess of its own, so its peak RSS is its own and one
+backend's allocator or thread pool does not slow the next. Inside it, the timings are taken at the
+backend contract, identically for every backend:
+  - vision ms/image, for 1 image and for 4 images at once;
+  - time to first token of a 2-image prompt (`prompt_images`): preprocessing, vision, merge, prefill;
+  - prefill tokens/s (that prompt in one decoder call) and decode tokens/s (fixed greedy steps,
+    EOS ignored, so every backend decodes the same number of tokens);
+  - peak RSS, and GPU memory where the backend runs on a GPU.
+Each is the median of `repeats` rounds after a warm-up round, with the spread (max-min)/median.
+
+The roofline: a decode step reads every decoder weight once (the embedding table only one row) and
+the whole KV cache, so tokens/s <= bandwidth / (weight bytes + KV bytes). The bandwidth is a
+streaming copy measured here, on one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .bundle import open_bundle
+from .errors import BackendUnavailable, EdgeLMMError, OptionError
+
+BACKEND_ORDER = ("tensorrt", "onnxruntime", "llamacpp")
+
+
+def prompt_for(images: int) -> str:
+    """The timed prompt: `images` interleaved images and a question about them."""
+    return " ".join(f"Image {i + 1} <image>." for i in range(images)) + " Which one is abnormal, and what changed?"
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache (Linux sysfs). A model whose decode bytes fit in it is not bound by DRAM
+    bandwidth, so its roofline fraction can pass 100%."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def memory_bandwidth(mib: int = 256, repeats: int = 10) -> float:
+    """GB/s of a streaming copy (read + write) of `mib` MiB on one thread: the best of `repeats`."""
+    src = np.ones(mib << 18, np.float32)  # mib MiB
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+@dataclass
+class BenchOptions:
+    backends: Sequence[str] | None = None   # default: every backend the bundle has artifacts for and runs here
+    threads: int = 1
+    repeats: int = 5
+    new_tokens: int = 32
+    image_size: tuple[int, int] = (480, 640)  # a camera frame
+    prompt_images: int = 2                  # images in the prompt timed for TTFT, prefill and decode
+    bandwidth_mib: int = 256
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    med = statistics.median(values)
+    return {"median": round(med, 4), "spread": round((max(values) - min(values)) / med, 3) if med else 0.0}
+
+
+def bench_images(n: int, size: tuple[int, int]) -> list[np.ndarray]:
+    rng = np.random.default_rng(n)
+    h, w = size
+    # smooth random scenes (noise alone is not an image a camera gives)
+    base = rng.integers(0, 255, (n, h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
+    return [np.kron(b, np.ones((16, 16, 1), np.uint8))[:h, :w] for b in base]
+
+
+def decode_weight_bytes(bundle, backend: str, precision: str) -> int:
+    """Bytes of weights one decode step reads: the decoder (lm_head included), not the embedding
+    table (one row of it per token), unless the output layer reuses it (tied embeddings)."""
+    arts = [a for a in bundle.manifest["artifacts"] if a["precision"] == precision]
+    if backend == "llamacpp":
+        import gguf
+
+        llm = next(a for a in arts if a["format"] == "gguf" and a["graph"] == "llm")
+        reader = gguf.GGUFReader(str(bundle.path(llm)))
+        sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+        tied = "output.weight" not in sizes
+        return sum(n for name, n in sizes.items() if name != "token_embd.weight" or tied)
+    fmt = "tensorrt" if backend == "tensorrt" else "onnx"
+    dec = next(a for a in arts if a["format"] == fmt and a["graph"] == "decoder")
+    return sum(e["size"] for e in dec["files"])
+
+
+def artifact_bytes(bundle, backend: str, precision: str) -> int:
+    fmt = {"tensorrt": "tensorrt", "onnxruntime": "onnx", "llamacpp": "gguf"}[backend]
+    files = {e["file"]: e["size"] for a in bundle.manifest["artifacts"]
+             if a["format"] == fmt and a["precision"] == precision for e in a["files"]}
+    return sum(files.values())
+
+
+def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str]], list[str]]:
+    """(backend, precision) pairs to run, and why others were left out."""
+    from .api import bundle_formats, bundle_precisions
+    from .runtimes.select import detect_platform, probe_llamacpp, probe_tensorrt
+
+    formats = bundle_formats(bundle)
+    wanted = list(options.backends or BACKEND_ORDER)
+    unknown = [b for b in wanted if b not in BACKEND_ORDER]
+    if unknown:
+        raise BackendUnavailable(f"unknown backend(s) {unknown} for bench; choose from {', '.join(BACKEND_ORDER)}")
+    out, skipped = [], []
+    fmt = {"tensorrt": "tensorrt", "onnxruntime": "onnx", "llamacpp": "gguf"}
+    plat = detect_platform()
+    for backend in wanted:
+        if fmt[backend] not in formats:
+            if options.backends:
+                skipped.append(f"{backend}: the bundle has no {fmt[backend]} artifacts")
+            continue
+        if backend == "tensorrt" and not probe_tensorrt(plat).runs:
+            skipped.append(f"tensorrt: {probe_tensorrt(plat).detail}")
+            continue
+        if backend == "llamacpp" and not probe_llamacpp(plat)[0].runs:
+            skipped.append(f"llamacpp: {probe_llamacpp(plat)[0].detail}")
+            continue
+        out += [(backend, p) for p in bundle_precisions(bundle, fmt[backend])]
+    return out, skipped
+
+
+def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions) -> dict[str, Any]:
+    """One (backend, precision) in this process (the worker side of `bench`)."""
+    from .api import pipeline_for_bundle
+
+    bundle = open_bundle(bundle_dir)
+    provider = "cpu" if backend == "onnxruntime" else "auto"
+    gpu_before = _gpu_free()
+    pipe = pipeline_for_bundle(bundle, backend=backend, provider=provider, threads=options.threads,
+                               precision=precision)
+    row = measure_pipeline(pipe, options)
+    describe = pipe.describe()
+    kv_bytes = (4 if describe["kv_cache_type"] == "f32" else 2) if backend == "llamacpp" else \
+        np.dtype(pipe.backend.kv_dtype).itemsize
+    text = bundle.manifest["text"]
+    mean_ctx = row["prompt_tokens"] + options.new_tokens / 2
+    kv_read = 2 * text["num_layers"] * text["num_kv_heads"] * text["head_dim"] * kv_bytes * mean_ctx
+    gpu_after = _gpu_free()
+    return {"backend": backend, "precision": precision, **row,
+            "gpu_memory_mib": round((gpu_before - gpu_after) / (1 << 20), 1) if gpu_before and gpu_after else None,
+            "size_mib": round(artifact_bytes(bundle, backend, precision) / (1 << 20), 2),
+            "decode_bytes_per_token": int(decode_weight_bytes(bundle, backend, precision) + kv_read)}
+
+
+def measure_pipeline(pipe, options: BenchOptions) -> dict[str, Any]:
+    """The timings of one Pipeline (any backend, the PyTorch reference included), at the backend
+    contract: the same calls, prompts and token counts for every backend."""
+    b = pipe.backend
+    rounds = options.repeats + 1  # the first is a warm-up
+    vision1, vision4, ttft, prefill, decode = [], [], [], [], []
+    one = pipe.prepare(prompt_for(1), bench_images(1, options.image_size))
+    four = pipe.prepare(prompt_for(4), bench_images(4, options.image_size))
+    images = bench_images(options.prompt_images, options.image_size)
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        pipe.image_features(one.vision)
+        t1 = time.perf_counter()
+        pipe.image_features(four.vision)
+        t2 = time.perf_counter()
+        prep = pipe.prepare(prompt_for(options.prompt_images), images)
+        embeds = pipe.merged_embeddings(prep)
+        n = embeds.shape[1]
+        cache = b.new_cache(1)
+        t3 = time.perf_counter()
+        logits = b.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        token = int(np.argmax(logits[0]))
+        t4 = time.perf_counter()
+        for i in range(options.new_tokens):  # as Pipeline.stream_tokens steps
+            token = int(np.argmax(pipe.decode_step(token, n + i, cache)[0]))
+        t5 = time.perf_counter()
+        if r:
+            vision1.append((t1 - t0) * 1e3)
+            vision4.append((t2 - t1) * 1e3 / 4)
+            ttft.append((t4 - t2) * 1e3)
+            prefill.append(n / (t4 - t3))
+            decode.append(options.new_tokens / (t5 - t4))
+    describe = pipe.describe()
+    return {"device": describe.get("device") or describe.get("providers", ["cpu"])[0], "threads": options.threads,
+            "prompt_images": options.prompt_images, "prompt_tokens": n, "new_tokens": options.new_tokens,
+            "vision_ms_per_image_1": _stats(vision1), "vision_ms_per_image_4": _stats(vision4), "ttft_ms": _stats(ttft),
+            "prefill_tokens_per_s": _stats(prefill), "decode_tokens_per_s": _stats(decode),
+            "peak_rss_mib": round(peak_rss_bytes() / (1 << 20), 1)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage: after fork + exec, ru_maxrss keeps
+    the parent's peak (a worker started by a parent holding the bandwidth buffers read 548 MiB for
+    a 120 MiB run)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gpu_free() -> int | None:
+    try:
+        from .runtimes.cuda import CudaDriver
+        from .runtimes.onnxruntime import nvidia_gpu_present
+
+        if not nvidia_gpu_present():
+            return None
+        cuda = CudaDriver.get()
+        cuda.use_device(0)
+        return cuda.memory_info()[0]
+    except EdgeLMMError:
+        return None
+
+
+def run_worker(bundle_dir: str, backend: str, precision: str, options: BenchOptions) -> dict[str, Any]:
+    """`measure` in a fresh Python process (its own peak RSS, its own thread pools); a failure is a row
+    with the error, so one broken backend does not end the run."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
+    payload = json.dumps({"bundle": bundle_dir, "backend": backend, "precision": precision,
+                          "options": {**asdict(options), "image_size": list(options.image_size)}})
+    r = subprocess.run([sys.executable, "-m", "edgelmm.bench", payload], capture_output=True, text=True, env=env)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        return {"backend": backend, "precision": precision, "error": " | ".join(tail) or f"exit {r.returncode}"}
+    return json.loads(lines[-1])
+
+
+def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
+          progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run every (backend, precision) of the bundle; returns the machine, the bandwidth and a row each."""
+    from .runtimes.select import detect_platform
+
+    opts = options or BenchOptions()
+    if opts.repeats < 1 or opts.new_tokens < 1 or opts.threads < 1:
+        raise OptionError("bench: --repeats, --new-tokens and --threads must be at least 1")
+    bundle = open_bundle(bundle_dir)
+    todo, skipped = configs(bundle, opts)
+    if not todo:
+        raise BackendUnavailable("nothing to benchmark here: " + ("; ".join(skipped) or "the bundle has no artifacts"))
+    say = progress or (lambda _msg, _i, _n: None)
+    say("measuring memory bandwidth", 0, len(todo))
+    bandwidth = memory_bandwidth(opts.bandwidth_mib)
+    llc = last_level_cache_bytes()
+    rows = []
+    for i, (backend, precision) in enumerate(todo):
+        say(f"{backend} {precision}", i, len(todo))
+        row = run_worker(str(Path(bundle_dir).resolve()), backend, precision, opts)
+        if "error" not in row:
+            roof = bandwidth * 1e9 / row["decode_bytes_per_token"]
+            row["roofline_tokens_per_s"] = round(roof, 1)
+            row["roofline_fraction"] = round(row["decode_tokens_per_s"]["median"] / roof, 3)
+            row["fits_in_cache"] = bool(llc and row["decode_bytes_per_token"] < llc)
+        rows.append(row)
+    say("done", len(todo), len(todo))
+    plat = detect_platform()
+    return {"bundle": str(bundle_dir), "machine": {"kind": plat.kind, "cpu": plat.cpu, "cores": plat.cpu_count,
+                                                   "memory_mib": plat.memory_mib, "gpus": plat.gpus},
+            "threads": opts.threads, "repeats": opts.repeats, "memory_bandwidth_gb_s": round(bandwidth, 2),
+            "last_level_cache_mib": round(llc / (1 << 20), 1) if llc else None,
+            "results": rows, "skipped": skipped}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = ("| backend | precision | vision ms/img (1 / 4) | TTFT ms (2 img) | prefill tok/s | decode tok/s "
+            "| roofline | RSS MiB | MiB on disk |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['precision']} | failed: {r['error']} |||||||")
+            continue
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['vision_ms_per_image_1']['median']:.2f} / "
+            f"{r['vision_ms_per_image_4']['median']:.2f} | {r['ttft_ms']['median']:.1f} | "
+            f"{r['prefill_tokens_per_s']['median']:.0f} | {r['decode_tokens_per_s']['median']:.1f} "
+            f"(±{100 * r['decode_tokens_per_s']['spread']:.0f}%) | {100 * r['roofline_fraction']:.0f}% of "
+            f"{r['roofline_tokens_per_s']:.0f}{' (in cache)' if r['fits_in_cache'] else ''} | "
+            f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.1f} |")
+    return head + "\n".join(lines)
+
+
+if __name__ == "__main__":  # the worker: one (backend, precision), JSON on the last stdout line
+    job = json.loads(sys.argv[1])
+    o = job["options"]
+    o["image_size"] = tuple(o["image_size"])
+    print(json.dumps(measure(job["bundle"], job["backend"], job["precision"], BenchOptions(**o))))

@@ -1,0 +1,42 @@
+"""`edgelmm bench`: a fast smoke run on a tiny bundle (1 repeat) whose report must hold every field,
+each positive, and typed errors for what cannot be measured."""
+
+import json
+
+from typer.testing import CliRunner
+
+from edgelmm.cli import app
+
+FIELDS = ("vision_ms_per_image_1", "vision_ms_per_image_4", "ttft_ms", "prefill_tokens_per_s",
+          "decode_tokens_per_s")
+
+
+def test_bench_smoke(bundle):
+    r = CliRunner().invoke(app, ["bench", str(bundle("llava-siglip")), "--repeats", "1", "--new-tokens", "3",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["memory_bandwidth_gb_s"] > 0 and report["threads"] == 1
+    rows = report["results"]
+    assert [(row["backend"], row["precision"]) for row in rows] == [("onnxruntime", "fp32")]
+    row = rows[0]
+    assert "error" not in row, row
+    for field in FIELDS:
+        assert row[field]["median"] > 0 and row[field]["spread"] >= 0, field
+    for field in ("peak_rss_mib", "size_mib", "decode_bytes_per_token", "roofline_tokens_per_s", "roofline_fraction",
+                  "prompt_tokens"):
+        assert row[field] > 0, field
+    assert row["new_tokens"] == 3 and row["prompt_images"] == 2
+    assert row["gpu_memory_mib"] is None or row["gpu_memory_mib"] >= 0
+    # the worker's own peak, not its parent's (the parent held the bandwidth buffers, 512 MiB)
+    assert row["peak_rss_mib"] < 400
+
+
+def test_bench_errors(bundle):
+    r = CliRunner().invoke(app, ["bench", str(bundle("llava-siglip")), "--backends", "cuda", "--json"])
+    assert r.exit_code == 2 and json.loads(r.output)["error"] == "BackendUnavailable"
+    r = CliRunner().invoke(app, ["bench", str(bundle("llava-siglip")), "--backends", "llamacpp", "--json"])
+    out = json.loads(r.output)
+    assert r.exit_code == 2 and "no gguf artifacts" in out["message"]
+    r = CliRunner().invoke(app, ["bench", str(bundle("llava-siglip")), "--repeats", "0", "--json"])
+    assert r.exit_code == 2 and "at least 1" in json.loads(r.output)["message"]
