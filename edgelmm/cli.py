@@ -33,6 +33,19 @@ def _progress(label: str, quiet: bool):
         yield lambda msg, done=None, total=None: bar.update(task, description=msg, completed=done, total=total)
 
 
+def _run_step(label: str, as_json: bool, step):
+    """Run step(update) under a progress line; a typed error ends the command (exit 2); with --json
+    the result is printed as JSON. Returns the result."""
+    try:
+        with _progress(label, as_json) as update:
+            result = step(update)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(result))
+    return result
+
+
 def _fail(exc: EdgeLMMError, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
@@ -369,13 +382,8 @@ def build_engines(
                          max_context=max_context, workspace_mib=workspace_mib,
                          timing_cache=str(timing_cache) if timing_cache else None, int4_block_size=int4_block_size,
                          verify=not no_verify, overwrite=overwrite)
-    try:
-        with _progress("building engines", as_json) as update:
-            result = run_build(bundle, opts, progress=update)
-    except EdgeLMMError as exc:
-        _fail(exc, as_json)
+    result = _run_step("building engines", as_json, lambda update: run_build(bundle, opts, progress=update))
     if as_json:
-        print(json.dumps(result))
         return
     from rich.table import Table
 
@@ -414,13 +422,8 @@ def bench(
 
     opts = BenchOptions(backends=[b.strip() for b in backends.split(",")] if backends else None, threads=threads,
                         repeats=repeats, new_tokens=new_tokens)
-    try:
-        with _progress("benchmarking", as_json) as update:
-            report = run_bench(bundle, opts, progress=update)
-    except EdgeLMMError as exc:
-        _fail(exc, as_json)
+    report = _run_step("benchmarking", as_json, lambda update: run_bench(bundle, opts, progress=update))
     if as_json:
-        print(json.dumps(report))
         return
     m = report["machine"]
     out = Console()
