@@ -156,6 +156,9 @@ def export(
     eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
     gguf_types: str = typer.Option("f16", "--gguf-types", help="GGUF: comma-separated types: f32 (exact), f16, q8_0, "
                                                               "q4_k_m (smallest; llama.cpp's k-quants)."),
+    no_imatrix: bool = typer.Option(False, "--no-imatrix", help="GGUF q4_k_m: quantize without an importance "
+                                                                "matrix (by default one is computed from the --calib "
+                                                                "prompts, so the columns that matter keep precision)."),
     force: bool = typer.Option(False, help="Write a GGUF that llama.cpp is known to run wrongly (a CLIP tower) "
                                            "instead of refusing; verify's report records the damage."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against the PyTorch reference."),
@@ -173,6 +176,7 @@ def export(
                           gguf_types=[t.strip() for t in gguf_types.split(",")], force=force, verify=not no_verify,
                           overwrite=overwrite, prompt_style=prompt_style, quiet=as_json,
                           engine_precisions=[p.strip() for p in engine_precision.split(",")],
+                          gguf_imatrix=not no_imatrix,
                           calibration=_calibration_options(calib, calib_samples, vision_method, int4_algorithm,
                                                            block_size, accuracy_level, no_quality_gate,
                                                            max_accuracy_drop, min_vision_cosine, eval_samples, seed,

@@ -218,3 +218,17 @@ g = pipe.generate('<image> vs <image>', list(np.load({str(tmp_path / 'imgs.npz')
 print(json.dumps(g.token_ids))
 """
     assert json.loads(run_without_torch(code)) == expected
+
+
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_q4_k_m_is_quantized_with_an_importance_matrix(gguf_bundle, kind):
+    """export computes the importance matrix from the calibration prompts (synthetic by default) and
+    records it on the q4_k_m LLM artifact: every text linear layer and the lm_head."""
+    import json
+
+    manifest = json.loads((gguf_bundle(kind) / "edgelmm.json").read_text())
+    llm = {a["precision"]: a for a in manifest["artifacts"] if a["graph"] == "llm"}
+    imx = llm["q4_k_m"]["imatrix"]
+    assert imx["source"] == "synthetic" and imx["prompts"] > 0 and imx["tokens"] > imx["prompts"]
+    assert imx["tensors"] == 7 * manifest["text"]["num_layers"] + 1
+    assert "imatrix" not in llm["q8_0"] and "imatrix" not in llm["f16"]  # only k-quants use one

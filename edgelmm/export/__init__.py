@@ -19,7 +19,8 @@ FORMATS = ("onnx", "gguf", "tensorrt")
 def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
            precisions: Sequence[str] = ("fp32",), gguf_types: Sequence[str] = ("f16",), force: bool = False,
            verify: bool = True, overwrite: bool = False, prompt_style: str | None = None,
-           calibration=None, quiet: bool = False, engine_precisions: Sequence[str] = ("fp16",)) -> Path:
+           calibration=None, quiet: bool = False, engine_precisions: Sequence[str] = ("fp16",),
+           gguf_imatrix: bool = True) -> Path:
     """Export `model_dir` into a bundle at `out_dir` and (by default) verify every precision against
     the fp32 PyTorch reference, storing the reports in the manifest (`verify[precision]`).
     Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers).
@@ -31,6 +32,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     Quantized precisions (int8, int4, int8-vision+int4) are calibrated from the fp32 graphs (exported
     too, as their source and fallback) with `calibration` (a calib.CalibrationOptions: sample source,
     methods, quality gate); a precision that fails the gate fails the export (QualityGateError).
+
+    q4_k_m GGUFs are quantized with an importance matrix computed from the calibration prompts
+    (`calibration.samples`, default the synthetic generator) unless `gguf_imatrix` is False.
 
     "tensorrt" builds engines (`engine_precisions`) for this machine's GPU from the ONNX graphs (added
     to the formats) once they are verified, as `build-engines` does on a device."""
@@ -87,9 +91,19 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                     artifacts += export_onnx_graphs(family, model, stage, example_vision_inputs(family), precision)
                     del model
         if "gguf" in formats:
+            imatrix = None
+            if gguf_imatrix and "q4_k_m" in gguf_types:
+                from ..calib.sources import collect
+                from .imatrix import compute_imatrix
+
+                opts = calibration or CalibrationOptions()
+                with console.status("importance matrix for q4_k_m") as status:
+                    samples = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
+                    imatrix = compute_imatrix(family, reference.backend.model, samples.samples, opts.samples,
+                                              progress=status.update)
             with console.status("writing GGUF files") as status:
                 artifacts += export_gguf(family, reference.backend.model, stage, gguf_types, force=force,
-                                         progress=status.update)
+                                         progress=status.update, imatrix=imatrix)
         hashed: dict[str, dict] = {}  # an mmproj shared by several GGUF types is hashed once
         for art in artifacts:
             art["files"] = [hashed.setdefault(f, file_entry(stage, f)) for f in art["files"]]

@@ -424,8 +424,10 @@ def _finish(writer) -> None:
 
 # ---------------------------------------------------------------------------------------- k-quants
 
-def quantize_with_llamacpp(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> None:
-    """Quantize a GGUF with llama.cpp's own quantizer (the only implementation of k-quants)."""
+def quantize_with_llamacpp(src: Path, dst: Path, gguf_type: str, threads: int | None = None,
+                           imatrix=None) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (the only implementation of k-quants),
+    weighting each column's rounding error by `imatrix` (export.imatrix.ImportanceMatrix) if given."""
     try:
         import llama_cpp
     except ImportError as exc:
@@ -436,7 +438,12 @@ def quantize_with_llamacpp(src: Path, dst: Path, gguf_type: str, threads: int | 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPE[gguf_type]
     params.nthread = threads or 0
+    keep_alive = None
+    if imatrix is not None:
+        keep_alive = imatrix.as_ctypes(llama_cpp)
+        params.imatrix = keep_alive[0]
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    del keep_alive
     if rc != 0 or not dst.is_file():
         raise ExportError(f"llama.cpp's quantizer failed ({rc}) turning {src.name} into {gguf_type}")
 
@@ -444,9 +451,10 @@ def quantize_with_llamacpp(src: Path, dst: Path, gguf_type: str, threads: int | 
 # ---------------------------------------------------------------------------------------- entry
 
 def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = False,
-                progress: Callable[[str], Any] | None = None) -> list[dict[str, Any]]:
+                progress: Callable[[str], Any] | None = None, imatrix=None) -> list[dict[str, Any]]:
     """Write the LLM and mmproj GGUFs for each requested type under out_dir/gguf/ and return their
-    artifact entries (graph "llm" / "mmproj", format "gguf", precision = the GGUF type)."""
+    artifact entries (graph "llm" / "mmproj", format "gguf", precision = the GGUF type). k-quants
+    (q4_k_m) use `imatrix` (an ImportanceMatrix from the calibration prompts) when given."""
     from ..gguf_file import validate_gguf
 
     bad = [t for t in gguf_types if t not in GGUF_TYPES]
@@ -466,7 +474,7 @@ def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = 
             with tempfile.TemporaryDirectory(dir=gdir) as tmp:
                 f16 = Path(tmp) / "model.f16.gguf"
                 tok = write_llm_gguf(family, model, f16, "f16")
-                quantize_with_llamacpp(f16, llm, gtype)
+                quantize_with_llamacpp(f16, llm, gtype, imatrix=imatrix)
         else:
             tok = write_llm_gguf(family, model, llm, gtype)
         mtype = MMPROJ_TYPE[gtype]
@@ -477,7 +485,8 @@ def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = 
         validate_gguf(mm, "clip")
         common = {"format": "gguf", "precision": gtype, "inputs": [], "outputs": []}
         artifacts.append({**common, "graph": "llm", "file": llm_file(gtype), "files": [llm_file(gtype)],
-                          "tokenizer": tok})
+                          "tokenizer": tok, **({"imatrix": imatrix.summary()}
+                                               if imatrix is not None and gtype == "q4_k_m" else {})})
         artifacts.append({**common, "graph": "mmproj", "file": mmproj_file(gtype), "files": [mmproj_file(gtype)],
                           "mmproj_type": mtype, **written_mmproj[mtype],
                           **({"forced": support.reason} if not support.supported else {})})
