@@ -63,7 +63,7 @@ def bundle_backend(bundle: Bundle, backend: str) -> str:
 
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
                         threads: int | None = None, precision: str = "auto", *,
-                        gpu_layers: int | None = None, max_context: int | None = None) -> Pipeline:
+                        gpu_layers: int | None = None, max_context: int | None = None, gpu_options=None) -> Pipeline:
     """A Pipeline over one of the bundle's artifact sets. backend="auto" with provider="auto" takes
     the first usable candidate of `runtimes.select.plan` (TensorRT engines, ONNX Runtime on the GPU,
     llama.cpp offloaded, then the CPU) and records why in describe()["selection"]."""
@@ -103,13 +103,14 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
 
         if precision == "auto":
             precision = pick_precision(bundle, provider)
-        runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision)
+        runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision, gpu=gpu_options)
     return Pipeline(files, family, runtime, selection=selection)
 
 
 def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
          threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
-         device: str = "cpu", gpu_layers: int | None = None, max_context: int | None = None) -> Pipeline:
+         device: str = "cpu", gpu_layers: int | None = None, max_context: int | None = None,
+         gpu_options=None) -> Pipeline:
     """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
     Pipeline over the chosen backend.
 
@@ -120,7 +121,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     bundle's ONNX graphs (provider "auto" | "tensorrt" | "cuda" | "cpu"); "llamacpp" runs its GGUF
     pair (precision "f32" | "f16" | "q8_0" | "q4_k_m"; gpu_layers to offload, default all when
     llama.cpp was built with CUDA and a GPU is here); "torch" is the PyTorch reference
-    (checkpoints; device "cpu" or "cuda").
+    (checkpoints; device "cpu" or "cuda"). gpu_options (runtimes.onnxruntime.GpuOptions) sets ONNX
+    Runtime's GPU providers: device id, fp16, the TensorRT provider's engine cache directory.
     A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
     """
@@ -128,7 +130,7 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if is_bundle(path):
         return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
-                                   gpu_layers=gpu_layers, max_context=max_context)
+                                   gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options)
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
     if backend not in ("auto", "torch"):

@@ -228,6 +228,12 @@ def test_build_engines_without_tensorrt_is_a_typed_error(reference_bundle):
     assert json.loads(r.output)["error"] == "ExportError" and "calibrate" in json.loads(r.output)["message"]
     r = CliRunner().invoke(app, ["build-engines", str(reference_bundle), "--precision", "fp8", "--json"])
     assert "unknown engine precision" in json.loads(r.output)["message"]
+    # export refuses before minutes of work are spent on the ONNX graphs
+    from edgelmm.models import reference_model
+
+    out = reference_bundle.parent / "never-written"
+    r = CliRunner().invoke(app, ["export", str(reference_model()), str(out), "--format", "tensorrt", "--json"])
+    assert r.exit_code == 2 and json.loads(r.output)["error"] == "BackendUnavailable" and not out.exists()
 
 
 # --- what the TensorRT backend relies on, checked on ONNX Runtime -------------------------------------
