@@ -232,15 +232,25 @@ class LlamaCppBackend:
         self._generation += 1
         return LlamaCppCache(self._generation, batch_size)
 
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache: LlamaCppCache):
+    def _check_room(self, cache: LlamaCppCache, new_positions: int) -> None:
+        """The cache is this context's current one and has room for `new_positions` more."""
         if cache.generation != self._generation:
             raise EdgeLMMError("this KV cache was superseded by a newer one: a llama.cpp context holds one "
                                "cache, so finish one generation before starting the next")
+        if cache.length + new_positions > self.n_ctx:
+            raise PromptError(f"{cache.length + new_positions} positions exceed the llama.cpp context of {self.n_ctx}")
+
+    def _llama_decode(self, batch) -> None:
+        rc = self.L.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise PromptError(f"llama_decode failed ({rc}): " + ("no room left in the KV cache" if rc == 1
+                                                                  else _recent_log()))
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache: LlamaCppCache):
         embeds = np.ascontiguousarray(inputs_embeds, np.float32)
         B, S, D = embeds.shape
+        self._check_room(cache, S)
         mask = np.asarray(attention_mask)[:, -S:]
-        if cache.length + S > self.n_ctx:
-            raise PromptError(f"{cache.length + S} positions exceed the llama.cpp context of {self.n_ctx}")
         # Left padding is simply not fed: llama.cpp keeps each row as its own sequence.
         items = [(b, j) for b in range(B) for j in range(S) if mask[b, j]]
         last = {b: j for b, j in items}
@@ -261,10 +271,7 @@ class LlamaCppBackend:
                 if j == last[b]:
                     want.append((k, b))
             batch.n_tokens = len(chunk)
-            rc = self.L.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise PromptError(f"llama_decode failed ({rc}): " + ("no room left in the KV cache" if rc == 1
-                                                                      else _recent_log()))
+            self._llama_decode(batch)
             for k, b in want:
                 ptr = self.L.llama_get_logits_ith(self._ctx, k)
                 logits[b] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
@@ -274,16 +281,12 @@ class LlamaCppBackend:
     def decode_ids(self, input_ids, position_ids, cache: LlamaCppCache):
         """Batch-1 text tokens by id: llama.cpp gathers (and dequantizes) the embedding rows inside
         its graph, as stock llama.cpp does, instead of edgelmm doing it on the host."""
-        if cache.generation != self._generation:
-            raise EdgeLMMError("this KV cache was superseded by a newer one: a llama.cpp context holds one "
-                               "cache, so finish one generation before starting the next")
         ids = np.asarray(input_ids, np.int64).reshape(-1)
+        self._check_room(cache, ids.size)
         if cache.batch_size != 1 or ids.size > self.n_batch:
             raise PromptError("decode_ids takes one sequence of at most n_batch tokens")
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
             raise PromptError(f"token id {int(ids.max())} is outside the model's vocabulary")
-        if cache.length + ids.size > self.n_ctx:
-            raise PromptError(f"{cache.length + ids.size} positions exceed the llama.cpp context of {self.n_ctx}")
         batch = self._token_batch
         pos = np.asarray(position_ids, np.int64).reshape(-1)
         for k, (token, p) in enumerate(zip(ids.tolist(), pos.tolist())):
@@ -291,10 +294,7 @@ class LlamaCppBackend:
             batch.seq_id[k][0] = 0
         batch.logits[ids.size - 1] = 1
         batch.n_tokens = int(ids.size)
-        rc = self.L.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise PromptError(f"llama_decode failed ({rc}): " + ("no room left in the KV cache" if rc == 1
-                                                                  else _recent_log()))
+        self._llama_decode(batch)
         cache.length += int(ids.size)
         ptr = self.L.llama_get_logits_ith(self._ctx, int(ids.size) - 1)
         return np.ctypeslib.as_array(ptr, shape=(1, self.n_vocab)).copy()
