@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .api import BACKEND_FORMAT
 from .bundle import open_bundle
 from .errors import BackendUnavailable, EdgeLMMError, OptionError
 
@@ -104,13 +105,12 @@ def decode_weight_bytes(bundle, backend: str, precision: str) -> int:
         sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
         tied = "output.weight" not in sizes
         return sum(n for name, n in sizes.items() if name != "token_embd.weight" or tied)
-    fmt = "tensorrt" if backend == "tensorrt" else "onnx"
-    dec = next(a for a in arts if a["format"] == fmt and a["graph"] == "decoder")
+    dec = next(a for a in arts if a["format"] == BACKEND_FORMAT[backend] and a["graph"] == "decoder")
     return sum(e["size"] for e in dec["files"])
 
 
 def artifact_bytes(bundle, backend: str, precision: str) -> int:
-    fmt = {"tensorrt": "tensorrt", "onnxruntime": "onnx", "llamacpp": "gguf"}[backend]
+    fmt = BACKEND_FORMAT[backend]
     files = {e["file"]: e["size"] for a in bundle.manifest["artifacts"]
              if a["format"] == fmt and a["precision"] == precision for e in a["files"]}
     return sum(files.values())
@@ -119,7 +119,7 @@ def artifact_bytes(bundle, backend: str, precision: str) -> int:
 def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str]], list[str]]:
     """(backend, precision) pairs to run, and why others were left out."""
     from .api import bundle_formats, bundle_precisions
-    from .runtimes.select import detect_platform, probe_llamacpp, probe_tensorrt
+    from .runtimes.select import probe
 
     formats = bundle_formats(bundle)
     wanted = list(options.backends or BACKEND_ORDER)
@@ -127,20 +127,16 @@ def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str]], list[
     if unknown:
         raise BackendUnavailable(f"unknown backend(s) {unknown} for bench; choose from {', '.join(BACKEND_ORDER)}")
     out, skipped = [], []
-    fmt = {"tensorrt": "tensorrt", "onnxruntime": "onnx", "llamacpp": "gguf"}
-    plat = detect_platform()
     for backend in wanted:
-        if fmt[backend] not in formats:
+        fmt = BACKEND_FORMAT[backend]
+        if fmt not in formats:
             if options.backends:
-                skipped.append(f"{backend}: the bundle has no {fmt[backend]} artifacts")
+                skipped.append(f"{backend}: the bundle has no {fmt} artifacts")
             continue
-        if backend == "tensorrt" and not probe_tensorrt(plat).runs:
-            skipped.append(f"tensorrt: {probe_tensorrt(plat).detail}")
+        if backend != "onnxruntime" and not probe(backend).runs:  # ONNX Runtime always has its CPU provider
+            skipped.append(f"{backend}: {probe(backend).detail}")
             continue
-        if backend == "llamacpp" and not probe_llamacpp(plat)[0].runs:
-            skipped.append(f"llamacpp: {probe_llamacpp(plat)[0].detail}")
-            continue
-        out += [(backend, p) for p in bundle_precisions(bundle, fmt[backend])]
+        out += [(backend, p) for p in bundle_precisions(bundle, fmt)]
     return out, skipped
 
 
@@ -251,7 +247,7 @@ def run_worker(bundle_dir: str, backend: str, precision: str, options: BenchOpti
 def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run every (backend, precision) of the bundle; returns the machine, the bandwidth and a row each."""
-    from .runtimes.select import detect_platform
+    from .runtimes.select import this_platform
 
     opts = options or BenchOptions()
     if opts.repeats < 1 or opts.new_tokens < 1 or opts.threads < 1:
@@ -275,7 +271,7 @@ def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
             row["fits_in_cache"] = bool(llc and row["decode_bytes_per_token"] < llc)
         rows.append(row)
     say("done", len(todo), len(todo))
-    plat = detect_platform()
+    plat = this_platform()
     return {"bundle": str(bundle_dir), "machine": {"kind": plat.kind, "cpu": plat.cpu, "cores": plat.cpu_count,
                                                    "memory_mib": plat.memory_mib, "gpus": plat.gpus},
             "threads": opts.threads, "repeats": opts.repeats, "memory_bandwidth_gb_s": round(bandwidth, 2),

@@ -335,14 +335,30 @@ def probe_opencv() -> Probe:
 
 
 @lru_cache(maxsize=1)
-def probe_all(include_torch: bool = True) -> tuple[Platform, tuple[Probe, ...]]:
-    """Every probe, once per process (the TensorRT ones build an engine: seconds)."""
-    plat = detect_platform()
-    probes = [*probe_onnxruntime(plat), probe_tensorrt(plat), *probe_llamacpp(plat)]
-    if include_torch:
-        probes += probe_torch(plat)
-    probes.append(probe_opencv())
-    return plat, tuple(probes)
+def this_platform() -> Platform:
+    """`detect_platform()` of this machine, once per process."""
+    return detect_platform()
+
+
+@lru_cache(maxsize=None)
+def _probe_group(group: str) -> tuple[Probe, ...]:
+    plat = this_platform()
+    return {"onnxruntime": lambda: tuple(probe_onnxruntime(plat)), "tensorrt": lambda: (probe_tensorrt(plat),),
+            "llamacpp": lambda: tuple(probe_llamacpp(plat)), "torch": lambda: tuple(probe_torch(plat)),
+            "opencv": lambda: (probe_opencv(),)}[group]()
+
+
+def probe(name: str) -> Probe:
+    """One probe by name ("onnxruntime:CUDAExecutionProvider", "tensorrt", "llamacpp:gpu-offload" ...).
+    Each group of probes runs once per process, when first asked for (the TensorRT ones build an
+    engine: seconds), so `backend="auto"` on a CPU host probes nothing on the GPU."""
+    return next(p for p in _probe_group(name.split(":")[0]) if p.name == name)
+
+
+def probe_all() -> tuple[Platform, tuple[Probe, ...]]:
+    """This machine and every probe (for `doctor`)."""
+    groups = ("onnxruntime", "tensorrt", "llamacpp", "torch", "opencv")
+    return this_platform(), tuple(p for g in groups for p in _probe_group(g))
 
 
 # --- the fallback chain for one bundle ------------------------------------------------------------
@@ -359,28 +375,15 @@ class Candidate:
         return self.backend + (f"/{self.provider}" if self.provider else "") + (f" {self.precision}" if self.precision else "")
 
 
-@lru_cache(maxsize=None)
-def _probe(name: str) -> Probe:
-    """One probe, run lazily and cached: `backend="auto"` on a CPU host probes nothing on the GPU."""
-    plat = detect_platform()
-    if name == "tensorrt":
-        return probe_tensorrt(plat)
-    if name.startswith("onnxruntime"):
-        return next(p for p in probe_onnxruntime(plat) if p.name == name)
-    if name.startswith("llamacpp"):
-        return next(p for p in probe_llamacpp(plat) if p.name == name)
-    raise KeyError(name)
-
-
-def iter_plan(bundle, plat: Platform | None = None, probe=None, engine_target: dict | None = None):
+def iter_plan(bundle, plat: Platform | None = None, probe_fn=None, engine_target: dict | None = None):
     """The backends that could run `bundle` here, best first, each probed only when reached (so a
     caller that stops at the first usable one probes no more). A GPU candidate is only probed on a
-    machine with an NVIDIA GPU. `probe(name) -> Probe` and `engine_target` (this machine's GPU and
+    machine with an NVIDIA GPU. `probe_fn(name) -> Probe` (default `probe`) and `engine_target` (this machine's GPU and
     TensorRT, see `engine_target()`) are replaceable, to test the ordering for other machines."""
     from ..api import TRT_PREFERENCE, bundle_formats, bundle_precisions
 
-    plat = plat or detect_platform()
-    probe = probe or _probe
+    plat = plat or this_platform()
+    probe_fn = probe_fn or probe
     formats = bundle_formats(bundle)
 
     def candidate(backend, provider, precision, needs_gpu, probe_name, missing=None):
@@ -388,14 +391,14 @@ def iter_plan(bundle, plat: Platform | None = None, probe=None, engine_target: d
             return Candidate(backend, provider, precision, False, missing)
         if needs_gpu and not plat.has_gpu:
             return Candidate(backend, provider, precision, False, "no NVIDIA GPU on this machine")
-        p = probe(probe_name)
+        p = probe_fn(probe_name)
         return Candidate(backend, provider, precision, p.runs, p.detail + (f"; {p.hint}" if p.hint and not p.runs else ""))
 
     # 1. TensorRT engines built for this GPU.
     if "tensorrt" in formats:
         precision = _best(bundle_precisions(bundle, "tensorrt"), TRT_PREFERENCE)
         mismatch = (engine_mismatch(bundle, precision, engine_target)
-                    if plat.has_gpu and probe("tensorrt").runs else None)
+                    if plat.has_gpu and probe_fn("tensorrt").runs else None)
         yield candidate("tensorrt", None, precision, True, "tensorrt", mismatch)
     else:
         yield candidate("tensorrt", None, None, True, "tensorrt",
@@ -411,21 +414,21 @@ def iter_plan(bundle, plat: Platform | None = None, probe=None, engine_target: d
     yield candidate("llamacpp", "cpu", None, False, "llamacpp", gguf_missing)
 
 
-def plan(bundle, plat: Platform | None = None, probe=None, engine_target: dict | None = None) -> list[Candidate]:
+def plan(bundle, plat: Platform | None = None, probe_fn=None, engine_target: dict | None = None) -> list[Candidate]:
     """Every candidate of `iter_plan`, each probed (for `doctor`)."""
-    return list(iter_plan(bundle, plat, probe, engine_target))
+    return list(iter_plan(bundle, plat, probe_fn, engine_target))
 
 
 def _best(have: list[str], order: tuple[str, ...]) -> str | None:
     return next((p for p in order if p in have), have[0] if have else None)
 
 
-def choose(bundle, plat: Platform | None = None, probe=None,
+def choose(bundle, plat: Platform | None = None, probe_fn=None,
            engine_target: dict | None = None) -> tuple[Candidate, list[Candidate]]:
     """The first usable candidate, and the candidates passed over before it (for describe() and the
     log); those after it are not probed."""
     chain = []
-    for cand in iter_plan(bundle, plat, probe, engine_target):
+    for cand in iter_plan(bundle, plat, probe_fn, engine_target):
         chain.append(cand)
         if cand.usable:
             log.info("backend auto -> %s (%s); passed over: %s", cand.label(), cand.reason,
