@@ -182,7 +182,6 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
                           f"{', '.join(ENGINE_PRECISIONS)}")
     root = Path(bundle_dir)
     bundle = open_bundle(root)
-    onnx = {(a["graph"], a["file"]): a for a in bundle.manifest["artifacts"] if a["format"] == "onnx"}
     fp32 = {a["graph"]: a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
     if len(fp32) < 3:
         raise ExportError(f"{root}: engines are built from the bundle's fp32 ONNX graphs and it has none "
@@ -192,7 +191,8 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
     if present and not opts.overwrite:
         raise ExportError(f"{root}: already has {present} engines; pass --overwrite to rebuild them")
     needs_int8 = any(ENGINE_PRECISIONS[p]["vision"][0] == "int8" for p in opts.precisions)
-    int8_vision = next((a for (g, f), a in onnx.items() if g == "vision" and f.endswith("vision.int8.onnx")), None)
+    int8_vision = next((a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["graph"] == "vision"
+                        and a["file"].endswith("vision.int8.onnx")), None)
     if needs_int8:
         if int8_vision is None:
             raise ExportError(f"{root}: INT8 vision engines are built from the calibrated QDQ vision graph; run "
@@ -239,22 +239,29 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
                                   "file": f"tensorrt/{name}", "inputs": fp32[graph]["inputs"],
                                   "outputs": fp32[graph]["outputs"], "engine": engine})
 
-        def with_engines(where: Callable[[str], str]) -> dict[str, Any]:
+        # Each engine is hashed once, in the work dir: moving it into tensorrt/ does not change it.
+        hashed = {b["name"]: file_entry(work, b["name"]) for b in built.values()}
+
+        def with_engines(folder: str) -> dict[str, Any]:
+            """The manifest with the new engines listed under `folder` (relative to the bundle)."""
             arts = []
             for art in artifacts:
-                entry = {**file_entry(root, where(art["file"])), "file": where(art["file"])}
+                name = art["file"].removeprefix("tensorrt/")
+                entry = {**hashed[name], "file": f"{folder}/{name}"}
                 arts.append({**art, "file": entry["file"], "files": [entry], "sha256": entry["sha256"]})
-            kept = [a for a in bundle.manifest["artifacts"]
-                    if not (a["format"] == "tensorrt" and a["precision"] in opts.precisions)]
-            # An engine file shared with a precision not rebuilt now (--overwrite) gets its new hash.
-            rebuilt = {art["file"] for art in artifacts}
-            kept = [{**a, "files": [file_entry(root, a["file"])], "sha256": file_entry(root, a["file"])["sha256"]}
-                    if a["file"] in rebuilt and where(a["file"]) == a["file"] else a for a in kept]
+            kept = []
+            for a in bundle.manifest["artifacts"]:
+                if a["format"] == "tensorrt" and a["precision"] in opts.precisions:
+                    continue
+                name = a["file"].removeprefix("tensorrt/")
+                if a["format"] == "tensorrt" and name in hashed and folder == "tensorrt":
+                    # an engine file shared with a precision not rebuilt now (--overwrite): its new hash
+                    a = {**a, "files": [hashed[name] | {"file": a["file"]}], "sha256": hashed[name]["sha256"]}
+                kept.append(a)
             return {**bundle.manifest, "artifacts": kept + arts}
 
         # Verify the engines where they are (the work dir), so a failure changes nothing in the bundle.
-        in_work = str(work.relative_to(root))
-        trial = with_engines(lambda f: f.replace("tensorrt/", in_work + "/", 1))
+        trial = with_engines(str(work.relative_to(root)))
         verified = {}
         if opts.verify:
             from ..bundle import Bundle
@@ -273,7 +280,7 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
         (root / "tensorrt").mkdir(exist_ok=True)
         for name in {b["name"] for b in built.values()}:
             os.replace(work / name, root / "tensorrt" / name)
-        manifest = with_engines(lambda f: f)
+        manifest = with_engines("tensorrt")
         manifest["tensorrt"] = {"target": target, "options": opts.as_dict(), "timing_cache": str(timing_cache),
                                 "verify": {**bundle.manifest.get("tensorrt", {}).get("verify", {}), **verified}}
         write_manifest(work, manifest)
