@@ -331,17 +331,15 @@ def eval_(
     """Score a model on edgelmm's held-out multi-image questions (co-reference, comparison, counting
     across images, temporal change, anomaly, in-context) and print accuracy per skill next to chance.
     Meant for models trained on edgelmm.synthetic, first of all the shipped reference model."""
-    from rich.progress import Progress
-
     from . import api
     from .evaluate import evaluate, format_table
     from .models import reference_model
 
     try:
         pipe = api.load(model or reference_model(), backend=backend, provider=provider, threads=threads)
-        with Progress(console=err, disable=as_json, transient=True) as progress:
-            task = progress.add_task("answering held-out samples", total=samples)
-            report = evaluate(pipe, samples, on_progress=lambda done, total: progress.update(task, completed=done))
+        with _progress("answering held-out samples", as_json) as update:
+            report = evaluate(pipe, samples,
+                              on_progress=lambda done, total: update("answering held-out samples", done, total))
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
