@@ -201,7 +201,7 @@ def main() -> None:
         result["models"][name] = {"parameters": parameters(ckpt), "bundle": str(path),
                                   "memory_bandwidth_gb_s": report["memory_bandwidth_gb_s"],
                                   "last_level_cache_mib": report["last_level_cache_mib"], "rows": rows}
-        print_model(name, result["models"][name], flush=True)
+        print_model(name, result["models"][name])
         if name == args.sweep_model:
             result["sweep"] = sweep(ckpt, path, opts)
     result["memory_bandwidth_gb_s"] = round(memory_bandwidth(), 2)
@@ -229,7 +229,7 @@ def sweep(ckpt: Path, path: Path, opts: BenchOptions) -> list[dict]:
     return rows
 
 
-def print_model(name: str, m: dict, flush: bool = True) -> None:
+def print_model(name: str, m: dict) -> None:
     print(f"\n{name}: {m['parameters'] / 1e6:.1f}M parameters, bandwidth {m['memory_bandwidth_gb_s']} GB/s")
     print("| path | precision | vision ms/img (1 / 4) | TTFT ms | prefill tok/s | decode tok/s | roofline |")
     print("|---|---|---|---|---|---|---|")
@@ -242,7 +242,7 @@ def print_model(name: str, m: dict, flush: bool = True) -> None:
         ttft = f"{r['ttft_ms']['median']:.1f}" if "ttft_ms" in r else "-"
         roof = f"{100 * r['roofline_fraction']:.0f}%" if "roofline_fraction" in r else "-"
         print(f"| {r['backend']} | {r['precision']} | {vis} | {ttft} | {r['prefill_tokens_per_s']['median']:.0f} | "
-              f"{r['decode_tokens_per_s']['median']:.1f} | {roof} |", flush=flush)
+              f"{r['decode_tokens_per_s']['median']:.1f} | {roof} |", flush=True)
 
 
 def _decode(rows, backend, precision=None):
