@@ -6,7 +6,7 @@
   headroom   the same video read losslessly as fast as the gate goes: the gate's own fps
   soak       10,000 frames with an anomaly every 400 frames, as fast as the gate goes: resident
              memory (RSS) after the first 1,000 frames and at the end
-  survey     (--survey N) N seeds of each kind of generated video, the anomaly at frame 90: how many
+  survey     (--survey N) N seeds of each kind of generated video, the anomaly at frame 150: how many
              are reported within 10 frames, with no event in the normal stretch, and verified yes
 
     .venv/bin/python benchmarks/watch.py [--bundle DIR] [--soak-frames 10000] [--survey 30] [--json]
@@ -61,12 +61,13 @@ def survey(pipe, work, seeds):
     for kind in ("appear", "fall", "scene-change", "none"):
         row = {"videos": seeds, "within_10_frames": 0, "false_alarm_videos": 0, "yes": 0, "yes_first_check": 0}
         for seed in range(seeds):
-            video = write_video(work / "survey.avi", VideoSpec(seed=seed, anomaly=kind, frames=150, anomaly_frame=90))
+            spec = VideoSpec(seed=seed, anomaly=kind)
+            video = write_video(work / "survey.avi", spec)
             events = AnomalyWatcher(pipe).run(video["path"]).events
-            real = [e for e in events if kind != "none" and e.first_frame_index >= 90]
+            real = [e for e in events if kind != "none" and e.first_frame_index >= spec.anomaly_frame]
             row["false_alarm_videos"] += len(real) < len(events)
             if real:
-                row["within_10_frames"] += real[0].frame_index - 90 < 10
+                row["within_10_frames"] += real[0].frame_index - spec.anomaly_frame < 10
                 row["yes"] += any(e.verifier.answer == "yes" for e in real)
                 row["yes_first_check"] += real[0].verifier.answer == "yes"
         out[kind] = row

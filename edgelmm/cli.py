@@ -112,7 +112,7 @@ _NO_GATE = typer.Option(False, "--no-quality-gate", help="Keep a precision even 
                                                          "(the report still records the failure).")
 _MAX_DROP = typer.Option(2.0, help="Quality gate: the most held-out accuracy (points) a precision may lose.")
 _MIN_COSINE = typer.Option(0.99, help="Quality gate: the lowest vision feature cosine against fp32.")
-_EVAL_SAMPLES = typer.Option(None, help="Held-out accuracy samples per precision. Default: 180 when the model "
+_EVAL_SAMPLES = typer.Option(None, help="Held-out accuracy samples per precision. Default: all 900 when the model "
                                         "answers edgelmm's synthetic tasks (the reference model), else none.")
 _SEED = typer.Option(0, help="Seed for sampling the calibration prompts.")
 _ACTIVATIONS = typer.Option("u8", help="INT8 vision activations: u8 (fastest on CPU) or s8 (symmetric, what "
@@ -530,7 +530,8 @@ def watch(
     reference: List[Path] = typer.Option([], "--reference", "-r",
                                          help="An image of the normal scene, remembered for good; repeatable."),
     every: int = typer.Option(1, help="Gate every Nth frame (1 = every frame)."),
-    warmup: int = typer.Option(30, help="Frames learned as normal before scoring starts (0 with --reference)."),
+    warmup: int = typer.Option(90, help="Frames learned as normal before scoring starts (0 with --reference); "
+                                        "make it cover a whole cycle of the scene's normal motion."),
     trigger: int = typer.Option(3, help="Consecutive unusual frames that make an event (hysteresis)."),
     clear: int = typer.Option(15, help="Consecutive normal frames that end an event, so the next one can fire."),
     margin: float = typer.Option(3.0, help="Threshold = margin x the 99th percentile of normal frames' scores."),
@@ -619,8 +620,8 @@ def demo_video(
     out: Path = typer.Argument(..., help="The video file to write (Motion-JPEG AVI)."),
     anomaly: str = typer.Option("appear", help="appear (an object appears), fall (an object falls in), "
                                                "scene-change (the light changes) or none."),
-    at: int = typer.Option(90, help="The first frame that shows the anomaly."),
-    frames: int = typer.Option(150, help="Length of the video in frames."),
+    at: int = typer.Option(150, help="The first frame that shows the anomaly (watch learns the first 90 as normal)."),
+    frames: int = typer.Option(210, help="Length of the video in frames."),
     seed: int = typer.Option(0, help="Which scene (every seed draws another)."),
     fps: float = typer.Option(30.0, help="Frame rate written into the file."),
     scale: int = typer.Option(2, help="Frame size is 64 x scale pixels square."),

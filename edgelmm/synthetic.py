@@ -335,6 +335,16 @@ def task_describe(rng):
 
 
 AUX_TASKS: tuple[Task, ...] = (Task("describe", "description", task_describe),)
+
+
+def labelled_scene(split: str, index: int) -> tuple[np.ndarray, list[Shape]]:
+    """Training only (the vision tower's supervised pre-training): one image of 0-5 shapes and the
+    shapes themselves, as labels. A seed stream of its own, apart from the question samples'."""
+    rng = np.random.default_rng([SPLITS[split], index, 20261122, 1])
+    objs = scene(rng, int(rng.integers(0, 6)))
+    return render(objs, random_background(rng), rng), objs
+
+
 SKILLS = tuple(dict.fromkeys(t.skill for t in TASKS))
 
 

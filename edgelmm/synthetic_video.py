@@ -31,9 +31,9 @@ FALL_FRAMES = 8          # an object falls from the top edge to the floor in thi
 @dataclass(frozen=True)
 class VideoSpec:
     seed: int = 0
-    frames: int = 150
+    frames: int = 210
     anomaly: str = "appear"
-    anomaly_frame: int = 90          # the first frame that shows the anomaly
+    anomaly_frame: int = 150         # the first frame that shows the anomaly (after watch's 90-frame warm-up)
     anomaly_length: int | None = None   # frames it lasts (None: to the end)
     repeat_every: int | None = None     # it comes back every this many frames (long soak videos)
     fps: float = 30.0

@@ -2,8 +2,12 @@
 Llama text model with a llama-style sentencepiece tokenizer) that has really learned the
 multi-image skills of `edgelmm.synthetic`.
 
-    python -m edgelmm.testing.train_reference OUT_DIR [--steps 5000] [--seed 0]
+    python -m edgelmm.testing.train_reference OUT_DIR [--vision-steps 2500] [--steps 5000]
+                                                      [--focus-steps 1500] [--seed 0]
 
+Stage 1 pre-trains the vision tower on labelled scenes (which shape of which colour sits in each
+patch, how many of each shape); stage 2 trains the whole model on the multi-image questions;
+stage 3 goes on with half of every batch on the comparison tasks stage 2 left at chance.
 The run is seeded (weights, data order, augmentation); the data is generated on the fly from the
 "train" split, so no two steps see the same sample. Training batches go through the same
 Pipeline.prepare the runtime uses, so the model learns exactly the token layout it is served with.
@@ -193,31 +197,144 @@ def teacher_forced_accuracy(model, batcher: Batcher, samples: list[synthetic.Sam
     return {t: float(np.mean(v)) for t, v in per_task.items()}
 
 
-def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, threads: int, log_every: int = 50,
-          val_samples: int = 270) -> dict:
-    import torch
-    from transformers import LlavaForConditionalGeneration
+def _param_groups(named_params, lr: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only."""
+    named = list(named_params)
+    return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.05, "lr": lr},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-    model.train()
-    batcher = Batcher(out)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
+
+def _schedule(opt, steps: int):
+    """Linear warm-up, then cosine down to 5% of each group's peak rate."""
+    import torch
+
     warmup = max(1, steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+
+
+def patch_labels(objs: list[synthetic.Shape], grid: int) -> np.ndarray:
+    """The class of the shape whose centre lies in each patch (0: none; 1 + shape * colours + colour)."""
+    colours = list(synthetic.COLOURS)
+    cell = synthetic.IMAGE_SIZE / grid
+    labels = np.zeros((grid, grid), np.int64)
+    for o in objs:
+        row, col = min(int(o.y / cell), grid - 1), min(int(o.x / cell), grid - 1)
+        labels[row, col] = 1 + synthetic.SHAPES.index(o.shape) * len(colours) + colours.index(o.colour)
+    return labels
+
+
+MAX_SCENE_SHAPES = 5   # labelled_scene draws 0-5 shapes
+
+
+class VisionPretraining:
+    """Stage 1: supervised pre-training of the vision tower on labelled scenes, before any question.
+
+    Learning shapes through the answer tokens alone is slow: after 5000 steps of question training
+    the model named the shape in an image right 60% of the time. Two throw-away heads on the
+    features the projector reads (LLaVA's `vision_feature_layer`) give every patch a target instead:
+    which shape of which colour is centred in it, and how many circles, squares and triangles the
+    image holds. The heads are dropped afterwards; only the tower keeps what it learned."""
+
+    def __init__(self, model, batcher: Batcher):
+        import torch
+
+        cfg = model.config
+        self.tower = model.model.vision_tower
+        self.layer = cfg.vision_feature_layer
+        self.grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        self.batcher = batcher
+        width = cfg.vision_config.hidden_size
+        self.classes = 1 + len(synthetic.SHAPES) * len(synthetic.COLOURS)
+        self.patch_head = torch.nn.Linear(width, self.classes)
+        self.count_head = torch.nn.Linear(width, len(synthetic.SHAPES) * (MAX_SCENE_SHAPES + 1))
+
+    def batch(self, split: str, start: int, n: int):
+        import torch
+
+        scenes = [synthetic.labelled_scene(split, i) for i in range(start, start + n)]
+        pixels = self.batcher.pipe.family.preprocess([img for img, _ in scenes]).pixel_values
+        patches = np.stack([patch_labels(objs, self.grid) for _, objs in scenes])
+        counts = np.asarray([[sum(o.shape == s for o in objs) for s in synthetic.SHAPES] for _, objs in scenes])
+        return torch.from_numpy(pixels), torch.from_numpy(patches.reshape(n, -1)), torch.from_numpy(counts)
+
+    def logits(self, pixels):
+        features = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]
+        per_patch = self.patch_head(features).float()
+        counts = self.count_head(features.mean(1)).float().view(len(pixels), len(synthetic.SHAPES), -1)
+        return per_patch, counts
+
+    def loss(self, pixels, patches, counts):
+        import torch.nn.functional as F
+
+        per_patch, count_logits = self.logits(pixels)
+        return (F.cross_entropy(per_patch.reshape(-1, self.classes), patches.reshape(-1))
+                + F.cross_entropy(count_logits.reshape(-1, count_logits.shape[-1]), counts.reshape(-1)))
+
+    def accuracy(self, pixels, patches, counts) -> dict[str, float]:
+        """Shapes recognised (class of the patches that hold a shape's centre) and images whose three
+        counts are all right."""
+        import torch
+
+        with torch.no_grad():
+            per_patch, count_logits = self.logits(pixels)
+        has_shape = patches > 0
+        hit = (per_patch.argmax(-1) == patches) & has_shape
+        return {"shapes": hit.sum().item() / max(1, has_shape.sum().item()),
+                "counts": (count_logits.argmax(-1) == counts).all(1).float().mean().item()}
+
+    def run(self, steps: int, seed: int, batch_size: int, lr: float, log_every: int = 50,
+            val_images: int = 512) -> list[dict]:
+        import torch
+
+        params = list(self.tower.named_parameters()) + [
+            (n, p) for head in (self.patch_head, self.count_head) for n, p in head.named_parameters()]
+        opt = torch.optim.AdamW(_param_groups(params, lr), betas=(0.9, 0.98))
+        sched = _schedule(opt, steps)
+        val = self.batch("val", 0, val_images)
+        history, running, t0 = [], 0.0, time.time()
+        self.tower.train()
+        for step in range(steps):
+            pixels, patches, counts = self.batch("train", seed * 10_000_000 + step * batch_size, batch_size)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = self.loss(pixels, patches, counts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            opt.step()
+            sched.step()
+            running += loss.item()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                entry = {"stage": "vision", "step": step + 1, "loss": running / log_every,
+                         "minutes": (time.time() - t0) / 60, "lr": sched.get_last_lr()[0]}
+                running = 0.0
+                if (step + 1) % (log_every * 10) == 0 or step + 1 == steps:
+                    self.tower.eval()
+                    entry["val"] = self.accuracy(*val)
+                    self.tower.train()
+                history.append(entry)
+                print(json.dumps(entry), flush=True)
+        return history
+
+
+VISION_LR_SCALE = 0.3   # stage 2 moves the pre-trained tower more gently than the rest
+
+
+def question_training(model, batcher: Batcher, steps: int, lr: float, stage: str, log_every: int, val_samples: int,
+                      val_every: int, samples_at, minutes_before: float = 0.0) -> list[dict]:
+    """Train the whole model on question batches (`samples_at(step)` gives each step's samples) with a
+    fresh AdamW, the vision tower at VISION_LR_SCALE; log the loss, and teacher-forced validation
+    accuracy per task every `val_every` steps."""
+    import torch
+
+    tower = [(n, p) for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
+    rest = [(n, p) for n, p in model.named_parameters() if ".vision_tower." not in f".{n}"]
+    opt = torch.optim.AdamW(_param_groups(rest, lr) + _param_groups(tower, lr * VISION_LR_SCALE), betas=(0.9, 0.98))
+    sched = _schedule(opt, steps)
     val = synthetic.make_split("val", val_samples)
-    history = []
-    t0 = time.time()
-    running = 0.0
+    history, running, t0 = [], 0.0, time.time()
     for step in range(steps):
-        start = seed * 10_000_000 + step * batch_size
-        samples = [training_sample(i) for i in range(start, start + batch_size)]
-        ids, labels, mask, pixels = batcher.batch(samples)
+        ids, labels, mask, pixels = batcher.batch(samples_at(step))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -227,18 +344,83 @@ def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, threads:
         sched.step()
         running += loss.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            entry = {"step": step + 1, "loss": running / log_every, "minutes": (time.time() - t0) / 60,
-                     "lr": sched.get_last_lr()[0]}
+            entry = {"stage": stage, "step": step + 1, "loss": running / log_every,
+                     "minutes": minutes_before + (time.time() - t0) / 60, "lr": sched.get_last_lr()[0]}
             running = 0.0
-            if (step + 1) % (log_every * 10) == 0 or step + 1 == steps:
+            if (step + 1) % val_every == 0 or step + 1 == steps:
                 acc = teacher_forced_accuracy(model, batcher, val)
                 entry["val"] = acc
                 entry["val_mean"] = float(np.mean(list(acc.values())))
             history.append(entry)
             print(json.dumps(entry), flush=True)
+    return history
+
+
+def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, threads: int, log_every: int = 50,
+          val_samples: int = 270, vision_steps: int = 2500, vision_batch_size: int = 128,
+          vision_lr: float = 1e-3, vision_val_images: int = 512) -> dict:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    model.train()
+    batcher = Batcher(out)
+    t0 = time.time()
+    history = VisionPretraining(model, batcher).run(vision_steps, seed, vision_batch_size, vision_lr,
+                                                    log_every, vision_val_images) if vision_steps else []
+    vision_minutes = (time.time() - t0) / 60
+    history += question_training(
+        model, batcher, steps, lr, "questions", log_every, val_samples, val_every=log_every * 10,
+        samples_at=lambda step: [training_sample(i) for i in range(seed * 10_000_000 + step * batch_size,
+                                                                   seed * 10_000_000 + (step + 1) * batch_size)],
+        minutes_before=vision_minutes)
     model.save_pretrained(out, safe_serialization=True)
     return {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "threads": threads,
-            "minutes": (time.time() - t0) / 60, "history": history}
+            "vision_steps": vision_steps, "vision_batch_size": vision_batch_size, "vision_lr": vision_lr,
+            "vision_minutes": vision_minutes, "minutes": (time.time() - t0) / 60, "history": history}
+
+
+# Stage 3's tasks: after stage 2 these two were still at chance (same 51%, odd_frame 26% held-out).
+# Both ask whether, or where, two renders of one scene differ by a single shape's colour, kind,
+# position or presence: a patch-by-patch comparison across images that a 7.8% share of the data
+# did not teach in 5000 steps.
+FOCUS_TASKS = ("same", "odd_frame")
+FOCUS_SHARE = 0.5       # of each stage-3 batch; the rest is the stage-2 mixture, so nothing is forgotten
+FOCUS_OFFSET = 5_000_000  # stage 3 draws its samples from here on, clear of stage 2's
+
+
+def focus_sample(seed: int, index: int, batch_size: int) -> synthetic.Sample:
+    """Sample `index` of stage 3: the first FOCUS_SHARE of each batch from FOCUS_TASKS in turn, the
+    rest from the stage-2 mixture; all from indices stage 2 never used."""
+    global_index = seed * 10_000_000 + FOCUS_OFFSET + index
+    slot = index % batch_size
+    focused = int(batch_size * FOCUS_SHARE)
+    if slot < focused:
+        task = synthetic.TASKS_BY_NAME[FOCUS_TASKS[slot % len(FOCUS_TASKS)]]
+        return synthetic.make_sample("train", global_index, (task,))
+    return training_sample(global_index)
+
+
+def focus(out: Path, steps: int, seed: int, batch_size: int, lr: float, threads: int, log_every: int = 50,
+          val_samples: int = 270) -> dict:
+    """Stage 3: continue from the checkpoint saved in `out` (as saved, so running it as a separate
+    `--resume` command gives the same weights) with half of every batch on FOCUS_TASKS."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    model.train()
+    t0 = time.time()
+    history = question_training(
+        model, Batcher(out), steps, lr, "focus", log_every, val_samples, val_every=log_every * 5,
+        samples_at=lambda step: [focus_sample(seed, step * batch_size + k, batch_size) for k in range(batch_size)])
+    model.save_pretrained(out, safe_serialization=True)
+    return {"focus_steps": steps, "focus_batch_size": batch_size, "focus_lr": lr, "focus_tasks": list(FOCUS_TASKS),
+            "focus_share": FOCUS_SHARE, "focus_minutes": (time.time() - t0) / 60, "history": history}
 
 
 TEST_SAMPLES = 900      # 100 per task
@@ -269,19 +451,51 @@ def evaluate_and_card(model_dir: Path, threads: int) -> dict:
         vocab=cfg["text_config"]["vocab_size"], table=format_table(report), task_rows=task_rows,
         steps=log["steps"], batch=log["batch_size"], lr=log["lr"], seed=log["seed"], threads=log["threads"],
         minutes=log["minutes"], machine=log.get("machine", "?"), samples=log["steps"] * log["batch_size"],
+        vision_steps=log["vision_steps"], vision_batch=log["vision_batch_size"], vision_lr=log["vision_lr"],
+        vision_minutes=log["vision_minutes"], tower_scale=VISION_LR_SCALE, **_vision_result(log),
+        focus_steps=log.get("focus_steps", 0), stage3=_stage3_text(log),
         subset=results["ci_subset"]["accuracy"], ci=CI_SUBSET, n=TEST_SAMPLES, limits=_limits(results))
     (model_dir / "README.md").write_text(card)
     return results
 
 
+def _vision_result(log: dict) -> dict:
+    """Stage 1's last held-out accuracies, from the training log."""
+    last = [e["val"] for e in log["history"] if e.get("stage") == "vision" and "val" in e][-1]
+    return {"vision_shapes": last["shapes"], "vision_counts": last["counts"]}
+
+
+def _stage3_text(log: dict) -> str:
+    """The card's paragraph on stage 3 (empty when the run skipped it)."""
+    if not log.get("focus_steps"):
+        return ""
+    before = [e["val"] for e in log["history"] if e.get("stage") == "questions" and "val" in e][-1]
+    after = [e["val"] for e in log["history"] if e.get("stage") == "focus" and "val" in e][-1]
+    moved = ", ".join(f"{t} {before[t]:.0%} -> {after[t]:.0%}" for t in log["focus_tasks"])
+    return (f"3. Focus, {log['focus_steps']} steps of batch {log['focus_batch_size']} (lr {log['focus_lr']}, fresh optimizer), "
+            f"{log['focus_share']:.0%} of each batch\n"
+            f"   on {' and '.join(log['focus_tasks'])}, the rest from the stage-2 mixture, all samples stage 2 never drew. After stage 2\n"
+            "   these comparison tasks were still at chance: telling whether two renders of one scene differ\n"
+            "   by one shape needs a patch-by-patch match across images, which their 1-in-13 share of the\n"
+            f"   data had not taught. Validation (teacher-forced, 30 each): {moved} ({log['focus_minutes']:.0f} min).\n"
+            "   It starts from the checkpoint as saved after stage 2, so `--resume` runs it alone on a\n"
+            "   stage-2 model with the same result.\n")
+
+
 def _limits(results: dict) -> str:
     """What the card must admit: the skills this model has not learned well (under 90%)."""
-    weak = [f"{k} {v['accuracy']:.0%}" for k, v in results["test"]["skills"].items() if v["accuracy"] < 0.9]
+    tasks = results["test"]["tasks"].values()
+    weak = []
+    for skill, row in results["test"]["skills"].items():
+        if row["accuracy"] < 0.9:
+            detail = ", ".join(f"{t['task']} {t['accuracy']:.0%}" for t in tasks if t["skill"] == skill)
+            weak.append(f"{skill} {row['accuracy']:.0%} ({detail})")
     if not weak:
         return "Every skill is at 90% or above."
-    return ("Under 90%: " + ", ".join(weak) + ". The training loss was still falling when the cosine schedule "
-            "ended; more steps (or a GPU run) is the first thing to try. Shape identity is the slowest skill to "
-            "learn with 16x16-pixel patches, and counting and anomaly descriptions build on it.")
+    return ("Under 90%: " + "; ".join(weak) + ". These are the questions whose answer hangs on one "
+            "shape among several images (a count one off, a single changed shape); the validation curves "
+            "had flattened by the end of the run, so more steps alone buy little. A wider text model or "
+            "smaller patches are the next things to try.\n")
 
 
 def _tensor_sizes(model_dir: Path) -> dict:
@@ -338,12 +552,21 @@ reproducible. Nine tasks in turn:
 
 ## Training
 ```
-python -m edgelmm.testing.train_reference edgelmm/models/edgelmm-ref-siglip-llama --steps {steps} --seed {seed}
+python -m edgelmm.testing.train_reference edgelmm/models/edgelmm-ref-siglip-llama --vision-steps {vision_steps} --steps {steps} --focus-steps {focus_steps} --seed {seed}
 ```
-AdamW (lr {lr}, betas 0.9/0.98, weight decay 0.05, warm-up then cosine), batch {batch}, {steps} steps
-({samples} samples, each seen once), bf16 autocast on CPU, loss on the answer tokens and `</s>` only.
-Training batches are built with edgelmm's own `Pipeline.prepare`, the prompt path the runtime serves.
-Took {minutes:.0f} min on {machine} ({threads} threads). The run is deterministic for a given seed and
+Three stages, all AdamW (betas 0.9/0.98, weight decay 0.05 on matrices, warm-up then cosine) with
+bf16 autocast on CPU:
+1. Vision pre-training, {vision_steps} steps of batch {vision_batch} single images (lr {vision_lr}): two throw-away
+   linear heads on the features the projector reads learn, per patch, which shape of which colour is
+   centred in it, and per image how many circles, squares and triangles it holds. Question training
+   alone learns shape identity slowly through 16x16-pixel patches; this stage gives every patch a
+   target. Held-out: {vision_shapes:.1%} of shapes recognised, {vision_counts:.1%} of images with all three counts right
+   ({vision_minutes:.0f} min).
+2. Questions, {steps} steps of batch {batch} (lr {lr}; the pre-trained tower at {tower_scale}x), {samples} samples each
+   seen once, loss on the answer tokens and `</s>` only. Training batches are built with edgelmm's
+   own `Pipeline.prepare`, the prompt path the runtime serves.
+{stage3}
+Took {minutes:.0f} min in all on {machine} ({threads} threads). The run is deterministic for a given seed and
 thread count (the test suite trains two short runs and compares the weights bit for bit).
 
 ## Evaluation
@@ -371,6 +594,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4,
                     help="peak learning rate; above ~1e-3 the vision path collapses in the first steps")
+    ap.add_argument("--vision-steps", type=int, default=2500,
+                    help="steps of stage 1, the vision tower's supervised pre-training (0 skips it)")
+    ap.add_argument("--focus-steps", type=int, default=1500,
+                    help="steps of stage 3, half of each batch on the comparison tasks (0 skips it)")
+    ap.add_argument("--resume", action="store_true",
+                    help="OUT already holds a model trained through stage 2: run only stage 3 on it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -385,15 +614,32 @@ def main(argv=None) -> None:
     import torch
     from transformers import LlavaForConditionalGeneration
 
+    def save_as_dtype(path: Path) -> None:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        model.save_pretrained(path, safe_serialization=True)
+
     tmp = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build_tokenizer(tmp)
-    build_model(tmp, args.seed)
-    log = train(tmp, args.steps, args.seed, args.batch_size, args.lr, args.threads)
-    model = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=getattr(torch, args.dtype))
-    model.save_pretrained(tmp, safe_serialization=True)
-    log["machine"] = _machine()
+    if args.resume:
+        log = json.loads((args.out / "training_log.json").read_text())
+        if "focus_steps" in log:
+            raise SystemExit(f"{args.out} has had stage 3 already ({log['focus_steps']} steps)")
+        shutil.copytree(args.out, tmp)
+    else:
+        tmp.mkdir(parents=True)
+        build_tokenizer(tmp)
+        build_model(tmp, args.seed)
+        log = train(tmp, args.steps, args.seed, args.batch_size, args.lr, args.threads, vision_steps=args.vision_steps)
+        # Saved as it ships before stage 3 reads it, so a stage 3 run later with --resume starts from
+        # the very same weights.
+        save_as_dtype(tmp)
+        log["machine"] = _machine()
+    if args.focus_steps:
+        stage3 = focus(tmp, args.focus_steps, log["seed"], log["batch_size"], log["lr"], args.threads)
+        save_as_dtype(tmp)
+        log["history"] += stage3.pop("history")
+        log.update(stage3)
+        log["minutes"] += stage3["focus_minutes"]
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
     results = evaluate_and_card(tmp, args.threads)
     if args.out.exists():
