@@ -177,8 +177,11 @@ def test_gate_refuses_int8_without_exclusions_on_a_tiny_calibration_set(referenc
     dst = tmp_path / "ref"
     shutil.copytree(reference_bundle, dst)
     before = {p.name: p.read_bytes() for p in (dst / "onnx").iterdir()} | {"m": (dst / "edgelmm.json").read_bytes()}
-    broken = CalibrationOptions(calib_samples=4, exclude_sensitive_ops=False, sensitivity=False, eval_samples=0)
-    with pytest.raises(QualityGateError, match=r"int8: vision feature cosine 0\.98\d* < 0\.99") as info:
+    # Entropy ranges from 4 prompts with every node in INT8: vision cosine 0.976 (measured); minmax or
+    # percentile ranges keep 0.996 on this model even so.
+    broken = CalibrationOptions(calib_samples=4, exclude_sensitive_ops=False, sensitivity=False, eval_samples=0,
+                                vision_method="entropy")
+    with pytest.raises(QualityGateError, match=r"int8: vision feature cosine 0\.9[0-8]\d* < 0\.99") as info:
         calibrate(dst, ["int8"], broken)
     assert info.value.report["quality"]["int8"]["passed"] is False
     after = {p.name: p.read_bytes() for p in (dst / "onnx").iterdir()} | {"m": (dst / "edgelmm.json").read_bytes()}
