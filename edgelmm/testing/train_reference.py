@@ -213,6 +213,34 @@ def _schedule(opt, steps: int):
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
 
 
+def _optimise(stage: str, steps: int, opt, sched, clip_params: list, step_loss, validate, log_every: int,
+              val_every: int, minutes_before: float = 0.0) -> list[dict]:
+    """The training loop every stage shares: `step_loss(step)` under bf16 autocast, AdamW step with
+    gradients clipped to norm 1, a log entry every `log_every` steps, `validate()`'s entries added
+    every `val_every` steps and at the end."""
+    import torch
+
+    history, running, t0 = [], 0.0, time.time()
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            entry = {"stage": stage, "step": step + 1, "loss": running / log_every,
+                     "minutes": minutes_before + (time.time() - t0) / 60, "lr": sched.get_last_lr()[0]}
+            running = 0.0
+            if (step + 1) % val_every == 0 or step + 1 == steps:
+                entry.update(validate())
+            history.append(entry)
+            print(json.dumps(entry), flush=True)
+    return history
+
+
 def patch_labels(objs: list[synthetic.Shape], grid: int) -> np.ndarray:
     """The class of the shape whose centre lies in each patch (0: none; 1 + shape * colours + colour)."""
     colours = list(synthetic.COLOURS)
@@ -292,29 +320,18 @@ class VisionPretraining:
         opt = torch.optim.AdamW(_param_groups(params, lr), betas=(0.9, 0.98))
         sched = _schedule(opt, steps)
         val = self.batch("val", 0, val_images)
-        history, running, t0 = [], 0.0, time.time()
         self.tower.train()
-        for step in range(steps):
-            pixels, patches, counts = self.batch("train", seed * 10_000_000 + step * batch_size, batch_size)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = self.loss(pixels, patches, counts)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-            opt.step()
-            sched.step()
-            running += loss.item()
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                entry = {"stage": "vision", "step": step + 1, "loss": running / log_every,
-                         "minutes": (time.time() - t0) / 60, "lr": sched.get_last_lr()[0]}
-                running = 0.0
-                if (step + 1) % (log_every * 10) == 0 or step + 1 == steps:
-                    self.tower.eval()
-                    entry["val"] = self.accuracy(*val)
-                    self.tower.train()
-                history.append(entry)
-                print(json.dumps(entry), flush=True)
-        return history
+
+        def validate() -> dict:
+            self.tower.eval()
+            acc = self.accuracy(*val)
+            self.tower.train()
+            return {"val": acc}
+
+        return _optimise(
+            "vision", steps, opt, sched, [p for _, p in params],
+            lambda step: self.loss(*self.batch("train", seed * 10_000_000 + step * batch_size, batch_size)),
+            validate, log_every, val_every=log_every * 10)
 
 
 VISION_LR_SCALE = 0.3   # stage 2 moves the pre-trained tower more gently than the rest
@@ -332,28 +349,17 @@ def question_training(model, batcher: Batcher, steps: int, lr: float, stage: str
     opt = torch.optim.AdamW(_param_groups(rest, lr) + _param_groups(tower, lr * VISION_LR_SCALE), betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
     val = synthetic.make_split("val", val_samples)
-    history, running, t0 = [], 0.0, time.time()
-    for step in range(steps):
+
+    def step_loss(step: int):
         ids, labels, mask, pixels = batcher.batch(samples_at(step))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            entry = {"stage": stage, "step": step + 1, "loss": running / log_every,
-                     "minutes": minutes_before + (time.time() - t0) / 60, "lr": sched.get_last_lr()[0]}
-            running = 0.0
-            if (step + 1) % val_every == 0 or step + 1 == steps:
-                acc = teacher_forced_accuracy(model, batcher, val)
-                entry["val"] = acc
-                entry["val_mean"] = float(np.mean(list(acc.values())))
-            history.append(entry)
-            print(json.dumps(entry), flush=True)
-    return history
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+
+    def validate() -> dict:
+        acc = teacher_forced_accuracy(model, batcher, val)
+        return {"val": acc, "val_mean": float(np.mean(list(acc.values())))}
+
+    return _optimise(stage, steps, opt, sched, list(model.parameters()), step_loss, validate, log_every,
+                     val_every, minutes_before)
 
 
 def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, threads: int, log_every: int = 50,
@@ -459,9 +465,13 @@ def evaluate_and_card(model_dir: Path, threads: int) -> dict:
     return results
 
 
+def _last_validation(log: dict, stage: str) -> dict:
+    return [e["val"] for e in log["history"] if e.get("stage") == stage and "val" in e][-1]
+
+
 def _vision_result(log: dict) -> dict:
     """Stage 1's last held-out accuracies, from the training log."""
-    last = [e["val"] for e in log["history"] if e.get("stage") == "vision" and "val" in e][-1]
+    last = _last_validation(log, "vision")
     return {"vision_shapes": last["shapes"], "vision_counts": last["counts"]}
 
 
@@ -469,8 +479,7 @@ def _stage3_text(log: dict) -> str:
     """The card's paragraph on stage 3 (empty when the run skipped it)."""
     if not log.get("focus_steps"):
         return ""
-    before = [e["val"] for e in log["history"] if e.get("stage") == "questions" and "val" in e][-1]
-    after = [e["val"] for e in log["history"] if e.get("stage") == "focus" and "val" in e][-1]
+    before, after = _last_validation(log, "questions"), _last_validation(log, "focus")
     moved = ", ".join(f"{t} {before[t]:.0%} -> {after[t]:.0%}" for t in log["focus_tasks"])
     return (f"3. Focus, {log['focus_steps']} steps of batch {log['focus_batch_size']} (lr {log['focus_lr']}, fresh optimizer), "
             f"{log['focus_share']:.0%} of each batch\n"
@@ -621,6 +630,9 @@ def main(argv=None) -> None:
     tmp = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.resume:
+        if not (args.out / "training_log.json").is_file():
+            raise SystemExit(f"--resume needs a model trained by this script in {args.out} "
+                             f"(no {args.out / 'training_log.json'})")
         log = json.loads((args.out / "training_log.json").read_text())
         if "focus_steps" in log:
             raise SystemExit(f"{args.out} has had stage 3 already ({log['focus_steps']} steps)")
