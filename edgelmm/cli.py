@@ -283,13 +283,9 @@ def verify(
             raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
                                      f"(formats {api.bundle_formats(opened)})")
         ref = api.load(reference, backend="torch")
-        from .export.tensorrt import VERIFY_KEY
-        from .verify import THRESHOLDS
-
-        # TensorRT's precisions are judged as fp16 (TF32 and fp16 kernels) or, quantized, on the vision cosine.
+        # Each runtime is judged by its own limits (verify.thresholds_for): TensorRT's TF32/fp16 kernels as fp16.
         reports = [run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p), ref, p,
-                              max_new_tokens=max_new_tokens,
-                              thresholds=THRESHOLDS[VERIFY_KEY[p]] if b == "tensorrt" else None) for b, p in checks]
+                              max_new_tokens=max_new_tokens) for b, p in checks]
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:

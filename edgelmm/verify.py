@@ -36,6 +36,22 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 }
 
 
+# TensorRT computes in TF32 or fp16 whatever the graph's precision (engines, and ONNX Runtime's
+# TensorRT provider with fp16 allowed), so it is judged as fp16; its quantized engines on the vision cosine.
+TENSORRT_LIMITS = {"fp32": "fp16", "fp16": "fp16", "int8-vision": "int8", "int4": "int8", "int8-vision+int4": "int8"}
+
+
+def thresholds_for(candidate: Pipeline, precision: str) -> dict[str, float]:
+    """The limits a candidate is judged by: its precision's, unless its runtime computes below it."""
+    about = candidate.backend.describe()
+    if about["backend"] == "tensorrt":
+        return THRESHOLDS[TENSORRT_LIMITS[precision]]
+    if about["backend"] == "onnxruntime" and about.get("providers", [""])[0] == "TensorrtExecutionProvider" \
+            and str(about.get("provider_options", {}).get("trt_fp16_enable", "0")).lower() in ("1", "true"):
+        return THRESHOLDS[TENSORRT_LIMITS.get(precision, precision)]
+    return THRESHOLDS.get(precision, THRESHOLDS["fp32"])
+
+
 @dataclass
 class Case:
     name: str
@@ -83,7 +99,7 @@ def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", ma
            thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     from .testing.checkpoints import sample_images
 
-    limits = dict(thresholds or THRESHOLDS.get(precision, THRESHOLDS["fp32"]))
+    limits = dict(thresholds or thresholds_for(candidate, precision))
     cases, ref_embeds, ref_logits = [], [], []
     for i, case in enumerate(CASES):
         images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)

@@ -131,6 +131,22 @@ def test_explicit_gpu_provider_without_gpu_is_refused(bundle):
         edgelmm.load(bundle("idefics3"), provider="cuda")
 
 
+def test_tensorrt_provider_without_tensorrt_names_the_library(bundle, capfd):
+    """Without libnvinfer, ONNX Runtime would print an "EP Error" banner and fall back on its own;
+    edgelmm refuses an explicit request by name and leaves the provider out of "auto", quietly."""
+    from edgelmm.runtimes.onnxruntime import tensorrt_libraries_load
+
+    if tensorrt_libraries_load() is None:
+        pytest.skip("TensorRT 10 is installed here: the provider may really run")
+    with pytest.raises(BackendUnavailable, match=r"provider 'tensorrt' was asked for but libnvinfer\.so\.10 "
+                                                 r"\(TensorRT 10\) does not load"):
+        edgelmm.load(bundle("idefics3"), provider="tensorrt")
+    pipe = edgelmm.load(bundle("idefics3"), backend="onnxruntime", provider="auto")
+    assert "TensorrtExecutionProvider" not in pipe.backend.providers
+    out, err = capfd.readouterr()
+    assert "EP Error" not in out + err and "libnvinfer" not in out + err
+
+
 def test_torch_backend_on_a_bundle_is_refused(bundle):
     with pytest.raises(BackendUnavailable, match="cannot run a bundle"):
         edgelmm.load(bundle("idefics3"), backend="torch")
@@ -205,8 +221,9 @@ def test_fp16_graphs_track_the_fp32_reference(checkpoint, pipelines, tmp_path):
     # Every weight is half precision: half the bytes, next to nothing left in fp32.
     assert abs(weight_bytes[("fp16", "float16")] - weight_bytes[("fp32", "float32")] / 2) <= 1e-3 * weight_bytes[("fp32", "float32")]
     assert weight_bytes.get(("fp16", "float32"), 0) <= 1e-3 * weight_bytes[("fp16", "float16")]
-    # Without a GPU, "auto" keeps fp32; fp16 can still be asked for.
-    assert edgelmm.load(path).backend.describe()["precision"] == "fp32"
+    # "auto" takes fp16 where a GPU provider runs the graphs, else fp32; fp16 can still be asked for.
+    auto = edgelmm.load(path).backend
+    assert auto.describe()["precision"] == ("fp16" if auto.kv_device == "cuda" else "fp32")
     pipe16 = edgelmm.load(path, precision="fp16")
     images = sample_images(2, seed=5)
     a = pipe16.generate("Compare <image> and <image>", images, max_new_tokens=8)

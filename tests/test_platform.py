@@ -145,6 +145,29 @@ def test_fallback_chain_order():
         choose(_fake_bundle({"onnx": ["fp32"]}), CPU, _probe(set()))
 
 
+def test_auto_precision_per_provider(monkeypatch):
+    """What precision="auto" takes on ONNX Runtime: on CPU the smallest gated calibrated set; on the
+    CUDA provider fp16, else the INT4 decoder but never INT8 QDQ vision (measured slower there than
+    fp32 on an H100); on the TensorRT provider, which fuses QDQ, the CPU order after fp16."""
+    from edgelmm import api
+    from edgelmm.runtimes import onnxruntime as ort_backend
+
+    calibrated = _fake_bundle({"onnx": ["fp32", "int8", "int4", "int8-vision+int4"]})
+    calibrated.manifest["quality"] = {p: {"passed": True} for p in ("int8", "int4", "int8-vision+int4")}
+    with_fp16 = _fake_bundle({"onnx": ["fp32", "fp16", "int8-vision+int4"]})
+    with_fp16.manifest["quality"] = {"int8-vision+int4": {"passed": True}}
+    refused = _fake_bundle({"onnx": ["fp32", "int8-vision+int4"]})
+    refused.manifest["quality"] = {"int8-vision+int4": {"passed": False}}
+
+    monkeypatch.setattr(ort_backend, "nvidia_gpu_present", lambda: False)
+    assert [api.pick_precision(b, "auto") for b in (calibrated, with_fp16, refused)] == \
+        ["int8-vision+int4", "int8-vision+int4", "fp32"]
+    monkeypatch.setattr(ort_backend, "nvidia_gpu_present", lambda: True)
+    assert [api.pick_precision(b, "cuda") for b in (calibrated, with_fp16, refused)] == ["int4", "fp16", "fp32"]
+    assert [api.pick_precision(b, "tensorrt") for b in (calibrated, with_fp16)] == ["int8-vision+int4", "fp16"]
+    assert api.pick_precision(calibrated, "cpu") == "int8-vision+int4"
+
+
 def test_engine_compatibility_rules():
     assert engine_incompatibility(ORIN, dict(ORIN)) is None
     # same compute capability, another model name: loads (possibly slower), not refused
@@ -392,4 +415,6 @@ def test_ort_tensorrt_provider_options(reference_bundle, tmp_path):
     finally:
         del os.environ["EDGELMM_CACHE"]
     assert default.startswith(str(tmp_path / "ort-tensorrt")) and b.artifact("decoder", "onnx", "fp32")["sha256"][:16] in default
-    assert GpuOptions().provider_options("CUDAExecutionProvider", b, "fp32") == {"device_id": 0}
+    # fp32 graphs compute in fp32 on the CUDA provider unless TF32 is asked for
+    assert GpuOptions().provider_options("CUDAExecutionProvider", b, "fp32") == {"device_id": 0, "use_tf32": 0}
+    assert GpuOptions(tf32=True).provider_options("CUDAExecutionProvider", b, "fp32")["use_tf32"] == 1

@@ -124,8 +124,11 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
             checks += [("llamacpp", t) for t in gguf_types if "gguf" in formats]
             for backend, precision in checks:
                 with console.status(f"verifying the {precision} {backend} artifacts against the PyTorch reference"):
-                    report = run_verify(pipeline_for_bundle(bundle, backend=backend, precision=precision),
-                                        reference, precision)
+                    # The CPU provider: the graphs are checked in true fp32 wherever the export runs; a
+                    # GPU's own kernels (TF32, fp16) are checked on the device by `edgelmm verify`.
+                    provider = "cpu" if backend == "onnxruntime" else "auto"
+                    report = run_verify(pipeline_for_bundle(bundle, backend=backend, provider=provider,
+                                                            precision=precision), reference, precision)
                 manifest["verify"][precision] = {k: report[k] for k in
                                                  ("precision", "backend", "thresholds", "summary", "passed", "failures")}
                 write_manifest(stage, manifest)

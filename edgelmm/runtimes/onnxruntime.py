@@ -7,6 +7,7 @@ reported (and checked against an explicit request) is `session.get_providers()`.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ def nvidia_gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/nvhost-ctrl-gpu")
 
 
+def tensorrt_libraries_load() -> str | None:
+    """None when TensorRT 10's libnvinfer loads here, else why not. ONNX Runtime's TensorRT provider
+    needs it; without it ORT prints an "EP Error" banner and falls back on its own, so we look first."""
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+        return None
+    except OSError as exc:
+        return f"libnvinfer.so.10 (TensorRT 10) does not load: {exc}"
+
+
 def _np_dtype(ort_type: str):
     return {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(ort_type, np.float32)
 
@@ -38,11 +49,15 @@ class GpuOptions:
     (minutes on a Jetson), so its engines and timing cache are kept on disk and reused."""
     device_id: int = 0
     fp16: bool = True                  # TensorRT provider: allow fp16 kernels
+    # CUDA provider: TF32 matmuls on Ampere and later. Off, so an fp32 graph computes in fp32 and
+    # matches the CPU to fp32 limits (on an H100, TF32 moved vision features by 0.019); the fp16
+    # graphs are the fast path.
+    tf32: bool = False
     engine_cache_dir: str | None = None  # default ~/.cache/edgelmm/ort-tensorrt/<decoder hash>-<precision>
 
     def provider_options(self, provider: str, bundle: Bundle, precision: str) -> dict[str, Any]:
         if provider == "CUDAExecutionProvider":
-            return {"device_id": self.device_id}
+            return {"device_id": self.device_id, "use_tf32": int(self.tf32)}
         if provider != "TensorrtExecutionProvider":
             return {}
         # Keyed by the decoder graph's hash: another bundle, or a re-export, never reuses stale engines.
@@ -94,6 +109,13 @@ class OnnxRuntimeBackend:
         if provider == "auto" and not nvidia_gpu_present():
             # onnxruntime-gpu lists the GPU providers anyway; trying them only logs load errors.
             available &= {"CPUExecutionProvider"}
+        if "TensorrtExecutionProvider" in available and provider in ("auto", "tensorrt"):
+            missing = tensorrt_libraries_load()
+            if missing and provider == "tensorrt":
+                raise BackendUnavailable(f"provider 'tensorrt' was asked for but {missing}: install TensorRT 10 "
+                                         "(JetPack has it; on a desktop the tensorrt wheels) or use provider='cuda'")
+            if missing:
+                available.discard("TensorrtExecutionProvider")
         self.gpu = gpu or GpuOptions()
         providers = [p for p in PROVIDER_ALIASES[provider] if p in available]
         providers = [(p, self.gpu.provider_options(p, bundle, precision)) for p in providers]

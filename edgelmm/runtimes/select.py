@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable
+from .onnxruntime import tensorrt_libraries_load
 
 log = logging.getLogger("edgelmm.select")
 
@@ -233,6 +234,10 @@ def probe_onnxruntime(plat: Platform) -> list[Probe]:
         if provider != "CPUExecutionProvider" and not plat.has_gpu:
             out.append(Probe(name, True, False, ort.__version__,
                              "listed by onnxruntime, but this machine has no NVIDIA GPU", None))
+            continue
+        missing = tensorrt_libraries_load() if provider.startswith("Tensorrt") else None
+        if missing:
+            out.append(Probe(name, True, False, ort.__version__, missing, gpu_hint))
             continue
         start = time.perf_counter()
         try:
