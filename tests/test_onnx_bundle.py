@@ -43,6 +43,28 @@ def test_export_parity_against_reference(bundle, pipelines, kind):
         assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_rmsnorm_runs_as_one_fused_kernel(bundle, kind, tmp_path):
+    """The export rewrites RMSNorm's Sqrt -> Reciprocal -> Mul as Sqrt -> Div, so ONNX Runtime fuses
+    each RMSNorm (two per decoder layer and the final one) into SimplifiedLayerNormalization; the
+    parity test above holds the numbers."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    path = bundle(kind) / "onnx" / "decoder.onnx"
+    exported = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert exported["Reciprocal"] == 0
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "decoder.optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ran = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    layers = json.loads((path.parent.parent / "edgelmm.json").read_text())["text"]["num_layers"]
+    assert ran["SimplifiedLayerNormalization"] == 2 * layers + 1 and ran["Sqrt"] == 0, ran
+
+
 def test_bundle_answers_without_torch(bundle, pipelines):
     path = bundle("idefics3")
     images = sample_images(2, seed=4)  # two sizes

@@ -52,7 +52,7 @@ class CalibrationOptions:
     gate: bool = True
     max_accuracy_drop: float = 2.0      # points of held-out accuracy
     min_vision_cosine: float = 0.99
-    eval_samples: int | None = None     # None: 180 when the model answers edgelmm's synthetic tasks
+    eval_samples: int | None = None     # None: all 900 when the model answers edgelmm's synthetic tasks
     image_root: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
