@@ -168,6 +168,27 @@ def test_auto_precision_per_provider(monkeypatch):
     assert api.pick_precision(calibrated, "cpu") == "int8-vision+int4"
 
 
+def test_verify_limits_follow_the_runtime():
+    """fp32 graphs are held to fp32 limits wherever they compute in fp32 (CPU, CUDA without TF32);
+    TensorRT, which computes in TF32/fp16, to fp16 limits, its quantized engines on the vision cosine."""
+    from types import SimpleNamespace
+
+    from edgelmm.verify import THRESHOLDS, thresholds_for
+
+    def runs_on(**about):
+        return SimpleNamespace(backend=SimpleNamespace(describe=lambda: about))
+
+    assert thresholds_for(runs_on(backend="onnxruntime", providers=["CPUExecutionProvider"]), "fp32") == THRESHOLDS["fp32"]
+    cuda = runs_on(backend="onnxruntime", providers=["CUDAExecutionProvider"], provider_options={"use_tf32": "0"})
+    assert thresholds_for(cuda, "fp32") == THRESHOLDS["fp32"] and thresholds_for(cuda, "fp16") == THRESHOLDS["fp16"]
+    ort_trt = runs_on(backend="onnxruntime", providers=["TensorrtExecutionProvider"],
+                      provider_options={"trt_fp16_enable": "1"})
+    assert thresholds_for(ort_trt, "fp32") == THRESHOLDS["fp16"] and thresholds_for(ort_trt, "int8") == THRESHOLDS["int8"]
+    assert thresholds_for(runs_on(backend="tensorrt"), "fp32") == THRESHOLDS["fp16"]
+    assert thresholds_for(runs_on(backend="tensorrt"), "int8-vision+int4") == THRESHOLDS["int8"]
+    assert thresholds_for(runs_on(backend="llamacpp"), "q4_k_m") == THRESHOLDS["q4_k_m"]
+
+
 def test_engine_compatibility_rules():
     assert engine_incompatibility(ORIN, dict(ORIN)) is None
     # same compute capability, another model name: loads (possibly slower), not refused
