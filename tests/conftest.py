@@ -28,6 +28,21 @@ def run_without_torch(code: str, timeout: int = 300) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+def optimized_op_types(path, out) -> dict[str, int]:
+    """A Counter of the node types of the ONNX graph at `path` as ONNX Runtime's CPU provider runs it, after its own
+    fusions (the optimized graph is written to `out`)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+
+
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory):
     return tmp_path_factory.mktemp("checkpoints")

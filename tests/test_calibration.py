@@ -16,7 +16,7 @@ from edgelmm.calib.sources import stratified
 from edgelmm.errors import CalibrationError, QualityGateError
 from edgelmm.testing.checkpoints import sample_images
 
-from .conftest import run_without_torch
+from .conftest import optimized_op_types, run_without_torch
 
 FAST = dict(calib_samples=6, eval_samples=0)
 
@@ -147,7 +147,7 @@ def test_calibrate_adds_measured_precisions(tiny_bundle, mantis_jsonl, source, t
     assert size["decoder.int4.onnx"] < size["decoder.onnx"] and size["vision.int8.onnx"] < size["vision.onnx"]
     # INT8 runs the matmuls; elementwise Mul/Add and LayerNorm stay float (ORT itself may run a Softmax
     # between two quantized attention matmuls as QLinearSoftmax).
-    ran = _optimized_op_types(tiny_bundle / "onnx/vision.int8.onnx", tmp_path / "vision.int8.optimized.onnx")
+    ran = optimized_op_types(tiny_bundle / "onnx/vision.int8.onnx", tmp_path / "vision.int8.optimized.onnx")
     assert ran["QLinearMatMul"] >= 4 and ran["LayerNormalization"] >= 1 and ran["Mul"] >= 1, ran
     assert not {"QLinearMul", "QLinearAdd", "QLinearAveragePool", "QLinearLeakyRelu"} & set(ran), ran
     assert set(m["calibration"]["int8"]["graphs"]["vision.int8"]["excluded_op_types"]) >= {"Add", "Mul", "LayerNormalization"}
@@ -195,20 +195,6 @@ def test_gate_refuses_int8_without_exclusions_on_a_tiny_calibration_set(referenc
     # The override keeps it, and the manifest records the failure.
     r = calibrate(dst, ["int8"], CalibrationOptions(**{**broken.as_dict(), "gate": False}))
     assert not r.passed and not json.loads((dst / "edgelmm.json").read_text())["quality"]["int8"]["passed"]
-
-
-def _optimized_op_types(path, out):
-    """Node types of the graph as ONNX Runtime's CPU provider runs it (after its own fusions)."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
 def test_reference_model_keeps_its_accuracy_and_runs_without_torch(reference_bundle, tmp_path):
