@@ -7,7 +7,8 @@ from pathlib import Path
 from .bundle import Bundle, is_bundle, open_bundle
 from .errors import BackendUnavailable
 from .families import detect
-from .modelfiles import ModelFiles
+from .modelfiles import ModelFiles, check_model_dir
+from .options import check_threads
 from .pipeline import Pipeline
 
 BACKENDS = ("auto", "torch", "tensorrt", "onnxruntime", "llamacpp")
@@ -73,6 +74,7 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
     """A Pipeline over one of the bundle's artifact sets. backend="auto" with provider="auto" takes
     the first usable candidate of `runtimes.select.plan` (TensorRT engines, ONNX Runtime on the GPU,
     llama.cpp offloaded, then the CPU) and records why in describe()["selection"]."""
+    check_threads(threads)
     selection = None
     if backend == "auto" and provider == "auto":
         from .runtimes.select import choose
@@ -134,6 +136,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    check_threads(threads)  # before a bundle's checksums are hashed or any weights load
+    check_model_dir(path)   # a typed error for a path the OS cannot even look up (is_bundle would raise)
     if is_bundle(path):
         return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
                                    gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options)

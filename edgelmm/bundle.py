@@ -5,6 +5,7 @@ that is checked before any runtime session is created."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import BundleError
+from .manifest import check_regular_file, parse_manifest, validate_manifest
 
 MANIFEST = "edgelmm.json"
 FORMAT_VERSION = 1
@@ -35,9 +37,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_entry(root: Path, rel: str) -> dict[str, Any]:
+def file_entry(root: Path, rel: str, name: str | None = None) -> dict[str, Any]:
+    """{"file", "size", "sha256"} of root/rel, listed under `name` (default rel)."""
     p = root / rel
-    return {"file": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
+    return {"file": name or rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 def checkpoint_fingerprint(model_dir: Path) -> str:
@@ -63,15 +66,63 @@ def build_versions() -> dict[str, str]:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _leftover_pid(name: str, marker: str) -> int | None:
+    """The pid in a work directory's name (`.NAME.partial-PID-xxxx`), or None when it has none."""
+    rest = name.split(marker, 1)[1] if marker in name else ""
+    head = rest.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _remove_leftovers(parent: Path, stem: str) -> None:
+    """Work directories of killed exports to the same target (their process is gone)."""
+    for marker in (".partial-", ".old-"):
+        for p in parent.glob(f".{stem}{marker}*"):
+            pid = _leftover_pid(p.name, marker)
+            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 @contextmanager
 def staging_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside out_dir; on success it replaces out_dir atomically
-    (a rename on the same filesystem). On any failure or signal nothing appears at out_dir."""
+    (a rename on the same filesystem). On any failure or signal nothing appears at out_dir, and
+    what a killed run left beside it is removed by the next run to the same target."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise BundleError("already exists (pass overwrite=True / --overwrite to replace it)", path=str(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        if out_dir.exists() and not overwrite:
+            raise BundleError("already exists (pass overwrite=True / --overwrite to replace it)", path=str(out_dir))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out_dir.parent, out_dir.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
+        # mkdtemp makes 0700 folders; a bundle is read by services running as other users.
+        tmp.chmod(_umask_mode())
+    except OSError as exc:
+        blocker = next((str(p) for p in out_dir.parents if _is_file(p)), None)
+        why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+        raise BundleError(f"cannot create the output folder here ({why})", path=str(out_dir)) from None
     try:
         yield tmp
         if out_dir.exists():
@@ -101,47 +152,151 @@ class Bundle:
         return self.root / artifact["file"]
 
 
-_REQUIRED_KEYS = ("format_version", "family", "artifacts", "files", "text")
-
-
 def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    try:
+        return (Path(path) / MANIFEST).is_file()
+    except OSError:  # a name too long for the filesystem: not a bundle (the caller says what it is)
+        return False
 
 
-def _check_file(root: Path, entry: dict[str, Any]) -> None:
-    p = root / entry["file"]
-    if not p.is_file():
-        raise BundleError("missing (listed in the manifest)", path=str(p))
-    size = p.stat().st_size
-    if size != entry["size"]:
-        raise BundleError(f"size {size} bytes, manifest says {entry['size']} (truncated or replaced)", path=str(p))
-    if sha256_file(p) != entry["sha256"]:
-        raise BundleError("sha256 does not match the manifest (the file is corrupt or was modified)", path=str(p))
+def _family_names() -> tuple[str, ...]:
+    from .families import FAMILIES
+
+    return tuple(f.name for f in FAMILIES)
 
 
 def open_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
+    """Open a bundle: the manifest's schema first (types, ranges, paths inside the bundle, every
+    artifact's file among its hashed entries), then every listed file is a regular file of the
+    listed size and, with verify_checksums, has the listed sha256. Raises BundleError naming the
+    field or file."""
     root = Path(path)
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    if not is_bundle(root):
         raise BundleError(f"not a bundle: no {MANIFEST}", path=str(root))
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"manifest is not valid JSON ({exc})", path=str(mpath)) from None
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"manifest lacks {', '.join(missing)}", path=str(mpath))
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"manifest format_version {manifest['format_version']!r} is not one this edgelmm reads "
-                          f"({FORMAT_VERSION}); re-export the bundle or upgrade edgelmm", path=str(mpath))
-    if verify_checksums:
-        for entry in manifest["files"]:
-            _check_file(root, entry)
-        for art in manifest["artifacts"]:
-            for entry in art["files"]:
-                _check_file(root, entry)
+    manifest = parse_manifest(mpath)
+    entries = validate_manifest(manifest, root, mpath, format_version=FORMAT_VERSION, families=_family_names())
+    for entry in entries:
+        p = check_regular_file(root, entry)
+        if verify_checksums and sha256_file(p) != entry["sha256"]:
+            raise BundleError("sha256 does not match the manifest (the file is corrupt or was modified)", path=str(p))
     return Bundle(root=root, manifest=manifest)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def referenced_files(manifest: dict[str, Any]) -> set[str]:
+    return {e["file"] for e in manifest["files"]} | {e["file"] for a in manifest["artifacts"] for e in a["files"]}
+
+
+UPDATE_PREFIX = ".update-"
+JOURNAL = "journal.json"
+LOCK = ".edgelmm.lock"
+
+
+class BundleUpdate:
+    """One transaction on an existing bundle (see `update_bundle`). New files are written under
+    `work` with names no manifest generation has used; `commit(manifest)` moves them in, replaces
+    the manifest in one rename, then removes the files only the old manifest named."""
+
+    def __init__(self, bundle: Bundle, work: Path):
+        self.bundle, self.root, self.work = bundle, bundle.root, work
+        self.generation = int(bundle.manifest.get("generation", 0)) + 1
+        self._taken = referenced_files(bundle.manifest)
+
+    def new_file(self, rel: str) -> Path:
+        """Where to write the file that will live at `rel` (e.g. "onnx/decoder.int4.onnx"): a path in
+        the work directory, under a name that neither the bundle nor its manifest uses (so the
+        files the current manifest names are never touched before the manifest is replaced).
+        Files the writer puts beside it (ONNX external data) travel with it."""
+        folder, _, name = rel.rpartition("/")
+        stem, dot, ext = name.partition(".")
+        candidate = rel
+        if candidate in self._taken or (self.root / candidate).exists():
+            candidate = f"{folder + '/' if folder else ''}{stem}.g{self.generation}{dot}{ext}"
+        if candidate in self._taken or (self.root / candidate).exists():
+            raise BundleError(f"{candidate!r} already exists; remove files the manifest does not list", path=str(self.root))
+        self._taken.add(candidate)
+        out = self.work / candidate
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def trial_rel(self, path: Path) -> str:
+        """A work file's path relative to the bundle (for a trial manifest, before commit)."""
+        return str(path.relative_to(self.root))
+
+    def final_rel(self, path: Path) -> str:
+        """The bundle-relative path a work file will have after commit."""
+        return str(path.relative_to(self.work))
+
+    def entries(self, path: Path) -> list[dict[str, Any]]:
+        """Hashed entries (final names) of a work file and the files written beside it with its name
+        as prefix (external data), the graph first."""
+        beside = sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path)
+        return [file_entry(self.root, self.trial_rel(p), self.final_rel(p)) for p in [path, *beside]]
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        new = [str(p.relative_to(self.work)) for p in sorted(self.work.rglob("*"))
+               if p.is_file() and p.parent != self.work]
+        old = sorted(referenced_files(self.bundle.manifest) - referenced_files(manifest))
+        manifest = {**manifest, "generation": self.generation}
+        # A crash from here on is finished by the next update: the journal says what to remove.
+        (self.work / JOURNAL).write_text(json.dumps({"new": new, "old": old}), encoding="utf-8")
+        for rel in new:
+            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.work / rel, self.root / rel)
+        write_manifest(self.work, manifest)
+        os.replace(self.work / MANIFEST, self.root / MANIFEST)  # the one step that switches generations
+        self.bundle.manifest = manifest
+        _finish_leftover(self.root, self.work, manifest)
+
+
+def _finish_leftover(root: Path, work: Path, manifest: dict[str, Any]) -> None:
+    """Remove an update's work directory and, by its journal, the files it moved in or made
+    obsolete that the bundle's current manifest does not name."""
+    journal = work / JOURNAL
+    keep = referenced_files(manifest)
+    if journal.is_file():
+        try:
+            listed = json.loads(journal.read_text(encoding="utf-8"))
+            names = [*listed.get("new", []), *listed.get("old", [])]
+        except (ValueError, OSError, AttributeError, TypeError):
+            names = []
+        real_root = root.resolve()
+        for rel in map(str, names):
+            p = root / rel
+            # The journal is a file in the bundle too: it never removes what is kept or outside.
+            if rel not in keep and rel not in (MANIFEST, LOCK) and real_root in p.resolve().parents:
+                p.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def update_bundle(path: str | Path, verify_checksums: bool = True) -> Iterator[BundleUpdate]:
+    """A transaction on an existing bundle, for calibrate, build-engines and any later writer.
+    Holds the bundle's lock (a second writer gets a BundleError at once), finishes or discards
+    what killed updates left, and yields a BundleUpdate. Without a commit, or on any error, the
+    bundle stays exactly as it was; a SIGKILL at any point leaves either the old or the new
+    generation, both complete."""
+    root = Path(path)
+    bundle = open_bundle(root, verify_checksums=verify_checksums)
+    try:
+        lock = open(root / LOCK, "a")
+    except OSError as exc:
+        raise BundleError(f"cannot write to the bundle ({exc.strerror})", path=str(root)) from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BundleError("another edgelmm process is updating this bundle (calibrate or build-engines); "
+                              "wait for it to finish", path=str(root)) from None
+        for leftover in root.glob(f"{UPDATE_PREFIX}*"):
+            _finish_leftover(root, leftover, bundle.manifest)
+        work = Path(tempfile.mkdtemp(prefix=f"{UPDATE_PREFIX}{os.getpid()}-", dir=root))
+        txn = BundleUpdate(bundle, work)
+        try:
+            yield txn
+        finally:
+            _finish_leftover(root, work, txn.bundle.manifest)

@@ -6,15 +6,53 @@ import json
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from .errors import BackendUnavailable, EdgeLMMError
+from .options import check_threads
+
+try:  # typer >= 0.2x runs on its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:
+    from click.exceptions import ClickException, UsageError
+
+_ARGV = "edgelmm.argv"
+
+
+class _Commands(TyperGroup):
+    """The `edgelmm` group. With --json on the command line, a usage error (a missing argument, a
+    value of the wrong type, an unknown option or command) is one JSON object on stdout, through
+    _fail like every other error, and exit status 2; without --json click prints its usage message."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)  # parsing consumes `args`
+        try:
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            _usage_error(exc, argv)
+        ctx.meta[_ARGV] = argv
+        return ctx
+
+    def invoke(self, ctx):
+        try:  # the subcommand's own arguments are parsed in here
+            return super().invoke(ctx)
+        except UsageError as exc:
+            _usage_error(exc, ctx.meta.get(_ARGV, ()))
+
+
+def _usage_error(exc: UsageError, argv) -> NoReturn:
+    if "--json" in argv:
+        _fail(exc, True, name="UsageError")
+    raise exc
+
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
+    cls=_Commands, add_completion=False, no_args_is_help=True,
     help="Run multi-image vision-language models on edge devices: export a checkpoint to a bundle, "
          "verify it against PyTorch, and answer interleaved multi-image prompts. Each command has --help.",
 )
@@ -46,11 +84,16 @@ def _run_step(label: str, as_json: bool, step):
     return result
 
 
-def _fail(exc: EdgeLMMError, as_json: bool) -> None:
+def _fail(exc: Exception, as_json: bool, name: str | None = None) -> NoReturn:
+    """The one error printer: `name: message` on stderr, or with --json one JSON object on stdout
+    (with the error's report, when it carries one: a QualityGateError's quality table); exit status
+    2. `name` defaults to the error's class (UsageError for click's usage errors)."""
+    name = name or type(exc).__name__
+    message = exc.format_message() if isinstance(exc, ClickException) else str(exc)
     if as_json:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        print(json.dumps({"error": name, "message": message, **(getattr(exc, "report", None) or {})}))
     else:
-        err.print(f"[bold red]{type(exc).__name__}[/]: {exc}")
+        err.print(f"[bold red]{name}[/]: {escape(message)}")  # escaped: "[1, 8]" in a message is text
     raise typer.Exit(2)
 
 
@@ -80,8 +123,10 @@ def run(
 ):
     """Answer a prompt about one or more images, streaming the answer as it is generated."""
     from . import api
+    from .pipeline import SamplingParams
 
     try:
+        SamplingParams(max_new_tokens, temperature, top_p, seed).validate()  # before the model loads
         pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads,
                         device=device, gpu_layers=gpu_layers)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -120,14 +165,18 @@ _ACTIVATIONS = typer.Option("u8", help="INT8 vision activations: u8 (fastest on 
 
 
 def _calibration_options(source, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level, no_gate,
-                         max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations="u8"):
+                         max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations="u8", image_root=None):
+    """The options, checked (a CalibrationOptionError or CalibrationError) before any work starts."""
     from .calib import CalibrationOptions
 
-    return CalibrationOptions(samples=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
+    opts = CalibrationOptions(samples=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
                               int4_algorithm=int4_algorithm, int4_block_size=block_size,
                               int4_accuracy_level=accuracy_level, gate=not no_gate,
                               max_accuracy_drop=max_accuracy_drop, min_vision_cosine=min_vision_cosine,
-                              eval_samples=eval_samples, activations=activations)
+                              eval_samples=eval_samples, activations=activations,
+                              image_root=str(image_root) if image_root else None)
+    opts.validate()
+    return opts
 
 
 @app.command()
@@ -231,19 +280,16 @@ def calibrate(
     pass the quality gate to the bundle. Needs onnxruntime and onnx, not torch."""
     from .calib import calibrate as run_calibrate
 
-    opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level,
-                                no_quality_gate, max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations)
-    opts.image_root = str(image_root) if image_root else None
     try:
+        opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size,
+                                    accuracy_level, no_quality_gate, max_accuracy_drop, min_vision_cosine,
+                                    eval_samples, seed, activations, image_root)
         with _progress("calibrating", as_json) as update:
             result = run_calibrate(bundle, [p.strip() for p in precision.split(",")], opts, overwrite=overwrite,
                                    progress=update)
     except EdgeLMMError as exc:
         report = getattr(exc, "report", None)
-        if as_json and report:
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc), **report}))
-            raise typer.Exit(2)
-        if report:
+        if report and not as_json:
             _print_quality(report["quality"])
         _fail(exc, as_json)
     if as_json:
@@ -328,10 +374,11 @@ def eval_(
     across images, temporal change, anomaly, in-context) and print accuracy per skill next to chance.
     Meant for models trained on edgelmm.synthetic, first of all the shipped reference model."""
     from . import api
-    from .evaluate import evaluate, format_table
+    from .evaluate import check_samples, evaluate, format_table
     from .models import reference_model
 
     try:
+        check_samples(samples, "--samples")  # before the model loads
         pipe = api.load(model or reference_model(), backend=backend, provider=provider, threads=threads)
         with _progress("answering held-out samples", as_json) as update:
             report = evaluate(pipe, samples,
@@ -420,7 +467,11 @@ def bench(
 
     opts = BenchOptions(backends=[b.strip() for b in backends.split(",")] if backends else None, threads=threads,
                         repeats=repeats, new_tokens=new_tokens)
-    report = _run_step("benchmarking", as_json, lambda update: run_bench(bundle, opts, progress=update))
+
+    def step(update):
+        check_threads(threads)  # the shared bound: bench.py's own check has none
+        return run_bench(bundle, opts, progress=update)
+    report = _run_step("benchmarking", as_json, step)
     if as_json:
         return
     m = report["machine"]
@@ -630,9 +681,8 @@ def demo_video(
     try:
         meta = write_video(out, VideoSpec(seed=seed, frames=frames, anomaly=anomaly, anomaly_frame=at, fps=fps,
                                           scale=scale))
-    except (ValueError, OSError) as exc:
-        err.print(f"[bold red]cannot write the video[/]: {exc}")
-        raise typer.Exit(2)
+    except (EdgeLMMError, OSError) as exc:  # OptionError for a setting; OSError: the file cannot be written
+        _fail(exc, as_json)
     if as_json:
         print(json.dumps(meta))
     else:

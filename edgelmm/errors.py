@@ -83,3 +83,8 @@ class SourceError(EdgeLMMError):
 class OptionError(EdgeLMMError, ValueError):
     """An option is out of its range (a watch or video setting); names the option. A ValueError
     too, so code that caught ValueError keeps working."""
+
+
+class CalibrationOptionError(OptionError, CalibrationError):
+    """A calibration option is out of its range or names an unknown method; names the option. A
+    CalibrationError too, which is what calibrate() raised for these before they were checked up front."""

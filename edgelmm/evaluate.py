@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from . import synthetic
+from .options import check_int
 
 
 @dataclass
@@ -91,9 +92,15 @@ class EvalReport:
                 "seconds": self.seconds, "mistakes": self.mistakes()}
 
 
+def check_samples(samples, name: str = "samples") -> None:
+    """At least one sample: with none, the report would say "overall 0.0%" and look like a result."""
+    check_int(name, samples, 1)
+
+
 def evaluate(pipeline, samples: int = 900, split: str = "test", max_new_tokens: int = 12,
              on_progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Answer `samples` held-out samples (tasks take turns, so every task gets samples/9)."""
+    check_samples(samples)
     outcomes = []
     t0 = time.perf_counter()
     for i in range(samples):

@@ -82,12 +82,20 @@ def load_image(src: ImageInput, index: int | None = None) -> np.ndarray:
     if isinstance(src, (str, os.PathLike)):
         source = str(src)
         path = Path(src)
-        if not path.is_file():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as exc:  # e.g. a name over the filesystem's 255 characters (ENAMETOOLONG)
+            raise ImageError(f"cannot open ({exc.strerror})", index=index, source=source) from None
+        if is_dir:
+            raise ImageError("is a directory, not an image file", index=index, source=source)
+        if not is_file:
             raise ImageError("file not found", index=index, source=source)
         try:
             with Image.open(path) as img:
                 img.load()  # force the decode now: a truncated file fails here, not later
                 rgb = _to_rgb_array(img)
+        except Image.DecompressionBombError as exc:  # PIL's guard against a header claiming gigapixels: kept on
+            raise ImageError(f"refused as a decompression bomb ({exc})", index=index, source=source) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"cannot decode image file ({exc})", index=index, source=source) from None
     elif isinstance(src, Image.Image):

@@ -26,16 +26,36 @@ PROMPT_FILES = (
 )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # HF writes these files as UTF-8; anything else is damaged
+        raise CheckpointError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def check_model_dir(root: str | Path) -> Path:
+    """`root` as a Path if it is a directory; else a CheckpointError naming it (also for a path the
+    OS refuses to look up, such as a name over 255 characters, which Path.is_dir() raises for)."""
+    root = Path(root)
+    try:
+        is_dir = root.is_dir()
+    except OSError as exc:
+        raise CheckpointError(f"{root}: cannot open ({exc.strerror})") from None
+    if not is_dir:
+        raise CheckpointError(f"{root}: not a directory")
+    return root
 
 
 def _token_str(value: Any) -> str | None:
@@ -51,9 +71,7 @@ class ModelFiles:
 
     @classmethod
     def open(cls, root: str | Path) -> "ModelFiles":
-        root = Path(root)
-        if not root.is_dir():
-            raise CheckpointError(f"{root}: not a directory")
+        root = check_model_dir(root)
         missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
         if missing:
             raise CheckpointError(f"{root}: missing {', '.join(missing)} (is this a complete model download?)")
@@ -105,7 +123,7 @@ class ModelFiles:
     def chat_template(self) -> str | None:
         p = self.root / "chat_template.jinja"
         if p.is_file():
-            return p.read_text(encoding="utf-8")
+            return _read_text(p)
         for src in (self._optional_json("chat_template.json"), self._optional_json("processor_config.json"),
                     self.tokenizer_config):
             tpl = src.get("chat_template")

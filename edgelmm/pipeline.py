@@ -4,7 +4,9 @@ and sample. Backends only run graphs; the behaviour lives here, so parity compar
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -35,12 +37,13 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise PromptError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        from .options import check_int, check_number
+
+        check_int("max_new_tokens", self.max_new_tokens, 1, error=PromptError)
+        check_number("temperature", self.temperature, 0, error=PromptError)  # NaN and inf refused too
+        check_number("top_p", self.top_p, 0, 1, lo_open=True, error=PromptError)
+        if self.seed is not None:  # numpy's default_rng takes only non-negative seeds
+            check_int("seed", self.seed, 0, error=PromptError)
 
 
 @dataclass
@@ -93,6 +96,9 @@ class Pipeline:
         self.eos_ids = set(files.eos_token_ids)
         self.context_length = files.context_length
         self._bos = files.special_token("bos_token")
+        # A backend that is not thread-safe (llama.cpp: one context, one KV cache) runs one
+        # generation at a time: a second thread's generate waits for the first to finish.
+        self._exclusive = nullcontext() if getattr(backend, "thread_safe", False) else threading.RLock()
 
     # ---- prompt ----
     def prepare(self, prompt: PromptInput, images: Sequence[ImageInput] | None = None,
@@ -149,9 +155,14 @@ class Pipeline:
     # ---- generation ----
     def stream_tokens(self, prepared: PreparedPrompt, params: SamplingParams,
                       timings: dict[str, float] | None = None, features: np.ndarray | None = None) -> Iterator[int]:
-        """Generate token ids; `features` reuses image features already computed for this prompt."""
+        """Generate token ids; `features` reuses image features already computed for this prompt.
+        On a backend that is not thread-safe, holds the pipeline's lock until the generator ends."""
         params.validate()
-        timings = {} if timings is None else timings
+        with self._exclusive:
+            yield from self._stream_tokens(prepared, params, {} if timings is None else timings, features)
+
+    def _stream_tokens(self, prepared: PreparedPrompt, params: SamplingParams, timings: dict[str, float],
+                       features: np.ndarray | None) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
         t0 = time.perf_counter()
         feats = features
@@ -189,18 +200,43 @@ class Pipeline:
                        seed: int | None = None) -> list[Generation]:
         """Answer several (prompt, images) requests in one batch: prompts are left-padded to the
         longest, each row's positions count its own tokens only, and rows that finish early keep
-        decoding (their tokens are dropped) until every row is done. Row i samples with seed + i."""
+        decoding (their tokens are dropped) until every row is done. Row i samples with seed + i.
+        Where the backend's one cache cannot hold all rows (llama.cpp shares one context between
+        its sequences), the rows are answered one after another, with the same answers."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         params.validate()
         if not requests:
             return []
         prepared = [self.prepare(prompt, images, chat=chat) for prompt, images in requests]
+        budget = min(max_new_tokens, self.context_length - max(len(p.input_ids) for p in prepared))
+        with self._exclusive:
+            t0 = time.perf_counter()
+            if self._fits_one_cache([len(p.input_ids) for p in prepared], budget):
+                outputs = self._decode_batch(prepared, params, budget)
+            else:
+                outputs = [list(self._stream_tokens(p, SamplingParams(budget, temperature, top_p,
+                                                                      None if seed is None else seed + i), {}, None))
+                           for i, p in enumerate(prepared)]
+            elapsed = (time.perf_counter() - t0) * 1e3
+        return [Generation(self.decode_text(ids), ids, len(p.input_ids),
+                           "stop" if ids and ids[-1] in self.eos_ids else "length", {"batch_ms": elapsed})
+                for ids, p in zip(outputs, prepared)]
+
+    def _fits_one_cache(self, lengths: list[int], budget: int) -> bool:
+        """Whether rows of these prompt lengths, each generating `budget` tokens, fit one cache of the
+        backend. `cache_capacity` (optional): (sequences, positions over all rows) one cache holds."""
+        capacity = getattr(self.backend, "cache_capacity", None)
+        if capacity is None:
+            return True
+        sequences, positions = capacity
+        return len(lengths) <= sequences and sum(lengths) + len(lengths) * budget <= positions
+
+    def _decode_batch(self, prepared: list[PreparedPrompt], params: SamplingParams, budget: int) -> list[list[int]]:
         embeds, mask, positions = left_pad([self.merged_embeddings(p)[0] for p in prepared])
-        batch, width = mask.shape
+        batch = mask.shape[0]
+        seed = params.seed
         rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(batch)]
-        budget = min(max_new_tokens, self.context_length - width)
         cache = self.backend.new_cache(batch)
-        t0 = time.perf_counter()
         logits = self.backend.decode(embeds, mask, positions, cache)
         outputs: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -216,10 +252,7 @@ class Pipeline:
             positions = positions[:, -1:] + 1
             logits = self.backend.decode(self.backend.embed_tokens(np.asarray(tokens, np.int64)[:, None]),
                                          mask, positions, cache)
-        elapsed = (time.perf_counter() - t0) * 1e3
-        return [Generation(self.decode_text(ids), ids, len(p.input_ids),
-                           "stop" if ids and ids[-1] in self.eos_ids else "length", {"batch_ms": elapsed})
-                for ids, p in zip(outputs, prepared)]
+        return outputs
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

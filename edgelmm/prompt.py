@@ -32,7 +32,28 @@ class ParsedPrompt:
     n_image_parts: int
 
 
-def _split_markers(text: str) -> list[dict[str, Any]]:
+def check_text(text: str, where: str = "prompt") -> str:
+    """The text, if it can be encoded as UTF-8 (what the tokenizer needs). A lone surrogate (such as
+    an undecodable byte of a command-line argument, which Python keeps as '\\udcXX') is refused
+    here, naming where it is, instead of failing inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"{where}: character {exc.start} ({text[exc.start]!r}) is not valid Unicode text "
+                          "(a lone surrogate, or a byte that was not UTF-8)") from None
+    return text
+
+
+def _decode(prompt: bytes) -> str:
+    try:
+        return prompt.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = prompt[exc.start:exc.start + 1]
+        raise PromptError(f"prompt: byte {exc.start} ({bad!r}) is not valid UTF-8") from None
+
+
+def _split_markers(text: str, where: str = "prompt") -> list[dict[str, Any]]:
+    check_text(text, where)
     parts: list[dict[str, Any]] = []
     for i, chunk in enumerate(text.split(IMAGE_MARKER)):
         if i > 0:
@@ -47,7 +68,10 @@ _IMAGE_SOURCE_KEYS = ("image", "path", "url", "image_url")
 
 def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
     """Normalise a prompt to messages with list content. `<image>` markers inside text parts are
-    turned into image parts, so both ways of writing a prompt reach the template the same way."""
+    turned into image parts, so both ways of writing a prompt reach the template the same way.
+    A bytes prompt is decoded as UTF-8."""
+    if isinstance(prompt, (bytes, bytearray)):
+        prompt = _decode(bytes(prompt))
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": _split_markers(prompt)}]
     elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt) and prompt:
@@ -55,15 +79,17 @@ def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
         for mi, m in enumerate(prompt):
             if "role" not in m or "content" not in m:
                 raise PromptError(f"message {mi} needs 'role' and 'content' keys, got {sorted(m)}")
+            if isinstance(m["role"], str):
+                check_text(m["role"], f"message {mi} role")
             content = m["content"]
             if isinstance(content, str):
-                parts = _split_markers(content)
+                parts = _split_markers(content, f"message {mi}")
             elif isinstance(content, Sequence):
                 parts = []
                 for pi, part in enumerate(content):
                     kind = part.get("type") if isinstance(part, dict) else None
                     if kind == "text":
-                        parts.extend(_split_markers(str(part.get("text", ""))))
+                        parts.extend(_split_markers(str(part.get("text", "")), f"message {mi} part {pi}"))
                     elif kind in ("image", "image_url"):
                         parts.append(dict(part, type="image"))
                     else:

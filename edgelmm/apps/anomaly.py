@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import ImageError, OptionError, PromptError
 from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
-from ..prompt import IMAGE_MARKER
+from ..options import check_int, check_number
+from ..prompt import IMAGE_MARKER, check_text
 from ..synthetic import ANOMALY_PROMPT
 from .capture import CaptureConfig, CaptureThread, Frame, FrameQueue, parse_source
 from .gate import GateConfig, NormalSceneGate
@@ -61,6 +62,21 @@ class WatchConfig:
     summary_every_s: float = 1.0
 
     def validate(self) -> None:
+        # The float settings first: NaN passes the range checks below (every comparison with it is
+        # False), and a NaN margin or threshold would mean no event can ever fire.
+        g, c = self.gate, self.capture
+        check_number("margin", g.margin, 0, lo_open=True)
+        check_number("min_threshold", g.min_threshold, 0)
+        if g.threshold is not None:
+            check_number("threshold", g.threshold, 0, lo_open=True)
+        check_number("reconnect_backoff_s", c.reconnect_backoff_s, 0)
+        check_number("timeout_s", c.timeout_s, 0, lo_open=True)
+        if self.duration_s is not None:
+            check_number("duration_s", self.duration_s, 0, lo_open=True)
+        if self.max_frames is not None:
+            check_int("max_frames", self.max_frames, 1)
+        check_number("summary_every_s", self.summary_every_s, 0, lo_open=True)
+        check_text(self.prompt, "the verifier prompt")
         self.gate.validate()
         self.capture.validate()
         if min(self.every, self.latest_frames, self.verifier_queue, self.max_new_tokens, self.max_checks) < 1:

@@ -14,16 +14,13 @@ Precisions (each a full vision/embed/decoder set; the token embedding always sta
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..bundle import Bundle, file_entry, graph_file, open_bundle, write_manifest
+from ..bundle import Bundle, graph_file, update_bundle
 from ..errors import CalibrationError, QualityGateError
 from .sources import CalibSample, CalibSet, collect
 
@@ -54,6 +51,39 @@ class CalibrationOptions:
     min_vision_cosine: float = 0.99
     eval_samples: int | None = None     # None: all 900 when the model answers edgelmm's synthetic tasks
     image_root: str | None = None
+
+    def validate(self) -> None:
+        """Check every field, cheaply (the source is looked up, not read), so a bad option fails
+        before minutes of work. Called by calibrate(), export() and the CLI."""
+        import os
+
+        from ..errors import CalibrationOptionError as bad
+        from ..options import check_choice, check_int, check_number
+        from .quantize import INT4_ALGORITHMS, VISION_METHODS
+        from .sources import check_source
+
+        check_int("calibration samples (--calib-samples)", self.calib_samples, 1, error=bad)
+        check_int("seed (--seed)", self.seed, error=bad)
+        check_choice("INT8 calibration method (--vision-method)", self.vision_method, VISION_METHODS, error=bad)
+        check_number("vision cosine target (vision_cosine_target)", self.vision_cosine_target, 0, 1, lo_open=True,
+                     error=bad)
+        check_choice("INT8 activations (--activations)", self.activations, ("u8", "s8"), error=bad)
+        check_choice("INT4 algorithm (--int4-algorithm)", self.int4_algorithm, INT4_ALGORITHMS, error=bad)
+        block = check_int("INT4 block size (--block-size)", self.int4_block_size, error=bad)
+        if block < 16 or block & (block - 1):  # what ONNX Runtime's MatMulNBits takes
+            raise bad(f"INT4 block size (--block-size) must be a power of two >= 16, got {block}")
+        if self.int4_accuracy_level is not None:  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+            check_int("INT4 accuracy level (--accuracy-level)", self.int4_accuracy_level, 0, 4, error=bad)
+        for flag in ("exclude_sensitive_ops", "sensitivity", "quantize_lm_head", "gate"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        check_number("max accuracy drop (--max-accuracy-drop)", self.max_accuracy_drop, 0, 100, error=bad)
+        check_number("min vision cosine (--min-vision-cosine)", self.min_vision_cosine, -1, 1, error=bad)
+        if self.eval_samples is not None:  # 0: accuracy not measured
+            check_int("eval samples (--eval-samples)", self.eval_samples, 0, error=bad)
+        check_source(self.samples)
+        if self.image_root is not None and not os.path.isdir(self.image_root):
+            raise bad(f"image root (--image-root) {self.image_root!r} is not a folder")
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -94,6 +124,7 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
     """Add quantized `precisions` to the bundle at `bundle_dir`. Files are written into a hidden
     directory inside the bundle and the manifest is replaced atomically at the end, so an
     interrupted or refused calibration leaves the bundle exactly as it was."""
+    (options or CalibrationOptions()).validate()  # every option, before the bundle is hashed or read
     from ..api import pipeline_for_bundle
     from .quantize import quantize_decoder_int4, quantize_decoder_int8_dynamic, quantize_vision_int8
 
@@ -104,55 +135,54 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         raise CalibrationError(f"unknown quantized precision(s) {unknown or list(precisions)}; "
                                f"choose from {', '.join(QUANTIZED_PRECISIONS)}")
     root = Path(bundle_dir)
-    bundle = open_bundle(root, verify_checksums=verify_checksums)
-    have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "onnx"}
-    if "fp32" not in have:
-        raise CalibrationError(f"{root}: calibration starts from the fp32 ONNX graphs and this bundle has none "
-                               "(export with --format onnx --precision fp32)")
-    present = [p for p in precisions if p in have]
-    if present and not overwrite:
-        raise CalibrationError(f"{root}: already has {present}; pass overwrite=True / --overwrite to recalibrate")
+    with update_bundle(root, verify_checksums=verify_checksums) as txn:
+        bundle = txn.bundle
+        have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "onnx"}
+        if "fp32" not in have:
+            raise CalibrationError(f"{root}: calibration starts from the fp32 ONNX graphs and this bundle has none "
+                                   "(export with --format onnx --precision fp32)")
+        present = [p for p in precisions if p in have]
+        if present and not overwrite:
+            raise CalibrationError(f"{root}: already has {present}; pass overwrite=True / --overwrite to recalibrate")
 
-    say(f"reading calibration samples from {opts.samples}")
-    calib_set = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
-    calib_samples, held_out = calib_set.split(held_out=min(16, max(2, len(calib_set.samples) // 8)))
-    reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
-    say(f"running {len(calib_samples)} calibration prompts through the fp32 graphs")
-    calib_records = _records(reference, calib_samples, with_answers=True)
-    held_records = _records(reference, held_out, with_answers=False)
+        say(f"reading calibration samples from {opts.samples}")
+        calib_set = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
+        calib_samples, held_out = calib_set.split(held_out=min(16, max(2, len(calib_set.samples) // 8)))
+        reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
+        say(f"running {len(calib_samples)} calibration prompts through the fp32 graphs")
+        calib_records = _records(reference, calib_samples, with_answers=True)
+        held_records = _records(reference, held_out, with_answers=False)
 
-    variants = {(g, v) for p in precisions for g, v in QUANTIZED_PRECISIONS[p].items() if v != "fp32"}
-    work = Path(tempfile.mkdtemp(prefix=".calib-partial-", dir=root))
-    try:
-        new_files: dict[str, Path] = {}   # bundle-relative name -> file in the work dir
+        variants = {(g, v) for p in precisions for g, v in QUANTIZED_PRECISIONS[p].items() if v != "fp32"}
+        new_files: dict[str, Path] = {}   # bundle name (onnx/vision.int8.onnx) -> where it is written
         details: dict[str, dict[str, Any]] = {}
         src = {g: bundle.path(bundle.artifact(g, "onnx", "fp32")) for g in ("vision", "decoder")}
         if ("vision", "int8") in variants:
-            out = work / "vision.int8.onnx"
+            out = new_files["onnx/" + graph_file("vision", "int8")] = txn.new_file("onnx/" + graph_file("vision", "int8"))
             res = quantize_vision_int8(src["vision"], out, _per_tile([r[1] for r in calib_records]),
                                        _per_tile([r[1] for r in held_records]),
                                        method=opts.vision_method, cosine_target=opts.vision_cosine_target,
                                        exclude_sensitive_ops=opts.exclude_sensitive_ops, sensitivity=opts.sensitivity,
                                        activations=opts.activations, progress=say)
-            new_files["onnx/" + graph_file("vision", "int8")] = out
             details["vision.int8"] = {"scheme": "int8 static QDQ", **res.as_dict()}
         if ("decoder", "int4") in variants:
             say(f"INT4 decoder ({opts.int4_algorithm}, block {opts.int4_block_size})")
-            out = work / "decoder.int4.onnx"
+            out = new_files["onnx/" + graph_file("decoder", "int4")] = txn.new_file("onnx/" + graph_file("decoder", "int4"))
             details["decoder.int4"] = quantize_decoder_int4(
                 src["decoder"], out, algorithm=opts.int4_algorithm, block_size=opts.int4_block_size,
                 accuracy_level=opts.int4_accuracy_level, calib=[r[2] for r in calib_records],
                 quantize_lm_head=opts.quantize_lm_head)
-            new_files["onnx/" + graph_file("decoder", "int4")] = out
         if ("decoder", "int8") in variants:
             say("dynamic INT8 decoder")
-            out = work / "decoder.int8.onnx"
+            out = new_files["onnx/" + graph_file("decoder", "int8")] = txn.new_file("onnx/" + graph_file("decoder", "int8"))
             details["decoder.int8"] = quantize_decoder_int8_dynamic(src["decoder"], out)
-            new_files["onnx/" + graph_file("decoder", "int8")] = out
 
-        # A manifest that sees the new graphs where they are now (the work dir), to measure them.
-        rel = {name: str(path.relative_to(root)) for name, path in new_files.items()}
-        trial = _with_artifacts(bundle.manifest, precisions, root, rel)
+        # Each new graph hashed once (with its external data); a trial manifest sees the graphs where
+        # they are now (the work dir) to measure them, the final one where the commit puts them.
+        final_entries = {name: txn.entries(path) for name, path in new_files.items()}
+        trial_entries = {name: [{**e, "file": txn.trial_rel(txn.work / e["file"])} for e in entries]
+                         for name, entries in final_entries.items()}
+        trial = _with_artifacts(bundle.manifest, precisions, trial_entries)
         quality, failures = {}, []
         accuracy_samples = _accuracy_samples(reference, opts, say)
         baseline = _accuracy(reference, accuracy_samples, say, "fp32") if accuracy_samples else None
@@ -184,41 +214,31 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
                                    + ". Nothing was added to the bundle. Try more or more varied --calib-samples, "
                                    "another --vision-method or --int4-algorithm, or pass --no-quality-gate to keep "
                                    "it anyway.", {"quality": quality, "calibration": calibration})
-        # Commit: move the graphs into onnx/, then replace the manifest in one rename.
-        for name, path in new_files.items():
-            os.replace(path, root / name)
-        final = _with_artifacts(bundle.manifest, precisions, root, {n: n for n in new_files})
+        final = _with_artifacts(bundle.manifest, precisions, final_entries)
         final["quality"] = {**final.get("quality", {}), **quality}
-        final.setdefault("calibration", {})
-        for p in precisions:
-            final["calibration"][p] = calibration
-        tmp_manifest = work / "edgelmm.json"
-        write_manifest(work, final)
-        os.replace(tmp_manifest, root / "edgelmm.json")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        final["calibration"] = {**final.get("calibration", {}), **{p: calibration for p in precisions}}
+        del reference
+        txn.commit(final)
     return CalibrationResult(root, list(precisions), calibration, quality, not failures, failures)
 
 
-def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str], root: Path,
-                    located: dict[str, str]) -> dict[str, Any]:
-    """The manifest plus one artifact per graph and precision. `located` maps a graph's bundle name to
-    where the file is now; fp32 graphs are shared with the fp32 set."""
+def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str],
+                    entries: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The manifest plus one artifact per graph and precision. `entries` maps a quantized graph's
+    bundle name (onnx/decoder.int4.onnx) to its hashed files, graph first, as they are listed now;
+    fp32 graphs are shared with the fp32 set."""
     out = {**manifest, "artifacts": [a for a in manifest["artifacts"]
                                      if not (a["format"] == "onnx" and a["precision"] in precisions)]}
     fp32 = {a["graph"]: a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
-    hashed: dict[str, dict] = {}
     for p in precisions:
         for graph, variant in QUANTIZED_PRECISIONS[p].items():
             base = fp32[graph]
             if variant == "fp32":
                 out["artifacts"].append({**base, "precision": p})
                 continue
-            name = "onnx/" + graph_file(graph, variant)
-            where = located[name]
-            entry = hashed.setdefault(where, {**file_entry(root, where), "file": where})
-            out["artifacts"].append({**base, "precision": p, "file": where, "files": [entry], "sha256": entry["sha256"],
-                                     "quantized_from": base["file"]})
+            files = entries["onnx/" + graph_file(graph, variant)]
+            out["artifacts"].append({**base, "precision": p, "file": files[0]["file"], "files": files,
+                                     "sha256": files[0]["sha256"], "quantized_from": base["file"]})
     return out
 
 

@@ -14,6 +14,7 @@ for video), no torch.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -163,8 +164,17 @@ def _conversation(turns: Any) -> list[dict[str, Any]]:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read ({exc.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # decoded per line, so one damaged record is skipped, not the whole file
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield lineno, Skip("not UTF-8 text")
+                continue
             if line.strip():
                 try:
                     yield lineno, json.loads(line)
@@ -196,6 +206,8 @@ def _load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def _mimicit_images(path: Path) -> dict[str, Any]:
@@ -228,7 +240,7 @@ def _read_mimicit(path: Path, image_root: Path) -> Iterator[Record | tuple[str, 
                     raise ImageError(f"cannot decode base64 image {image_id!r} ({exc})", index=index) from None
             return decode
         for suffix in ("", *IMAGE_SUFFIXES):
-            if (image_root / f"{image_id}{suffix}").is_file():
+            if os.path.isfile(image_root / f"{image_id}{suffix}"):  # False, not OSError, for an over-long id
                 return _image_loader(image_root / f"{image_id}{suffix}", index)
         return _image_loader(image_root / image_id, index)  # reported as a missing image
 
@@ -300,30 +312,57 @@ def _read_video(path: Path, every_s: float, frames_per_sample: int) -> Iterator[
         cap.release()
 
 
+def check_source(spec: str) -> None:
+    """The cheap part of reading a source, for checking options before any work starts: the spec
+    names a known kind (a synthetic split that exists) and its path exists and is a file or folder
+    as that kind needs. Nothing is read."""
+    from ..synthetic import SPLITS
+
+    if not isinstance(spec, str) or not spec:
+        raise CalibrationError(f"calibration source must be a path or 'synthetic', got {spec!r}")
+    kind, sep, rest = spec.partition(":")
+    if not (sep and kind in KINDS):
+        kind, rest = ("synthetic", "") if spec == "synthetic" else (None, spec)
+    if kind == "synthetic":
+        if (rest or "train") not in SPLITS:
+            raise CalibrationError(f"calibration source {spec!r}: the synthetic splits are {', '.join(SPLITS)}")
+        return
+    path = Path(rest)
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # e.g. a name over 255 characters
+        raise CalibrationError(f"calibration source {rest!r}: cannot open ({exc.strerror})") from None
+    if not exists:
+        raise CalibrationError(f"calibration source {spec!r} does not exist (a file, a folder, or 'synthetic')")
+    if kind == "folder" and not is_dir:
+        raise CalibrationError(f"calibration source {spec!r}: not a folder")
+    if kind in ("mantis", "mimicit", "video") and is_dir:
+        raise CalibrationError(f"calibration source {spec!r}: a folder, not a {kind} file")
+    if kind is None and not is_dir and path.suffix.lower() not in (*VIDEO_SUFFIXES, ".json", ".jsonl"):
+        raise CalibrationError(f"{spec}: not a known calibration source (JSONL/JSON records, an image folder, "
+                               f"a video {'/'.join(VIDEO_SUFFIXES)}, or 'synthetic'); prefix it with one of "
+                               f"{', '.join(k + ':' for k in KINDS)} to say what it is")
+
+
 def detect_kind(spec: str) -> tuple[str, str]:
     """'kind:path' or a bare spec -> (kind, path-or-split)."""
+    check_source(spec)
     kind, sep, rest = spec.partition(":")
     if sep and kind in KINDS:
         return kind, rest
     if spec == "synthetic":
         return "synthetic", "train"
     path = Path(spec)
-    if not path.exists():
-        raise CalibrationError(f"calibration source {spec!r} does not exist (a file, a folder, or 'synthetic')")
     if path.is_dir():
         return "folder", spec
     if path.suffix.lower() in VIDEO_SUFFIXES:
         return "video", spec
-    if path.suffix.lower() in (".json", ".jsonl"):
-        first = next((r for _, r in _json_lines(path)), None) if path.suffix == ".jsonl" else _load_json(path)
-        if isinstance(first, list):
-            first = first[0] if first else None
-        if isinstance(first, dict) and ("data" in first or "instruction" in first):
-            return "mimicit", spec
-        return "mantis", spec
-    raise CalibrationError(f"{spec}: not a known calibration source (JSONL/JSON records, an image folder, "
-                           f"a video {'/'.join(VIDEO_SUFFIXES)}, or 'synthetic'); prefix it with one of "
-                           f"{', '.join(k + ':' for k in KINDS)} to say what it is")
+    first = next((r for _, r in _json_lines(path)), None) if path.suffix == ".jsonl" else _load_json(path)
+    if isinstance(first, list):
+        first = first[0] if first else None
+    if isinstance(first, dict) and ("data" in first or "instruction" in first):
+        return "mimicit", spec
+    return "mantis", spec
 
 
 def collect(spec: str, samples: int = 64, seed: int = 0, *, image_root: str | Path | None = None,

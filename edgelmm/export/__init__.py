@@ -10,10 +10,21 @@ from rich.console import Console
 
 from ..bundle import (FORMAT_VERSION, build_versions, checkpoint_fingerprint, file_entry, open_bundle,
                       staging_dir, write_manifest)
-from ..errors import ExportError
+from ..errors import BundleError, ExportError
 from ..modelfiles import PROMPT_FILES
 
 FORMATS = ("onnx", "gguf", "tensorrt")
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """What staging_dir would refuse about `out_dir`, checked before any work: an existing bundle
+    without overwrite, a path the OS cannot look up (a name over 255 characters)."""
+    try:
+        taken = out_dir.exists()
+    except OSError as exc:
+        raise BundleError(f"cannot use this output path ({exc.strerror})", path=str(out_dir)) from None
+    if taken and not overwrite:
+        raise BundleError("already exists (pass overwrite=True / --overwrite to replace it)", path=str(out_dir))
 
 
 def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
@@ -65,6 +76,10 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     bad = [t for t in gguf_types if t not in GGUF_TYPES]
     if "gguf" in formats and (bad or not gguf_types):
         raise ExportError(f"unknown GGUF type(s) {bad or gguf_types}; available: {', '.join(GGUF_TYPES)}")
+    # The calibration options (quantized precisions, the q4_k_m importance matrix) and the output
+    # folder are checked now, not after the weights have loaded (minutes on an 8B model).
+    (calibration or CalibrationOptions()).validate()
+    check_output_dir(Path(out_dir), overwrite)
     console = Console(stderr=True, quiet=quiet)
     model_dir = Path(model_dir)
     with console.status(f"loading {model_dir.name}"):

@@ -10,8 +10,6 @@ this GPU, and a report of the compute layers that fell back to a wider type than
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..bundle import file_entry, open_bundle, write_manifest
+from ..bundle import update_bundle
 from ..errors import ExportError
 
 # precision -> per graph: (which ONNX source, TensorRT builder flags)
@@ -178,35 +176,35 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
         raise ExportError(f"unknown engine precision(s) {unknown or list(opts.precisions)}; choose from "
                           f"{', '.join(ENGINE_PRECISIONS)}")
     root = Path(bundle_dir)
-    bundle = open_bundle(root)
-    fp32 = {a["graph"]: a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
-    if len(fp32) < 3:
-        raise ExportError(f"{root}: engines are built from the bundle's fp32 ONNX graphs and it has none "
-                          "(export with --format onnx)")
-    have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "tensorrt"}
-    present = [p for p in opts.precisions if p in have]
-    if present and not opts.overwrite:
-        raise ExportError(f"{root}: already has {present} engines; pass --overwrite to rebuild them")
-    needs_int8 = any(ENGINE_PRECISIONS[p]["vision"][0] == "int8" for p in opts.precisions)
-    int8_vision = next((a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["graph"] == "vision"
-                        and a["file"].endswith("vision.int8.onnx")), None)
-    if needs_int8:
-        if int8_vision is None:
-            raise ExportError(f"{root}: INT8 vision engines are built from the calibrated QDQ vision graph; run "
-                              "`edgelmm calibrate BUNDLE --precision int8-vision+int4 --activations s8` first")
-        activations = {c.get("options", {}).get("activations") for c in bundle.manifest.get("calibration", {}).values()}
-        if "s8" not in activations:
-            raise ExportError(f"{root}: the INT8 vision graph was calibrated with unsigned (asymmetric) activations for "
-                              "CPU kernels; TensorRT takes symmetric INT8 only: recalibrate with "
-                              "`edgelmm calibrate BUNDLE --precision int8-vision+int4 --activations s8 --overwrite`")
+    with update_bundle(root) as txn:
+        bundle = txn.bundle
+        fp32 = {a["graph"]: a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
+        if len(fp32) < 3:
+            raise ExportError(f"{root}: engines are built from the bundle's fp32 ONNX graphs and it has none "
+                              "(export with --format onnx)")
+        have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "tensorrt"}
+        present = [p for p in opts.precisions if p in have]
+        if present and not opts.overwrite:
+            raise ExportError(f"{root}: already has {present} engines; pass --overwrite to rebuild them")
+        needs_int8 = any(ENGINE_PRECISIONS[p]["vision"][0] == "int8" for p in opts.precisions)
+        int8_vision = next((a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["graph"] == "vision"
+                            and a["file"].endswith("vision.int8.onnx")), None)
+        if needs_int8:
+            if int8_vision is None:
+                raise ExportError(f"{root}: INT8 vision engines are built from the calibrated QDQ vision graph; run "
+                                  "`edgelmm calibrate BUNDLE --precision int8-vision+int4 --activations s8` first")
+            activations = {c.get("options", {}).get("activations") for c in bundle.manifest.get("calibration", {}).values()}
+            if "s8" not in activations:
+                raise ExportError(f"{root}: the INT8 vision graph was calibrated with unsigned (asymmetric) activations for "
+                                  "CPU kernels; TensorRT takes symmetric INT8 only: recalibrate with "
+                                  "`edgelmm calibrate BUNDLE --precision int8-vision+int4 --activations s8 --overwrite`")
 
-    trt = import_tensorrt()
-    target = current_engine_target(opts.device_index)
-    timing_cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache(target)
-    files = ModelFiles.open(root)
-    family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
-    work = Path(tempfile.mkdtemp(prefix=".engines-partial-", dir=root))
-    try:
+        trt = import_tensorrt()
+        target = current_engine_target(opts.device_index)
+        timing_cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache(target)
+        files = ModelFiles.open(root)
+        family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
+        work = txn.work
         sources = {"fp32": {g: bundle.path(a) for g, a in fp32.items()}}
         if int8_vision is not None:
             sources["int8"] = {"vision": bundle.path(int8_vision)}
@@ -222,43 +220,38 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
                 src = sources[variant][graph]
                 key = (str(src), tuple(flags))
                 if key not in built:
-                    name = f"{graph}.{variant}{''.join('.' + f for f in flags)}.engine"
+                    # A name no generation of the manifest uses: the engines it lists stay untouched.
+                    out = txn.new_file(f"tensorrt/{graph}.{variant}{''.join('.' + f for f in flags)}.engine")
                     say(f"building the {graph} engine ({variant} graph, flags {list(flags) or ['fp32']})")
                     shapes = profiles(graph, fp32[graph]["inputs"], family, bundle.manifest["text"], opts,
                                       files.context_length)
-                    record = build_engine(trt, src, work / name, shapes, flags, opts, timing_cache)
-                    built[key] = {"name": name, "record": record}
-                name, record = built[key]["name"], built[key]["record"]
+                    record = build_engine(trt, src, out, shapes, flags, opts, timing_cache)
+                    built[key] = {"path": out, "record": record}
+                out, record = built[key]["path"], built[key]["record"]
                 engine = {"target": target, "source": variant, "tensorrt_version": target["tensorrt"], **record}
                 if variant == "int4-qdq":
                     engine["int4"] = int4
-                artifacts.append({"graph": graph, "format": "tensorrt", "precision": precision,
-                                  "file": f"tensorrt/{name}", "inputs": fp32[graph]["inputs"],
-                                  "outputs": fp32[graph]["outputs"], "engine": engine})
+                artifacts.append({"graph": graph, "format": "tensorrt", "precision": precision, "path": out,
+                                  "inputs": fp32[graph]["inputs"], "outputs": fp32[graph]["outputs"],
+                                  "engine": engine})
 
         # Each engine is hashed once, in the work dir: moving it into tensorrt/ does not change it.
-        hashed = {b["name"]: file_entry(work, b["name"]) for b in built.values()}
+        hashed = {b["path"]: txn.entries(b["path"])[0] for b in built.values()}
 
-        def with_engines(folder: str) -> dict[str, Any]:
-            """The manifest with the new engines listed under `folder` (relative to the bundle)."""
+        def with_engines(located) -> dict[str, Any]:
+            """The manifest with the new engines listed where `located(final name)` says they are."""
             arts = []
             for art in artifacts:
-                name = art["file"].removeprefix("tensorrt/")
-                entry = {**hashed[name], "file": f"{folder}/{name}"}
-                arts.append({**art, "file": entry["file"], "files": [entry], "sha256": entry["sha256"]})
-            kept = []
-            for a in bundle.manifest["artifacts"]:
-                if a["format"] == "tensorrt" and a["precision"] in opts.precisions:
-                    continue
-                name = a["file"].removeprefix("tensorrt/")
-                if a["format"] == "tensorrt" and name in hashed and folder == "tensorrt":
-                    # an engine file shared with a precision not rebuilt now (--overwrite): its new hash
-                    a = {**a, "files": [hashed[name] | {"file": a["file"]}], "sha256": hashed[name]["sha256"]}
-                kept.append(a)
+                entry = {**hashed[art["path"]]}
+                entry["file"] = located(entry["file"])
+                arts.append({**{k: v for k, v in art.items() if k != "path"}, "file": entry["file"], "files": [entry],
+                             "sha256": entry["sha256"]})
+            kept = [a for a in bundle.manifest["artifacts"]
+                    if not (a["format"] == "tensorrt" and a["precision"] in opts.precisions)]
             return {**bundle.manifest, "artifacts": kept + arts}
 
         # Verify the engines where they are (the work dir), so a failure changes nothing in the bundle.
-        trial = with_engines(str(work.relative_to(root)))
+        trial = with_engines(lambda rel: txn.trial_rel(work / rel))
         verified = {}
         if opts.verify:
             from ..bundle import Bundle
@@ -273,16 +266,9 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
                 if not report["passed"]:
                     raise ExportError(f"the {precision} TensorRT engines failed parity with the fp32 ONNX graphs: "
                                       + "; ".join(report["failures"]) + ". Nothing was added to the bundle.")
-        # Commit: engines into tensorrt/, then the manifest in one rename.
-        (root / "tensorrt").mkdir(exist_ok=True)
-        for name in {b["name"] for b in built.values()}:
-            os.replace(work / name, root / "tensorrt" / name)
-        manifest = with_engines("tensorrt")
+        manifest = with_engines(lambda rel: rel)
         manifest["tensorrt"] = {"target": target, "options": opts.as_dict(), "timing_cache": str(timing_cache),
                                 "verify": {**bundle.manifest.get("tensorrt", {}).get("verify", {}), **verified}}
-        write_manifest(work, manifest)
-        os.replace(work / "edgelmm.json", root / "edgelmm.json")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        txn.commit(manifest)  # engines into tensorrt/, then the manifest in one rename
     return {"bundle": str(root), "target": target, "engines": manifest["artifacts"][-len(artifacts):],
             "timing_cache": str(timing_cache), "verify": verified}

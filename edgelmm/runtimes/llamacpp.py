@@ -14,6 +14,8 @@ HF tokenizer's by construction; `tokenize` exposes llama.cpp's own tokenizer so 
 whether stock llama.cpp (llama-mtmd-cli) would tokenize the same text the same way.
 
 One llama.cpp context holds one KV cache: a new cache (a new generation) supersedes the last one.
+So the backend is not thread-safe (`thread_safe = False`): a Pipeline over it runs one generation
+at a time, and a batch whose rows do not fit the one context together is answered row by row.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class LlamaCppCache:
 
 class LlamaCppBackend:
     name = "llamacpp"
+    # One context, one KV cache, and llama.cpp asserts (aborts the process) when two threads decode
+    # on it: the Pipeline serialises generations on backends that are not thread-safe.
+    thread_safe = False
 
     def __init__(self, bundle: Bundle, precision: str = "f16", threads: int | None = None,
                  gpu_layers: int | None = None, max_batch: int = 4, context_length: int | None = None):
@@ -134,6 +139,8 @@ class LlamaCppBackend:
             raise BackendUnavailable(f"llama.cpp could not create a context of {n_ctx} tokens ({_recent_log()})")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = n_ctx
+        # The sequences of a batch share the context's positions (a unified KV cache).
+        self.cache_capacity = (max_batch, n_ctx)
 
         mparams = mtmd_cpp.mtmd_context_params_default()
         mparams.use_gpu = self.gpu_layers > 0

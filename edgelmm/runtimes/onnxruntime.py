@@ -18,6 +18,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError
+from ..options import check_threads
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"auto": PROVIDER_ORDER, "tensorrt": PROVIDER_ORDER, "cuda": PROVIDER_ORDER[1:],
@@ -101,6 +102,7 @@ class OnnxRuntimeBackend:
             raise BackendUnavailable(f"onnxruntime is not installed: pip install onnxruntime ({exc})") from None
         if provider not in PROVIDER_ALIASES:
             raise BackendUnavailable(f"unknown provider {provider!r}; choose from {', '.join(PROVIDER_ALIASES)}")
+        check_threads(threads)  # ORT starts every thread when a session is created: 100000 stalls it
         self.ort = ort
         self.bundle = bundle
         self.precision = precision
@@ -151,6 +153,10 @@ class OnnxRuntimeBackend:
         self.vision_inputs = [i.name for i in self.sessions["vision"].get_inputs()]
         self.past_names = [i.name for i in self.sessions["decoder"].get_inputs()][3:]
         self.present_names = [o.name for o in self.sessions["decoder"].get_outputs()][1:]
+        if len(self.past_names) != 2 * self.num_layers or len(self.present_names) != 2 * self.num_layers:
+            raise BundleError(f"the manifest's text.num_layers is {self.num_layers} but the decoder graph takes "
+                              f"{len(self.past_names)} past and gives {len(self.present_names)} present tensors "
+                              "(two per layer)", path=str(bundle.root / "edgelmm.json"))
         # fp16 graphs take and give fp16; the backend contract stays float32 at the boundary.
         self.pixel_dtype = _np_dtype(self.sessions["vision"].get_inputs()[0].type)
         self.kv_dtype = _np_dtype(self.sessions["decoder"].get_inputs()[0].type)
