@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bundle import Bundle, is_bundle, open_bundle
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, OptionError
 from .families import detect
 from .modelfiles import ModelFiles, check_model_dir
 from .options import check_threads
@@ -90,6 +90,11 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
     elif backend == "auto":
         backend = "onnxruntime"  # a provider was named: providers are ONNX Runtime's
     backend = bundle_backend(bundle, backend)
+    if precision != "auto":
+        have = bundle_precisions(bundle, BACKEND_FORMAT[backend])
+        if precision not in have:
+            raise OptionError(f"precision {precision!r} is not in this bundle for backend {backend!r}; it has "
+                              f"{', '.join(have)} (or 'auto')")
     files = ModelFiles.open(bundle.root)
     family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
     if backend == "llamacpp":
@@ -98,7 +103,8 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
         if precision == "auto":
             have = bundle_precisions(bundle, "gguf")
             precision = next(p for p in GGUF_PREFERENCE if p in have)
-        runtime = LlamaCppBackend(bundle, precision=precision, threads=threads, gpu_layers=gpu_layers)
+        runtime = LlamaCppBackend(bundle, precision=precision, threads=threads, gpu_layers=gpu_layers,
+                                  context_length=max_context)
     elif backend == "tensorrt":
         from .runtimes.tensorrt import TensorRTBackend
 
@@ -128,7 +134,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     "int4" | "int8-vision+int4" | "fp32"; max_context caps the KV cache); "onnxruntime" runs a
     bundle's ONNX graphs (provider "auto" | "tensorrt" | "cuda" | "cpu"); "llamacpp" runs its GGUF
     pair (precision "f32" | "f16" | "q8_0" | "q4_k_m"; gpu_layers to offload, default all when
-    llama.cpp was built with CUDA and a GPU is here); "torch" is the PyTorch reference
+    llama.cpp was built with CUDA and a GPU is here; max_context sizes its context, whose KV cache
+    is allocated up front: default the model's limit or 8192, the smaller); "torch" is the PyTorch reference
     (checkpoints; device "cpu" or "cuda"). gpu_options (runtimes.onnxruntime.GpuOptions) sets ONNX
     Runtime's GPU providers: device id, fp16, the TensorRT provider's engine cache directory.
     A bundle is checked against its manifest's checksums before any session is created.

@@ -79,6 +79,38 @@ class BenchOptions:
     prompt_images: int = 2                  # images in the prompt timed for TTFT, prefill and decode
     bandwidth_mib: int = 256
 
+    def validate(self) -> None:
+        """Before the bundle opens: an OptionError naming the option (--backends, --threads, --repeats,
+        --new-tokens); an unknown backend name is a BackendUnavailable, as everywhere a backend is named."""
+        from .options import check_int, check_threads
+
+        if self.backends is not None:
+            if isinstance(self.backends, (str, bytes)) or not isinstance(self.backends, Sequence):
+                raise OptionError(f"--backends must be a list of backend names, got {self.backends!r}")
+            if not self.backends:
+                raise OptionError(f"--backends is empty; give one or more of {', '.join(BACKEND_ORDER)} (or leave "
+                                  "it out for every backend the bundle has)")
+            for b in self.backends:
+                if not isinstance(b, str) or not b.strip():
+                    raise OptionError(f"--backends has an empty or non-text entry {b!r} in {list(self.backends)!r}; "
+                                      f"choose from {', '.join(BACKEND_ORDER)}")
+            unknown = [b for b in self.backends if b not in BACKEND_ORDER]
+            if unknown:
+                raise BackendUnavailable(f"unknown backend(s) {unknown} for bench (--backends); choose from "
+                                         f"{', '.join(BACKEND_ORDER)}")
+        check_threads(self.threads, "--threads")
+        if self.threads is None:
+            raise OptionError("--threads must be an integer, got None")
+        for name, value in (("--repeats", self.repeats), ("--new-tokens", self.new_tokens)):
+            if check_int(name, value) < 1:
+                raise OptionError(f"bench: {name} must be at least 1, got {value}")
+        check_int("prompt_images", self.prompt_images, 1)
+        check_int("bandwidth_mib", self.bandwidth_mib, 1)
+        if not (isinstance(self.image_size, Sequence) and len(self.image_size) == 2):
+            raise OptionError(f"image_size must be (height, width), got {self.image_size!r}")
+        for side in self.image_size:
+            check_int("image_size", side, 1, 8192)
+
 
 def _stats(values: list[float]) -> dict[str, float]:
     med = statistics.median(values)
@@ -250,8 +282,7 @@ def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
     from .runtimes.select import this_platform
 
     opts = options or BenchOptions()
-    if opts.repeats < 1 or opts.new_tokens < 1 or opts.threads < 1:
-        raise OptionError("bench: --repeats, --new-tokens and --threads must be at least 1")
+    opts.validate()
     bundle = open_bundle(bundle_dir)
     todo, skipped = configs(bundle, opts)
     if not todo:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from .errors import BundleError
 from .manifest import check_regular_file, parse_manifest, validate_manifest
+from .modelfiles import PROMPT_FILES
 
 MANIFEST = "edgelmm.json"
 FORMAT_VERSION = 1
@@ -174,8 +175,16 @@ def open_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
     mpath = root / MANIFEST
     if not is_bundle(root):
         raise BundleError(f"not a bundle: no {MANIFEST}", path=str(root))
+    if mpath.resolve().parent != root.resolve():
+        raise BundleError("the manifest is a link to a file outside the bundle", path=str(mpath))
     manifest = parse_manifest(mpath)
     entries = validate_manifest(manifest, root, mpath, format_version=FORMAT_VERSION, families=_family_names())
+    # The runtimes read these from the bundle's root when they are there: each must be hashed.
+    listed = {e["file"] for e in manifest["files"]}
+    unlisted = [name for name in PROMPT_FILES if name not in listed and os.path.lexists(root / name)]
+    if unlisted:
+        raise BundleError(f"{', '.join(unlisted)} present but not listed (hashed) in the manifest; a runtime would "
+                          "read it unchecked", path=str(root))
     for entry in entries:
         p = check_regular_file(root, entry)
         if verify_checksums and sha256_file(p) != entry["sha256"]:
@@ -292,8 +301,11 @@ def update_bundle(path: str | Path, verify_checksums: bool = True) -> Iterator[B
         except BlockingIOError:
             raise BundleError("another edgelmm process is updating this bundle (calibrate or build-engines); "
                               "wait for it to finish", path=str(root)) from None
-        for leftover in root.glob(f"{UPDATE_PREFIX}*"):
-            _finish_leftover(root, leftover, bundle.manifest)
+        # With the lock held, every work folder here is a killed run's; those of earlier edgelmm
+        # versions (.calib-partial-*, .engines-partial-*) have no journal and are just removed.
+        for pattern in (f"{UPDATE_PREFIX}*", ".calib-partial-*", ".engines-partial-*"):
+            for leftover in root.glob(pattern):
+                _finish_leftover(root, leftover, bundle.manifest)
         work = Path(tempfile.mkdtemp(prefix=f"{UPDATE_PREFIX}{os.getpid()}-", dir=root))
         txn = BundleUpdate(bundle, work)
         try:

@@ -14,7 +14,6 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .errors import BackendUnavailable, EdgeLMMError
-from .options import check_threads
 
 try:  # typer >= 0.2x runs on its own copy of click, whose exceptions are not click's
     from typer._click.exceptions import ClickException, UsageError
@@ -116,6 +115,9 @@ def run(
     device: str = typer.Option("cpu", help="torch backend only: cpu or cuda."),
     gpu_layers: Optional[int] = typer.Option(None, help="llamacpp only: layers to offload to the GPU (default: all "
                                                         "when llama.cpp was built with CUDA and a GPU is here)."),
+    max_context: Optional[int] = typer.Option(None, help="llamacpp and tensorrt: most positions (prompt + answer) "
+                                                         "the KV cache holds; it is allocated up front (llamacpp "
+                                                         "default: the model's limit or 8192, the smaller)."),
     raw: bool = typer.Option(False, help="Send the prompt as-is, without the model's chat template."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' numbers images in the text, "
                                                           "'plain' does not. Default: from the checkpoint name."),
@@ -128,7 +130,7 @@ def run(
     try:
         SamplingParams(max_new_tokens, temperature, top_p, seed).validate()  # before the model loads
         pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads,
-                        device=device, gpu_layers=gpu_layers)
+                        device=device, gpu_layers=gpu_layers, max_context=max_context)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if as_json:
             g = pipe.generate(prompt, [str(p) for p in image], **kw)
@@ -465,11 +467,12 @@ def bench(
     from .bench import BenchOptions, format_table
     from .bench import bench as run_bench
 
-    opts = BenchOptions(backends=[b.strip() for b in backends.split(",")] if backends else None, threads=threads,
-                        repeats=repeats, new_tokens=new_tokens)
+    # Only a missing --backends means every backend: '' (an empty list) or 'onnxruntime,' is refused by validate().
+    chosen = None if backends is None else [b.strip() for b in backends.split(",")] if backends.strip() else []
+    opts = BenchOptions(backends=chosen, threads=threads, repeats=repeats, new_tokens=new_tokens)
 
     def step(update):
-        check_threads(threads)  # the shared bound: bench.py's own check has none
+        opts.validate()  # before the bundle opens (bench() checks again, for Python callers)
         return run_bench(bundle, opts, progress=update)
     report = _run_step("benchmarking", as_json, step)
     if as_json:
@@ -585,9 +588,10 @@ def watch(
     min_threshold: float = typer.Option(0.01, help="The threshold never goes below this (cosine distance)."),
     threshold: Optional[float] = typer.Option(None, help="A fixed threshold instead of the adaptive one."),
     latest: int = typer.Option(3, help="Latest frames shown to the verifier after the normal frame."),
-    prompt: Optional[str] = typer.Option(None, help="The verifier's question; {last} is the last image's number. "
-                                                    "Default: 'Image 1 shows the normal scene; images 2-{last} are the "
-                                                    "latest frames. Is anything abnormal? ...'"),
+    prompt: Optional[str] = typer.Option(None, help="The verifier's question; {last} is the last image's number, "
+                                                    "{latest} the number of latest frames ({{ and }} for literal "
+                                                    "braces). Default: 'Image 1 shows the normal scene; images "
+                                                    "2-{last} are the latest frames. Is anything abnormal? ...'"),
     no_verify: bool = typer.Option(False, "--no-verify", help="Report the gate's events without asking the LMM."),
     max_new_tokens: int = typer.Option(24, help="Length limit of the verifier's answer."),
     max_frames: Optional[int] = typer.Option(None, help="Stop after processing this many frames."),
@@ -616,7 +620,7 @@ def watch(
     from rich.text import Text
 
     from . import api
-    from .apps.anomaly import AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, summary_line
+    from .apps.anomaly import AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, check_events, summary_line
 
     try:
         config = WatchConfig(
@@ -628,8 +632,9 @@ def watch(
             max_frames=max_frames, duration_s=duration, out_dir=out)
         if prompt is not None:
             config.prompt = prompt
-        config.validate()
-    except EdgeLMMError as exc:   # OptionError for an option out of range, PromptError for the prompt
+        config.validate()      # the prompt's placeholders (with --no-verify too) and the --out folder included
+        check_events(events)   # before the bundle loads and the source opens
+    except EdgeLMMError as exc:   # OptionError for an option out of range or a path, PromptError for the prompt
         _fail(exc, as_json)
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
     try:

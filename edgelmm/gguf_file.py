@@ -409,7 +409,7 @@ GENERAL_KEYS = {
 # Required: what llama.cpp needs, and what edgelmm always writes where a missing key would silently
 # change the model (llama.cpp falls back to defaults: rope base 10000, quick-GELU, no GQA, ...).
 LLAMA_KEYS = {
-    "llama.context_length": Key(UINT32, True, 1, MAX_CONTEXT),
+    "llama.context_length": Key(UINT32, True, 16, MAX_CONTEXT),  # below 16 llama.cpp asserts (batch < sequences)
     "llama.embedding_length": Key(UINT32, True, 1, MAX_WIDTH),
     "llama.block_count": Key(UINT32, True, 1, 512),            # LLAMA_MAX_LAYERS, GGML_ASSERTed
     "llama.feed_forward_length": Key(UINT32, True, 1, 1 << 20),
@@ -521,7 +521,12 @@ def _check_keys(info: GGUFInfo, tables: dict[str, Key], problems: list[str]) -> 
         if spec is None and name.startswith(NAMED_TEMPLATE):
             spec = Key(STRING)
         if spec is None:
-            if name.startswith(strict):
+            owners = [p for p, keys in PROJECTOR_KEYS.items() if name in keys]
+            if owners:  # a key of another projector: the projector type is what is wrong, or the key
+                proj = info.fields["clip.projector_type"].value if "clip.projector_type" in info.fields else None
+                problems.append(f"key {name!r} belongs to projector type {' / '.join(owners)}, but "
+                                f"clip.projector_type is {proj!r}")
+            elif name.startswith(strict):
                 problems.append(f"unknown key {name!r} ({f.type_name}): not one edgelmm writes, and llama.cpp "
                                 "may act on it")
             continue

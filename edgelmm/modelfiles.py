@@ -48,6 +48,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def check_model_dir(root: str | Path) -> Path:
     """`root` as a Path if it is a directory; else a CheckpointError naming it (also for a path the
     OS refuses to look up, such as a name over 255 characters, which Path.is_dir() raises for)."""
+    if not isinstance(root, (str, Path)) or not str(root).strip():
+        # Path("") is the current directory: an empty name from a config or a script is a mistake.
+        raise CheckpointError(f"no model path given ({root!r}); name a bundle or a checkpoint directory")
     root = Path(root)
     try:
         is_dir = root.is_dir()

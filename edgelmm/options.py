@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Collection
 
 from .errors import EdgeLMMError, OptionError
@@ -55,6 +57,79 @@ def check_number(name: str, value: Any, lo: float | None = None, hi: float | Non
 def check_choice(name: str, value: Any, choices: Collection, *, error: ErrorClass = OptionError) -> None:
     if value not in choices:
         raise error(f"unknown {name} {value!r}; choose from {', '.join(map(str, choices))}")
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` (nearest first) that do not exist yet."""
+    missing = []
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_created(paths: list[Path]) -> None:
+    for p in paths:   # innermost first
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def check_output_dir(name: str, path: Any, *, error: ErrorClass = OptionError) -> Path:
+    """A folder that files will be written into later (snapshots): an existing writable folder, or
+    one that can be created. Probed for real (root may write where os.access says no, and nobody
+    can create files in /proc): the folders made for the probe are removed again."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise error(f"{name} must be a folder path, got {path!r}")
+    if "\x00" in str(path):
+        raise error(f"{name} {str(path)!r} contains a NUL character")
+    p = Path(path)
+    if os.path.lexists(p) and not p.is_dir():
+        raise error(f"{name} {str(p)!r} exists and is not a folder")
+    created = ([p] if not os.path.lexists(p) else []) + _missing_parents(p)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise error(f"{name} {str(p)!r}: cannot create or write to this folder ({_os_reason(exc)})") from None
+    finally:
+        _remove_created(created)
+    return p
+
+
+def check_output_file(name: str, path: Any, *, error: ErrorClass = OptionError) -> Path:
+    """A file that will be appended to later (a JSON-lines log): opened for appending now, which
+    changes nothing in an existing file; a file or folders made for the probe are removed again."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise error(f"{name} must be a file path, got {path!r}")
+    if "\x00" in str(path):
+        raise error(f"{name} {str(path)!r} contains a NUL character")
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{name} {str(p)!r} is a folder, not a file")
+    created = ([p] if not os.path.lexists(p) else []) + _missing_parents(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise error(f"{name} {str(p)!r}: cannot be written ({_os_reason(exc)})") from None
+    finally:
+        if created and created[0] == p:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            created = created[1:]
+        _remove_created(created)
+    return p
 
 
 # More than a few threads per core only adds switching, and ONNX Runtime starts every thread when a

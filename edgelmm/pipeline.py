@@ -94,7 +94,9 @@ class Pipeline:
         self.backend = backend
         self.tokenizer = files.tokenizer
         self.eos_ids = set(files.eos_token_ids)
-        self.context_length = files.context_length
+        # The model's context window, or less where the backend holds fewer positions (a llama.cpp
+        # context or TensorRT profile sized to what was asked).
+        self.context_length = min(files.context_length, getattr(backend, "n_ctx", None) or files.context_length)
         self._bos = files.special_token("bos_token")
         # A backend that is not thread-safe (llama.cpp: one context, one KV cache) runs one
         # generation at a time: a second thread's generate waits for the first to finish.
@@ -205,8 +207,15 @@ class Pipeline:
         its sequences), the rows are answered one after another, with the same answers."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         params.validate()
+        if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__"):
+            raise PromptError(f"requests must be a list of (prompt, images) pairs, got {type(requests).__name__}")
+        requests = list(requests)
         if not requests:
             return []
+        for i, request in enumerate(requests):  # a bare prompt or a triple would fail to unpack, untyped
+            if isinstance(request, (str, bytes, dict)) or not isinstance(request, Sequence) or len(request) != 2:
+                size = f" of {len(request)}" if isinstance(request, Sequence) and not isinstance(request, str) else ""
+                raise PromptError(f"request {i} must be a (prompt, images) pair, got {type(request).__name__}{size}")
         prepared = [self.prepare(prompt, images, chat=chat) for prompt, images in requests]
         budget = min(max_new_tokens, self.context_length - max(len(p.input_ids) for p in prepared))
         with self._exclusive:

@@ -79,8 +79,14 @@ def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
         for mi, m in enumerate(prompt):
             if "role" not in m or "content" not in m:
                 raise PromptError(f"message {mi} needs 'role' and 'content' keys, got {sorted(m)}")
-            if isinstance(m["role"], str):
-                check_text(m["role"], f"message {mi} role")
+            role = m["role"]
+            # Which roles exist is the chat template's business (it may raise on one it does not know);
+            # anything but a non-empty string is nonsense to every template, which would silently
+            # treat it as some other role.
+            if not isinstance(role, str) or not role.strip():
+                raise PromptError(f"message {mi}: 'role' must be a non-empty string such as 'user', 'assistant' "
+                                  f"or 'system', got {role!r} ({type(role).__name__})")
+            check_text(role, f"message {mi} role")
             content = m["content"]
             if isinstance(content, str):
                 parts = _split_markers(content, f"message {mi}")
@@ -89,7 +95,12 @@ def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
                 for pi, part in enumerate(content):
                     kind = part.get("type") if isinstance(part, dict) else None
                     if kind == "text":
-                        parts.extend(_split_markers(str(part.get("text", "")), f"message {mi} part {pi}"))
+                        text = part.get("text")
+                        if not isinstance(text, str):
+                            raise PromptError(f"message {mi} part {pi}: a text part needs a string 'text', "
+                                              + ("and it has none" if "text" not in part else
+                                                 f"got {text!r} ({type(text).__name__})"))
+                        parts.extend(_split_markers(text, f"message {mi} part {pi}"))
                     elif kind in ("image", "image_url"):
                         parts.append(dict(part, type="image"))
                     else:

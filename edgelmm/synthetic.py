@@ -16,7 +16,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .options import check_int
+
 IMAGE_SIZE = 64
+MAX_SIZE = 4096      # render() draws square images at most this many pixels a side
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35), "green": (35, 160, 55), "blue": (40, 75, 220),
     "yellow": (235, 205, 25), "purple": (145, 45, 185),
@@ -70,6 +73,7 @@ def random_background(rng: np.random.Generator) -> Background:
 def render(shapes: list[Shape], bg: Background, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """Shapes on a tinted gradient background, then per-pixel noise (drawn fresh per call, so two
     renders of one scene are never byte-identical)."""
+    check_int("image size", size, 1, MAX_SIZE)   # the grids below take 8 bytes a pixel: 100000 asks for TiBs
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     canvas = np.asarray(bg.base, np.float32)[None, None, :] + (bg.gradient[0] * xx + bg.gradient[1] * yy)[..., None]
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))

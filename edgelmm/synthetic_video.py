@@ -23,9 +23,12 @@ import numpy as np
 
 from . import synthetic
 from .errors import OptionError
+from .options import check_int, check_number
 
 ANOMALIES = ("appear", "fall", "scene-change", "none")
 FALL_FRAMES = 8          # an object falls from the top edge to the floor in this many frames
+MAX_SIZE = synthetic.MAX_SIZE   # frame side in pixels, at most (--scale 64)
+MAX_FPS = 1000.0         # the frame rate written into the file, at most
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,33 @@ class VideoSpec:
     flicker: float = 2.0             # amplitude of the global brightness flicker (grey levels)
 
     def validate(self) -> None:
+        """Each setting is named as `edgelmm demo-video` spells it, then as the field (the checks are
+        the CLI's too). Numbers are checked finite first: an inf fps never ends writing."""
         if self.anomaly not in ANOMALIES:
-            raise OptionError(f"anomaly must be one of {', '.join(ANOMALIES)}, got {self.anomaly!r}")
-        if self.frames < 1 or self.scale < 1 or self.fps <= 0:
-            raise OptionError("frames and scale must be >= 1 and fps > 0")
-        if self.anomaly != "none" and not 0 < self.anomaly_frame < self.frames:
-            raise OptionError(f"anomaly_frame must be within 1..{self.frames - 1}, got {self.anomaly_frame}")
-        if self.repeat_every is not None and (self.anomaly_length is None or self.repeat_every <= self.anomaly_length):
-            raise OptionError("repeat_every needs an anomaly_length shorter than it")
+            raise OptionError(f"--anomaly: anomaly must be one of {', '.join(ANOMALIES)}, got {self.anomaly!r}")
+        check_int("--seed (seed)", self.seed, 0)        # numpy's generators take no negative seed
+        check_int("--frames (frames)", self.frames, 1)
+        check_int("--scale (scale)", self.scale, 1)
+        if self.scale > MAX_SIZE // synthetic.IMAGE_SIZE:   # render() would ask for TiBs
+            raise OptionError(f"--scale (scale) must be at most {MAX_SIZE // synthetic.IMAGE_SIZE} (frames are "
+                              f"{synthetic.IMAGE_SIZE} x scale pixels a side, {MAX_SIZE} at most), got {self.scale}")
+        check_number("--fps (fps)", self.fps, 0, MAX_FPS, lo_open=True)
+        check_number("sway_px", self.sway_px, 0, synthetic.IMAGE_SIZE)
+        check_number("flicker", self.flicker, 0, 255)
+        if self.anomaly != "none":
+            check_int("--at (anomaly_frame)", self.anomaly_frame)
+            if self.frames < 2:
+                raise OptionError(f"--frames (frames) must be >= 2 to show an anomaly after a normal first frame, "
+                                  f"got {self.frames} (or use --anomaly none)")
+            if not 0 < self.anomaly_frame < self.frames:
+                raise OptionError(f"--at: anomaly_frame must be within 1..{self.frames - 1}, got {self.anomaly_frame} "
+                                  f"(a frame after the first of the {self.frames}-frame video)")
+        if self.anomaly_length is not None:
+            check_int("anomaly_length", self.anomaly_length, 1)
+        if self.repeat_every is not None:
+            check_int("repeat_every", self.repeat_every, 1)
+            if self.anomaly_length is None or self.repeat_every <= self.anomaly_length:
+                raise OptionError("repeat_every needs an anomaly_length shorter than it")
 
     def since_anomaly(self, f: int) -> int | None:
         """Frames since the anomaly (showing at frame f) began, or None when frame f is normal."""
@@ -115,6 +137,7 @@ def write_video(path: str | Path, spec: VideoSpec) -> dict:
     description: the spec, the frame size and the anomaly's first frame (None for 'none')."""
     import cv2
 
+    spec.validate()   # before anything is written: OpenCV's writer spins on an inf frame rate
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), spec.fps, (spec.size, spec.size))

@@ -235,3 +235,166 @@ def test_usage_errors_are_json_with_json(args, pattern):
     assert err["error"] == "UsageError" and re.search(pattern, err["message"]), err
     code, out = cli(*args)  # without --json: click's own usage message, not JSON
     assert code == 2 and not out.strip().startswith("{")
+
+
+# ---- 5. fuzz findings (benchmarks/fuzz.py --replay KIND/NAME:SEED) ----
+
+def test_negative_calibration_seed_refused_before_any_work(weightless, tmp_path):
+    # option/calibrate--seed:2294362797 ran calibration for minutes
+    from edgelmm.calib import CalibrationOptions
+
+    err = cli_json_error("calibrate", tmp_path / "no-bundle", "--seed", "-1")
+    assert err["error"] == "CalibrationOptionError" and re.search(r"seed \(--seed\) must be >= 0, got -1",
+                                                                   err["message"]), err
+    err = cli_json_error("export", weightless, tmp_path / "out", "--precision", "int4", "--seed", "-1")
+    assert err["error"] == "CalibrationOptionError" and "--seed" in err["message"], err
+    with pytest.raises(CalibrationOptionError, match=r"--seed\) must be >= 0"):
+        CalibrationOptions(seed=-5).validate()
+
+
+@pytest.mark.parametrize("value,pattern", [("inf", "must be a finite number, got inf"),
+                                           ("nan", "must be a finite number, got nan"),
+                                           ("0", r"must be in \(0"), ("-1", r"must be in \(0")])
+def test_demo_video_fps_must_be_finite_and_positive(tmp_path, value, pattern):
+    # option/demo-video--fps:3239029312: an inf frame rate spun in OpenCV's writer forever
+    out = tmp_path / "sub" / "v.avi"
+    err = cli_json_error("demo-video", out, "--frames", "4", "--at", "2", "--scale", "1", "--fps", value)
+    assert err["error"] == "OptionError" and re.match(r"--fps \(fps\) " + pattern, err["message"]), err
+    assert not out.parent.exists()   # refused before anything was written
+
+
+def test_demo_video_scale_bounded(tmp_path):
+    # option/demo-video--scale:1164685595: a MemoryError asking for 596 TiB
+    from edgelmm import synthetic
+
+    err = cli_json_error("demo-video", tmp_path / "v.avi", "--scale", "100000")
+    assert err["error"] == "OptionError" and re.match(r"--scale \(scale\) must be at most 64 .*got 100000",
+                                                      err["message"]), err
+    for scale in ("0", "-1"):
+        assert cli_json_error("demo-video", tmp_path / "v.avi", "--scale", scale)["message"].startswith("--scale")
+    with pytest.raises(OptionError, match=r"image size must be in \[1, 4096\], got 100000"):
+        synthetic.render([], synthetic.Background((128, 128, 128), (0.0, 0.0), 3.0), np.random.default_rng(0),
+                         size=100000)
+
+
+def test_demo_video_at_is_named_as_typed(tmp_path):
+    # option/demo-video--at:3474825488 said anomaly_frame, not --at
+    for at in ("-5", "100000"):
+        err = cli_json_error("demo-video", tmp_path / "v.avi", "--frames", "8", "--at", at)
+        assert err["error"] == "OptionError" and re.match(rf"--at: anomaly_frame must be within 1\.\.7, got {at}",
+                                                          err["message"]), err
+
+
+def _watch_args(tmp_path, *extra):
+    """`watch` on a source and a bundle that do not exist: an error other than the one under test
+    would mean the check ran after the bundle loaded or the source opened."""
+    return ["watch", str(tmp_path / "no-video.avi"), "--bundle", str(tmp_path / "no-bundle"), "--max-frames", "1",
+            *extra]
+
+
+def _regular_file(tmp_path):
+    f = tmp_path / "regular"
+    f.write_text("x")
+    return f
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc", "a folder"])
+def test_watch_events_file_that_cannot_be_written(tmp_path, where):
+    # option/watch--events:3367969787 (NotADirectoryError), option/watch--events:3674495662 (FileNotFoundError)
+    from edgelmm.apps.anomaly import check_events
+
+    path = {"under a file": _regular_file(tmp_path) / "sub" / "events.jsonl", "in /proc": "/proc/fuzz-out.jsonl",
+            "a folder": tmp_path}[where]
+    err = cli_json_error(*_watch_args(tmp_path, "--events", path))
+    pattern = r"events file --events \(events\) '.*'(: cannot be written| is a folder)"
+    assert err["error"] == "OptionError" and re.match(pattern, err["message"]), err
+    assert str(path) in err["message"]
+    with pytest.raises(OptionError, match="--events"):
+        check_events(path)
+    ok = tmp_path / "new" / "events.jsonl"
+    check_events(ok)
+    assert not (tmp_path / "new").exists()   # the probe leaves nothing behind
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc", "a file"])
+def test_watch_snapshot_folder_that_cannot_be_made(tmp_path, where):
+    # option/watch--out:2817857884 exited 0: snapshots failed later, in the verifier thread
+    from edgelmm.apps.anomaly import WatchConfig
+
+    path = {"under a file": _regular_file(tmp_path) / "sub" / "snaps", "in /proc": "/proc/fuzz-out",
+            "a file": _regular_file(tmp_path)}[where]
+    err = cli_json_error(*_watch_args(tmp_path, "--out", path))
+    assert err["error"] == "OptionError" and re.match(r"snapshot folder --out \(out_dir\) '.*'", err["message"]), err
+    ok = tmp_path / "a" / "snaps"
+    WatchConfig(out_dir=ok).validate()
+    assert not (tmp_path / "a").exists()   # probed, then removed again
+
+
+@pytest.mark.parametrize("prompt,pattern", [("{bogus}", r"unknown placeholder \{bogus\}"),
+                                            ("{last", "not a valid template"), ("{}", r"unknown placeholder \{\}"),
+                                            ("images 2-{last:s}", "cannot be filled in")])
+def test_watch_prompt_placeholders(tmp_path, prompt, pattern):
+    # option/watch--prompt:1802903493: '{bogus}' reached the model as typed (and --no-verify hid it)
+    from edgelmm.apps.anomaly import WatchConfig
+
+    err = cli_json_error(*_watch_args(tmp_path, "--no-verify", "--prompt", prompt))
+    assert err["error"] == "PromptError" and err["message"].startswith("the verifier prompt (--prompt)") \
+        and re.search(pattern, err["message"]), err
+    with pytest.raises(PromptError, match=pattern):
+        WatchConfig(prompt=prompt, verify=False).validate()
+    good = WatchConfig(prompt="images 2-{last} ({latest} latest) {{braces}}?", latest_frames=3)
+    good.validate()
+    assert good.verifier_prompt() == "<image>" * 4 + "images 2-4 (3 latest) {braces}?"
+
+
+@pytest.mark.parametrize("value,error,pattern", [("", "OptionError", "--backends is empty"),
+                                                 (" , ", "OptionError", "--backends has an empty"),
+                                                 ("onnxruntime,", "OptionError", "--backends has an empty"),
+                                                 ("foo", "BackendUnavailable", r"unknown backend\(s\) \['foo'\]")])
+def test_bench_backends_empty_or_unknown(tmp_path, value, error, pattern):
+    # option/bench--backends:4066929578: '' meant every backend, exit 0
+    err = cli_json_error("bench", tmp_path / "no-bundle", "--backends", value)   # refused before the bundle opens
+    assert err["error"] == error and re.search(pattern, err["message"]), err
+
+
+def test_message_roles_and_text_parts():
+    # prompt/types:2120395274 (role 1 accepted), prompt/types:3999960623 (text part without text accepted)
+    from edgelmm.prompt import parse_prompt
+
+    for role in (1, None, "", " "):
+        with pytest.raises(PromptError, match=r"message 0: 'role' must be a non-empty string"):
+            parse_prompt([{"role": role, "content": "hi"}])
+    with pytest.raises(PromptError, match=r"message 1 part 0: a text part needs a string 'text', and it has none"):
+        parse_prompt([{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text"}]}])
+    with pytest.raises(PromptError, match=r"message 0 part 1: a text part needs a string 'text', got 5 \(int\)"):
+        parse_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": 5}]}])
+    # roles the template may or may not know are the template's to judge
+    parsed = parse_prompt([{"role": "system", "content": [{"type": "text", "text": "x"}]}])
+    assert parsed.messages[0]["role"] == "system"
+
+
+def test_generate_batch_requests_must_be_pairs(pipelines):
+    # prompt/batch:3385674489: ValueError (too many values to unpack)
+    pipe = pipelines("llava-siglip")
+    for requests, pattern in [(["hi"], r"request 0 must be a \(prompt, images\) pair, got str"),
+                              ([("hi", None), ("hi", None, "x")], r"request 1 must be a \(prompt, images\) pair, "
+                                                                    r"got tuple of 3"),
+                              ("hi", "requests must be a list of"), (5, "requests must be a list of")]:
+        with pytest.raises(PromptError, match=pattern):
+            pipe.generate_batch(requests, max_new_tokens=1)
+
+
+def test_gate_and_capture_configs_refuse_nan_from_python():
+    from edgelmm.apps.capture import CaptureConfig
+    from edgelmm.apps.gate import GateConfig
+
+    for kw, name in [(dict(margin=math.nan), "margin"), (dict(min_threshold=math.nan), "min_threshold"),
+                     (dict(threshold=math.inf), "threshold"), (dict(warmup_frames=2.5), "warmup_frames"),
+                     (dict(trigger_frames=0), "trigger_frames")]:
+        with pytest.raises(OptionError, match=rf"^{name} must be"):
+            GateConfig(**kw).validate()
+    for kw, name in [(dict(reconnect_backoff_s=math.nan), "reconnect_backoff_s"),
+                     (dict(timeout_s=math.inf), "timeout_s"), (dict(queue_size=0), "queue_size"),
+                     (dict(reconnect_attempts=-1), "reconnect_attempts")]:
+        with pytest.raises(OptionError, match=rf"^{name} must be"):
+            CaptureConfig(**kw).validate()

@@ -223,3 +223,17 @@ def test_calibrate_cli_json(tiny_bundle, tmp_path):
     r = subprocess.run(cmd[:5] + ["--samples", str(tmp_path / "missing.jsonl"), "--json"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and json.loads(r.stdout)["error"] == "CalibrationError"
+
+
+def test_external_data_is_decided_by_the_weights_not_the_onnx_file(tmp_path):
+    """A large model's .onnx file is a few MB and its weights sit beside it: the quantizers must
+    write external data for it (deciding by the .onnx file alone crashed protobuf at 2 GB)."""
+    from edgelmm.calib.quantize import LARGE_GRAPH_BYTES, is_large_graph
+
+    graph = tmp_path / "decoder.onnx"
+    graph.write_bytes(b"\0" * 2_000_000)
+    assert not is_large_graph(graph)
+    with open(tmp_path / "decoder.onnx.data", "wb") as f:  # sparse: no disk used
+        f.truncate(LARGE_GRAPH_BYTES)
+    (tmp_path / "vision.onnx.data").write_bytes(b"\0" * 10)  # another graph's data does not count
+    assert is_large_graph(graph)

@@ -5,9 +5,11 @@ second thread and a batch on llama.cpp get right answers."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 
+import numpy as np
 import pytest
 
 import edgelmm
@@ -222,3 +224,106 @@ def test_output_path_that_cannot_exist(out):
                                           r"File name too long|Permission denied|/etc/passwd is a file)"):
         with staging_dir(out):
             pass
+
+
+def test_llamacpp_context_is_sized_to_what_is_asked(gguf_bundle):
+    pytest.importorskip("llama_cpp")
+    from edgelmm.errors import OptionError, PromptError
+    from edgelmm.runtimes.llamacpp import DEFAULT_CONTEXT
+
+    model_ctx = json.loads((gguf_bundle / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    default = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", threads=1)
+    assert default.backend.n_ctx == min(model_ctx, DEFAULT_CONTEXT)
+    small = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", threads=1, max_context=64)
+    assert small.backend.n_ctx == 64 and small.context_length == 64
+    with pytest.raises(PromptError, match=r"context window is 64"):
+        small.generate("Compare <image> and <image>.", sample_images(2), max_new_tokens=4)
+    with pytest.raises(OptionError, match=r"max_context must be in \[16, "):
+        edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", max_context=10 ** 9)
+
+
+def test_onnxruntime_vision_runs_in_bounded_chunks(reference_bundle):
+    """Tiles go through the vision graph a few at a time (a bounded arena), with the features of
+    one batch of every tile."""
+    from edgelmm.api import pipeline_for_bundle
+
+    bundle = open_bundle(reference_bundle)
+    one = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32", threads=1)
+    prepared = one.prepare("<image> <image> <image> <image> <image> <image> <image>", sample_images(7))
+    pixels = prepared.vision.pixel_values
+    assert len(pixels) == 7 and one.backend.vision_chunk < 7
+    whole = one.backend.sessions["vision"].run(None, one.backend.vision_feeds(pixels))[0]
+    chunked = one.image_features(prepared.vision)
+    assert chunked.shape == whole.shape
+    assert float(np.abs(chunked - whole).max()) <= 1e-5
+
+
+def test_onnx_external_data_must_be_hashed(bundle_copy):
+    """ONNX Runtime opens a graph's external data itself: every location the graph names must be one
+    of the artifact's hashed files (the hash of the graph alone said nothing about them)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from edgelmm.bundle import file_entry
+    from edgelmm.onnx_file import external_data_locations
+
+    graph = bundle_copy / "onnx" / "embed.onnx"
+    model = onnx.load(str(graph))
+    graph.unlink()
+    onnx.save(model, str(graph), save_as_external_data=True, location="embed.onnx.data", size_threshold=0)
+    saved = onnx.load(str(graph), load_external_data=False)
+    expected = [ExternalDataInfo(t).location for t in saved.graph.initializer if uses_external_data(t)]
+    assert expected and external_data_locations(graph) == expected
+
+    def relist(extra):
+        def change(m):
+            for art in m["artifacts"]:
+                if art["file"] == "onnx/embed.onnx":
+                    art["files"] = [file_entry(bundle_copy, "onnx/embed.onnx")] + [file_entry(bundle_copy, f)
+                                                                                  for f in extra]
+        _edit(bundle_copy, change)
+
+    relist([])  # the graph re-hashed, its data not listed
+    with pytest.raises(BundleError, match=r"embed\.onnx: the graph's weights point to 'embed\.onnx\.data', which is not"):
+        edgelmm.load(bundle_copy, backend="onnxruntime", provider="cpu", precision="fp32")
+    relist(["onnx/embed.onnx.data"])
+    pipe = edgelmm.load(bundle_copy, backend="onnxruntime", provider="cpu", precision="fp32")
+    assert pipe.generate("What is in <image>?", sample_images(1), max_new_tokens=2).token_ids
+
+    graph.write_bytes(graph.read_bytes()[:-7])  # a length that runs past the end of the file
+    with pytest.raises(BundleError, match=r"embed\.onnx: not a valid ONNX file"):
+        external_data_locations(graph)
+
+
+@pytest.mark.parametrize("key", ["num_kv_heads", "head_dim"])
+def test_text_dims_must_match_the_decoder_graph(bundle_copy, key):
+    _edit(bundle_copy, lambda m: m["text"].update({key: m["text"][key] + 1}))
+    with pytest.raises(BundleError, match=r"decoder graph's past_key_values\.0\.key has shape .* but the manifest's "
+                                          r"text says \d+ KV heads of \d+"):
+        edgelmm.load(bundle_copy, backend="onnxruntime", provider="cpu", precision="fp32")
+
+
+def test_manifest_linked_from_outside_is_refused(bundle_copy, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(bundle_copy / MANIFEST, outside)
+    (bundle_copy / MANIFEST).symlink_to(outside)
+    with pytest.raises(BundleError, match=r"edgelmm\.json: the manifest is a link to a file outside the bundle"):
+        open_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "chat_template.jinja", "processor_config.json"])
+def test_prompt_files_the_runtime_reads_must_be_hashed(bundle_copy, name):
+    """ModelFiles reads these from the bundle's root when they are there: unlisted, they would be
+    read unchecked."""
+    if not (bundle_copy / name).exists():
+        (bundle_copy / name).write_text("{}")
+    _edit(bundle_copy, lambda m: m.update(files=[e for e in m["files"] if e["file"] != name]))
+    with pytest.raises(BundleError, match=rf"{re.escape(name)} present but not listed \(hashed\) in the manifest"):
+        edgelmm.load(bundle_copy)
+
+
+def test_empty_model_path_is_not_the_current_directory():
+    from edgelmm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"no model path given \(''\)"):
+        edgelmm.load("")

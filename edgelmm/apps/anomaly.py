@@ -20,6 +20,7 @@ import json
 import logging
 import queue as queue_module
 import re
+import string
 import threading
 import time
 from collections import deque
@@ -33,7 +34,7 @@ import numpy as np
 from ..errors import ImageError, OptionError, PromptError
 from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
-from ..options import check_int, check_number
+from ..options import check_int, check_number, check_output_dir, check_output_file
 from ..prompt import IMAGE_MARKER, check_text
 from ..synthetic import ANOMALY_PROMPT
 from .capture import CaptureConfig, CaptureThread, Frame, FrameQueue, parse_source
@@ -41,6 +42,7 @@ from .gate import GateConfig, NormalSceneGate
 
 log = logging.getLogger(__name__)
 LATENCY_WINDOW = 2048        # latencies kept for the percentiles (a bounded memory for long runs)
+PROMPT_FIELDS = ("last", "latest")   # the verifier prompt's placeholders
 
 
 @dataclass
@@ -62,35 +64,51 @@ class WatchConfig:
     summary_every_s: float = 1.0
 
     def validate(self) -> None:
-        # The float settings first: NaN passes the range checks below (every comparison with it is
-        # False), and a NaN margin or threshold would mean no event can ever fire.
-        g, c = self.gate, self.capture
-        check_number("margin", g.margin, 0, lo_open=True)
-        check_number("min_threshold", g.min_threshold, 0)
-        if g.threshold is not None:
-            check_number("threshold", g.threshold, 0, lo_open=True)
-        check_number("reconnect_backoff_s", c.reconnect_backoff_s, 0)
-        check_number("timeout_s", c.timeout_s, 0, lo_open=True)
+        # Finite-aware checks (options.check_number): a NaN passes `x <= 0`, and a NaN margin or
+        # threshold would mean no event can ever fire. The gate and capture check their own fields.
+        self.gate.validate()
+        self.capture.validate()
         if self.duration_s is not None:
             check_number("duration_s", self.duration_s, 0, lo_open=True)
         if self.max_frames is not None:
             check_int("max_frames", self.max_frames, 1)
         check_number("summary_every_s", self.summary_every_s, 0, lo_open=True)
-        check_text(self.prompt, "the verifier prompt")
-        self.gate.validate()
-        self.capture.validate()
-        if min(self.every, self.latest_frames, self.verifier_queue, self.max_new_tokens, self.max_checks) < 1:
-            raise OptionError("every, latest_frames, verifier_queue, max_new_tokens and max_checks must be >= 1")
-        if self.recheck_frames < 0:
-            raise OptionError("recheck_frames must be >= 0")
+        for name in ("every", "latest_frames", "verifier_queue", "max_new_tokens", "max_checks"):
+            check_int(name, getattr(self, name), 1)
+        check_int("recheck_frames", self.recheck_frames, 0)
+        if not isinstance(self.verify, bool):
+            raise OptionError(f"verify must be True or False, got {self.verify!r}")
+        # The prompt is checked with --no-verify too: a bad one given on purpose is a mistake either way.
+        self.verifier_prompt()
         markers = self.prompt.count(IMAGE_MARKER)
         if markers not in (0, self.latest_frames + 1):
             raise PromptError(f"the verifier prompt has {markers} {IMAGE_MARKER} markers but asks about "
                               f"{self.latest_frames + 1} images (1 normal + {self.latest_frames} latest)")
+        if self.out_dir is not None:   # probed now, not when the first event's snapshot is saved
+            check_output_dir("snapshot folder --out (out_dir)", self.out_dir)
 
     def verifier_prompt(self) -> str:
+        """The prompt with its placeholders filled in: {last} is the number of the last image (the
+        normal frame is image 1), {latest} the number of latest frames; {{ and }} are literal braces.
+        A PromptError for anything else in braces, which would reach the model as it was typed."""
+        where = "the verifier prompt (--prompt)"
+        if not isinstance(self.prompt, str):
+            raise PromptError(f"{where} must be a string, got {type(self.prompt).__name__}")
+        check_text(self.prompt, where)
+        want = "it knows {last} (the last image's number) and {latest} (how many latest frames); write {{ and }} " \
+               "for literal braces"
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None]
+        except ValueError as exc:   # a lone { or }
+            raise PromptError(f"{where} is not a valid template ({exc}); {want}") from None
+        unknown = [f for f in fields if f.split(".")[0].split("[")[0] not in PROMPT_FIELDS]
+        if unknown:
+            raise PromptError(f"{where} has an unknown placeholder {{{unknown[0]}}}; {want}")
         n = self.latest_frames + 1
-        text = self.prompt.replace("{last}", str(n)).replace("{latest}", str(self.latest_frames))
+        try:
+            text = self.prompt.format(last=n, latest=self.latest_frames)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:   # {last:s}, {last[0]}
+            raise PromptError(f"{where} cannot be filled in ({type(exc).__name__}: {exc}); {want}") from None
         return text if IMAGE_MARKER in text else IMAGE_MARKER * n + text
 
 
@@ -254,6 +272,16 @@ class SerializedBackend:
         return locked
 
 
+EVENTS_NAME = "events file --events (events)"
+
+
+def check_events(events: str | Path | TextIO | None) -> None:
+    """An OptionError naming --events and the path when a JSON-lines file cannot be appended to
+    there (under a regular file, in /proc, a folder): before the source opens, not after."""
+    if events is not None and not hasattr(events, "write"):
+        check_output_file(EVENTS_NAME, events)
+
+
 class EventSink:
     """Where events go: a JSON-lines file (appended, one flushed line per event, so a stop at any
     moment leaves only whole lines), a text stream, and a Python callback."""
@@ -264,8 +292,12 @@ class EventSink:
         self.callback_errors = 0
         self._owned = events is not None and not hasattr(events, "write")
         if self._owned:
-            Path(events).parent.mkdir(parents=True, exist_ok=True)
-            self._stream: TextIO | None = open(events, "a", encoding="utf-8")
+            try:   # checked when the watcher was made (check_events); this is for what changed since
+                Path(events).parent.mkdir(parents=True, exist_ok=True)
+                self._stream: TextIO | None = open(events, "a", encoding="utf-8")
+            except OSError as exc:
+                raise OptionError(f"{EVENTS_NAME} {str(events)!r}: cannot be written "
+                                  f"({exc.strerror or type(exc).__name__})") from None
         else:
             self._stream = events
 
@@ -361,6 +393,7 @@ class AnomalyWatcher:
         the final summary. `on_event` is called from the verifier thread with each finished event."""
         self.config = config or WatchConfig()
         self.config.validate()
+        check_events(events)
         if not getattr(pipeline.backend, "thread_safe", False):
             pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend))
         self.pipeline = pipeline
@@ -500,7 +533,13 @@ class AnomalyWatcher:
             raise capture.error
         self._fps = capture.fps
         self.stats = WatchStats()
-        self._sink = EventSink(self.events_target, self.on_event)
+        try:
+            self._sink = EventSink(self.events_target, self.on_event)
+        except BaseException:
+            self.stopping.set()   # the capture thread is running: wind it down before the error goes up
+            capture.join()
+            frames.discard()
+            raise
         verifier = Verifier(self)
         verifier.start()
         deadline = self.stats.started + cfg.duration_s if cfg.duration_s else None

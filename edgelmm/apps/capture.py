@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError, SourceError
+from ..options import check_int, check_number
+
+MAX_TIMEOUT_S = 86400.0   # a day: OpenCV takes the open/read timeout in int milliseconds
 
 # FFmpeg's own decoder messages ("No JPEG data found in image") go to stderr from C; the reader
 # counts those frames as unreadable instead. Must be set before cv2 opens anything.
@@ -82,8 +85,16 @@ class CaptureConfig:
     timeout_s: float = 10.0           # open and read timeout for URLs (FFmpeg)
 
     def validate(self) -> None:
-        if self.queue_size < 1 or self.reconnect_attempts < 0 or self.max_failed_reads < 1:
-            raise OptionError("queue_size and max_failed_reads must be >= 1, reconnect_attempts >= 0")
+        """An OptionError naming the field (`edgelmm watch`'s --queue-size, --reconnect-attempts,
+        --reconnect-backoff, --realtime). The seconds are checked finite first: `x < 0` lets NaN
+        through, and an inf timeout overflows OpenCV's millisecond setting."""
+        check_int("queue_size", self.queue_size, 1)
+        check_int("reconnect_attempts", self.reconnect_attempts, 0)
+        check_int("max_failed_reads", self.max_failed_reads, 1)
+        check_number("reconnect_backoff_s", self.reconnect_backoff_s, 0)
+        check_number("timeout_s", self.timeout_s, 0, MAX_TIMEOUT_S, lo_open=True)
+        if not isinstance(self.realtime, bool):
+            raise OptionError(f"realtime must be True or False, got {self.realtime!r}")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OptionError
+from ..options import check_int, check_number
 
 
 @dataclass
@@ -48,12 +48,20 @@ class GateConfig:
     max_dims: int = 256              # channels kept per cell
 
     def validate(self) -> None:
-        if self.warmup_frames < 0 or self.trigger_frames < 1 or self.clear_frames < 1:
-            raise OptionError("warmup_frames must be >= 0, trigger_frames and clear_frames >= 1")
-        if self.margin <= 0 or self.min_threshold < 0 or (self.threshold is not None and self.threshold <= 0):
-            raise OptionError("margin and a fixed threshold must be > 0, min_threshold >= 0")
-        if self.memory_size < 0 or self.max_positions < 1 or self.max_dims < 1:
-            raise OptionError("memory_size must be >= 0, max_positions and max_dims >= 1")
+        """An OptionError naming the field (`edgelmm watch`'s --warmup, --trigger, --clear, --margin,
+        --min-threshold, --threshold). The numbers are checked finite first: `margin <= 0` lets NaN
+        through, and a NaN margin or threshold means no event can ever fire."""
+        check_int("warmup_frames", self.warmup_frames, 0)
+        check_int("trigger_frames", self.trigger_frames, 1)
+        check_int("clear_frames", self.clear_frames, 1)
+        check_number("margin", self.margin, 0, lo_open=True)
+        check_number("min_threshold", self.min_threshold, 0)
+        if self.threshold is not None:
+            check_number("threshold", self.threshold, 0, lo_open=True)
+        check_int("memory_size", self.memory_size, 0)
+        check_int("score_window", self.score_window, 1)
+        check_int("max_positions", self.max_positions, 1)
+        check_int("max_dims", self.max_dims, 1)
 
 
 @dataclass

@@ -63,7 +63,7 @@ class CalibrationOptions:
         from .sources import check_source
 
         check_int("calibration samples (--calib-samples)", self.calib_samples, 1, error=bad)
-        check_int("seed (--seed)", self.seed, error=bad)
+        check_int("seed (--seed)", self.seed, 0, error=bad)   # like every seed edgelmm takes (numpy refuses < 0)
         check_choice("INT8 calibration method (--vision-method)", self.vision_method, VISION_METHODS, error=bad)
         check_number("vision cosine target (vision_cosine_target)", self.vision_cosine_target, 0, 1, lo_open=True,
                      error=bad)

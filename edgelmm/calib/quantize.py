@@ -36,7 +36,16 @@ SENSITIVE_OP_TYPES = ("LayerNormalization", "Softmax", "Add", "Erf", "Tanh", "Po
 # 0.9986) and it holds no weights to shrink.
 COMPUTE_OP_TYPES = ("MatMul", "Conv", "Gemm")
 KEPT_FLOAT_OP_TYPES = SENSITIVE_OP_TYPES + ("Mul",)
+# Graphs whose weights pass this are written with external data (protobuf cannot hold 2 GB).
 LARGE_GRAPH_BYTES = 1_500_000_000
+
+
+def is_large_graph(src: Path) -> bool:
+    """Whether the graph at `src` holds more than LARGE_GRAPH_BYTES of weights: the .onnx file and
+    its external data together (the exporter writes those beside it, named after it). The .onnx
+    file alone of a large model is a few MB."""
+    total = sum(p.stat().st_size for p in src.parent.iterdir() if p.name.startswith(src.name) and p.is_file())
+    return total > LARGE_GRAPH_BYTES
 
 
 @contextlib.contextmanager
@@ -132,7 +141,7 @@ def quantize_vision_int8(src: Path, dst: Path, calib: list[dict], held_out: list
     base_excluded = [n.split(":", 1)[1] for n in by_type]
     reference = _session(src)
     ref_out = [reference.run(None, f)[0] for f in held_out]
-    large = src.stat().st_size > LARGE_GRAPH_BYTES
+    large = is_large_graph(src)
     extra = {"ActivationSymmetric": activations == "s8"}
 
     with tempfile.TemporaryDirectory(prefix="edgelmm-int8-", dir=dst.parent) as tmp:
@@ -221,7 +230,7 @@ def _clear_value_info(src: Path, dst: Path) -> Path:
 
     model = onnx.load(str(src))
     del model.graph.value_info[:]
-    onnx.save(model, str(dst), save_as_external_data=src.stat().st_size > LARGE_GRAPH_BYTES)
+    onnx.save(model, str(dst), save_as_external_data=is_large_graph(src))
     return dst
 
 
@@ -264,7 +273,7 @@ def quantize_decoder_int4(src: Path, dst: Path, *, algorithm: str = "rtn", block
         quantizer = MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, nodes_to_exclude=keep, algo_config=config)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), src.stat().st_size > LARGE_GRAPH_BYTES)
+        quantizer.model.save_model_to_file(str(dst), is_large_graph(src))
     return {"scheme": "int4 weight-only (MatMulNBits)", "algorithm": algorithm, "block_size": block_size,
             "accuracy_level": accuracy_level, "symmetric": symmetric if algorithm == "rtn" else None,
             "calibration_prompts": len(calib or []) if algorithm == "gptq" else 0,
@@ -288,7 +297,7 @@ def quantize_decoder_int4_qdq(src: Path, dst: Path, *, block_size: int = 32,
         quantizer = MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=True,
                                          nodes_to_exclude=keep, algo_config=config)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), src.stat().st_size > LARGE_GRAPH_BYTES)
+        quantizer.model.save_model_to_file(str(dst), is_large_graph(src))
     return {"scheme": "int4 weight-only (QDQ DequantizeLinear, blocked, symmetric)", "algorithm": "rtn",
             "block_size": block_size, "kept_float": keep + ["embed graph (token embedding)"]}
 
@@ -302,5 +311,5 @@ def quantize_decoder_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
         with quiet_quantization(), _as_calibration_error(f"dynamic INT8 quantization of {src.name}"):
             quantize_dynamic(str(clean), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
                              weight_type=QuantType.QInt8,
-                             use_external_data_format=src.stat().st_size > LARGE_GRAPH_BYTES)
+                             use_external_data_format=is_large_graph(src))
     return {"scheme": "dynamic int8 (MatMulInteger)", "per_channel": True, "kept_float": lm_head_nodes(src)}

@@ -30,11 +30,15 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError, EdgeLMMError, ImageError, PromptError
 from ..gguf_file import TokenEmbeddings, validate_gguf
+from ..options import check_int
 
 _GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
 _FLASH_ATTN_DISABLED, _FLASH_ATTN_AUTO = 0, -1
 _MTMD_CHUNK_IMAGE = 1
 _LOG_ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4
+
+# Positions a llama.cpp context holds unless max_context says otherwise (the model's own limit if lower).
+DEFAULT_CONTEXT = 8192
 
 _log_tail: deque[str] = deque(maxlen=20)
 _log_callback = None  # kept alive for as long as llama.cpp may call it
@@ -120,7 +124,13 @@ class LlamaCppBackend:
         if not self._model:
             raise BundleError(f"llama.cpp could not load this model ({_recent_log()})", path=str(llm_path))
 
-        n_ctx = int(context_length or llm_info.metadata.get("llama.context_length", 4096))
+        # llama.cpp allocates the KV cache for the whole context up front: at a model's 131072 tokens
+        # that is 4.3 GB of f16 cache for a 0.8 GB 1B model. Take what is asked, by default at most
+        # DEFAULT_CONTEXT.
+        model_ctx = int(llm_info.metadata.get("llama.context_length", 4096))
+        if context_length is not None:
+            check_int("max_context", context_length, 16, model_ctx)
+        n_ctx = int(context_length or min(model_ctx, DEFAULT_CONTEXT))
         self.n_batch = min(n_ctx, 512)
         self.max_batch = max_batch
         cp = llama_cpp.llama_context_default_params()

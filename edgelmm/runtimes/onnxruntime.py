@@ -18,7 +18,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError
-from ..options import check_threads
+from ..onnx_file import check_external_data
+from ..options import check_int, check_threads
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"auto": PROVIDER_ORDER, "tensorrt": PROVIDER_ORDER, "cuda": PROVIDER_ORDER[1:],
@@ -72,6 +73,11 @@ class GpuOptions:
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
 
 
+# Tiles per vision-graph run: enough to keep the matmuls efficient, few enough that the arena stays
+# bounded whatever the number of images in a prompt.
+VISION_CHUNK = 4
+
+
 class OrtCache:
     """Past keys/values, replaced by the decoder's present outputs each step. With IO binding they
     are OrtValues that stay where the decoder wrote them (GPU memory under CUDA/TensorRT), so the
@@ -95,7 +101,7 @@ class OnnxRuntimeBackend:
     thread_safe = True
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
-                 io_binding: bool | None = None, gpu: GpuOptions | None = None):
+                 io_binding: bool | None = None, gpu: GpuOptions | None = None, vision_chunk: int = VISION_CHUNK):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -128,10 +134,13 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         self.threads = threads
+        self.vision_chunk = check_int("vision_chunk", vision_chunk, 1)
         self.sessions = {}
         for graph in ("vision", "embed", "decoder"):
             art = bundle.artifact(graph, "onnx", precision)
             path = bundle.path(art)
+            # ONNX Runtime opens the graph's external data itself: only files the manifest hashes.
+            check_external_data(bundle.root, art["file"], {e["file"] for e in art["files"]})
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as exc:  # ORT raises its own pybind types for corrupt graphs
@@ -157,6 +166,16 @@ class OnnxRuntimeBackend:
             raise BundleError(f"the manifest's text.num_layers is {self.num_layers} but the decoder graph takes "
                               f"{len(self.past_names)} past and gives {len(self.present_names)} present tensors "
                               "(two per layer)", path=str(bundle.root / "edgelmm.json"))
+        for inp in self.sessions["decoder"].get_inputs()[3:]:  # [batch, kv_heads, past, head_dim]
+            fixed = [d if isinstance(d, int) else None for d in inp.shape]  # symbolic axes are strings
+            if len(fixed) != 4 or fixed[1] not in (None, self.kv_heads) or fixed[3] not in (None, self.head_dim):
+                raise BundleError(f"the decoder graph's {inp.name} has shape {inp.shape} but the manifest's text says "
+                                  f"{self.kv_heads} KV heads of {self.head_dim}", path=str(bundle.root / "edgelmm.json"))
+        for graph in ("vision", "embed"):
+            outputs = len(self.sessions[graph].get_outputs())
+            if outputs != 1:
+                raise BundleError(f"the {graph} graph gives {outputs} outputs, not one",
+                                  path=str(bundle.path(bundle.artifact(graph, "onnx", precision))))
         # fp16 graphs take and give fp16; the backend contract stays float32 at the boundary.
         self.pixel_dtype = _np_dtype(self.sessions["vision"].get_inputs()[0].type)
         self.kv_dtype = _np_dtype(self.sessions["decoder"].get_inputs()[0].type)
@@ -184,12 +203,29 @@ class OnnxRuntimeBackend:
         feeds.update((name, empty) for name in self.past_names)
         return feeds
 
+    def _run(self, graph: str, feeds: dict[str, Any]) -> list:
+        """session.run, with ONNX Runtime's own error types (a graph whose shapes disagree with its
+        manifest, a damaged graph that loaded) turned into a BundleError naming the graph's file."""
+        try:
+            return self.sessions[graph].run(None, feeds)
+        except Exception as exc:  # ORT raises pybind types (InvalidArgument, Fail, RuntimeException)
+            path = self.bundle.path(self.bundle.artifact(graph, "onnx", self.precision))
+            raise BundleError(f"onnxruntime failed to run this graph ({type(exc).__name__}: {str(exc)[:500]})",
+                              path=str(path)) from None
+
     def encode_images(self, pixel_values, pixel_attention_mask=None):
-        feeds = self.vision_feeds(pixel_values, pixel_attention_mask)
-        return self.sessions["vision"].run(None, feeds)[0].astype(np.float32, copy=False)
+        """Tiles go through the vision graph `vision_chunk` at a time: ONNX Runtime's arena keeps the
+        largest batch it has seen, so one batch of every tile of a prompt (26 for two photos on
+        SmolVLM) would hold gigabytes for the rest of the session."""
+        out = []
+        for start in range(0, max(len(pixel_values), 1), self.vision_chunk):
+            end = start + self.vision_chunk
+            mask = None if pixel_attention_mask is None else pixel_attention_mask[start:end]
+            out.append(self._run("vision", self.vision_feeds(pixel_values[start:end], mask))[0])
+        return np.concatenate(out).astype(np.float32, copy=False)
 
     def embed_tokens(self, input_ids):
-        return self.sessions["embed"].run(None, {"input_ids": input_ids.astype(np.int64)})[0].astype(np.float32, copy=False)
+        return self._run("embed", {"input_ids": input_ids.astype(np.int64)})[0].astype(np.float32, copy=False)
 
     def new_cache(self, batch_size: int = 1) -> OrtCache:
         empty = np.zeros((batch_size, self.kv_heads, 0, self.head_dim), self.kv_dtype)
@@ -204,7 +240,7 @@ class OnnxRuntimeBackend:
         session = self.sessions["decoder"]
         if not self.io_binding:
             feeds.update(zip(self.past_names, cache.values))
-            logits, *present = session.run(None, feeds)
+            logits, *present = self._run("decoder", feeds)
             cache.values = present
             return logits.astype(np.float32, copy=False)
         binding = session.io_binding()

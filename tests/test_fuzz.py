@@ -1,0 +1,37 @@
+"""A fast, seeded slice of the bad-input fuzz campaign (benchmarks/fuzz.py runs the whole one):
+damaged manifests, GGUF headers and ONNX graphs, bad images, prompts and options, each case in
+its own process. Every case must end typed (naming the culprit) or accepted where that is allowed:
+no crash, no hang, no traceback, nothing wrongly accepted or opened.
+
+Reproduce one failing case with `python benchmarks/fuzz.py --replay KIND/NAME:SEED`."""
+
+import os
+
+import pytest
+
+from edgelmm.testing import fuzz
+
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
+
+CASES = 250          # the controls, then about 40 per kind
+SEED = 0
+TIMEOUT_S = 60       # per case; only a case that hangs comes near it
+
+
+@pytest.fixture(scope="module")
+def fuzz_fixtures(tmp_path_factory):
+    """The reference model exported to ONNX + GGUF, images and a short video (built once, ~40 s)."""
+    return fuzz.ensure_fixtures(tmp_path_factory.mktemp("fuzz") / "fixtures", log=lambda msg: None)
+
+
+def test_fuzz_slice(fuzz_fixtures, tmp_path):
+    report = fuzz.campaign(cases=CASES, seed=SEED, jobs=max(2, min(4, os.cpu_count() or 2)), timeout=TIMEOUT_S,
+                           include_slow=False, fixtures=fuzz_fixtures, work=tmp_path, log=lambda msg: None)
+    print("\n" + fuzz.format_counts(report))
+    failures = "\n".join(f"[{f['outcome']}] {f['mutator']}:{f['seed']} ({'; '.join(f['notes'] or [])}): "
+                         f"{f['reason'][:300]}" for f in report["failures"])
+    assert set(fuzz.KINDS) <= set(report["by_kind"]), "every kind of bad input is in the slice"
+    assert report["base_intact"], "a case modified the base bundle"
+    assert sum(report["counts"][o] for o in fuzz.FAILING + ("harness",)) == 0, (
+        f"{fuzz.format_counts(report)}\n{failures}\n"
+        f"replay one with: python benchmarks/fuzz.py --replay KIND/NAME:SEED")
