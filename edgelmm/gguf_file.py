@@ -186,7 +186,11 @@ class _Header:
         fmt = _SCALAR[vtype]
         start = self.take(struct.calcsize(fmt), what)
         value = struct.unpack_from(fmt, self.buf, start)[0]
-        return bool(value) if vtype == BOOL else value
+        if vtype == BOOL:
+            if value not in (0, 1):  # a C++ bool read from any other byte is undefined behaviour
+                self.fail(f"{what} is a BOOL byte of {value}, not 0 or 1")
+            return bool(value)
+        return value
 
     def string(self, what: str, limit: int = MAX_STRING) -> str:
         n = self.scalar(UINT64, f"{what} (length)")
@@ -239,7 +243,10 @@ class _Header:
         self.spend(32 * n, what)
         start = self.take(n * itemsize, f"{what} ({n} x {TYPE_NAMES[sub]})")
         values = np.frombuffer(bytes(self.buf[start:start + n * itemsize]), dtype=_NUMPY[sub])
-        values = values != 0 if sub == BOOL else values
+        if sub == BOOL:
+            if ((values != 0) & (values != 1)).any():
+                self.fail(f"{what} holds a BOOL byte that is neither 0 nor 1")
+            values = values != 0
         return values.tolist(), sub
 
 

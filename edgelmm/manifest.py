@@ -195,11 +195,11 @@ def validate_manifest(manifest: dict[str, Any], root: Path, where: Path, *, form
             remember(c.file_entry(entry, f"{f}.files[{j}]"), f"{f}.files[{j}]")
         if art["file"] not in {e["file"] for e in entries}:
             raise c.fail(f"{f}.file", f"{art['file']!r} is not one of the artifact's hashed files")
+        c.dict(art, f, ("inputs", "outputs"))  # the runtimes check a graph's names against these
         for io in ("inputs", "outputs"):
-            if io in art:
-                for j, desc in enumerate(c.list(art[io], f"{f}.{io}")):
-                    c.dict(desc, f"{f}.{io}[{j}]", ("name",))
-                    c.str(desc["name"], f"{f}.{io}[{j}].name", max_len=1024)
+            for j, desc in enumerate(c.list(art[io], f"{f}.{io}")):
+                c.dict(desc, f"{f}.{io}[{j}]", ("name",))
+                c.str(desc["name"], f"{f}.{io}[{j}].name", max_len=1024)
         if fmt == "tensorrt":
             engine = c.dict(art.get("engine"), f"{f}.engine", ("target",))
             c.dict(engine["target"], f"{f}.engine.target")

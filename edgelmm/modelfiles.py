@@ -51,6 +51,8 @@ def check_model_dir(root: str | Path) -> Path:
     if not isinstance(root, (str, Path)) or not str(root).strip():
         # Path("") is the current directory: an empty name from a config or a script is a mistake.
         raise CheckpointError(f"no model path given ({root!r}); name a bundle or a checkpoint directory")
+    if "\x00" in str(root):
+        raise CheckpointError(f"the model path {str(root)!r} contains a NUL byte")
     root = Path(root)
     try:
         is_dir = root.is_dir()

@@ -277,6 +277,8 @@ CASES = [
      r"clip\.vision\.feature_layer"),
     ("clip-no-vision-encoder", "llava-siglip", MLP,
      edit(lambda i: value_at(i, "clip.has_vision_encoder", "<b", 0)), r"clip\.has_vision_encoder"),
+    ("clip-bool-byte-7", "llava-siglip", MLP,   # found by the fuzz campaign: llama.cpp took it as true
+     edit(lambda i: value_at(i, "clip.has_vision_encoder", "<b", 7)), r"clip\.has_vision_encoder' is a BOOL byte of 7"),
     ("clip-tensor-count-lower", "llava-siglip", MLP, lower_tensor_count, r"tensor count \(54\)"),
     ("clip-mm0-bias-missing", "llava-siglip", MLP, lambda s, d: rewrite(s, d, drop=["mm.0.bias"]),
      r"mm\.0\.bias' is missing"),

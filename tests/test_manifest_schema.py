@@ -90,6 +90,7 @@ CASES = {
     "quality not an object": (_set(["quality"], {"int4": 3}), r"quality\.int4: expected an object, got int"),
     "same file, two hashes": (lambda m: _art(m, "vision")["files"].append({**_art(m)["files"][0], "size": 1}),
                               r"'onnx/decoder\.onnx' is listed twice with different sizes"),
+    "artifact without inputs": (lambda m: _art(m).pop("inputs"), r"artifacts\[\d+\]: lacks inputs"),
     "the manifest a list": (lambda m: None, None),
 }
 
@@ -327,3 +328,5 @@ def test_empty_model_path_is_not_the_current_directory():
 
     with pytest.raises(CheckpointError, match=r"no model path given \(''\)"):
         edgelmm.load("")
+    with pytest.raises(CheckpointError, match=r"the model path 'a\\x00b' contains a NUL byte"):
+        edgelmm.load("a\x00b")
