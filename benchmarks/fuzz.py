@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replay", action="append", default=[], metavar="KIND/NAME:SEED",
                    help="run just this case (repeatable) and print everything about it")
     p.add_argument("--out", default=str(RESULTS), help="the JSON report (default benchmarks/results/fuzz.json)")
+    p.add_argument("--all-cases", action="store_true",
+                   help="put every case's result in the report (default: counts and the failing cases only)")
     p.add_argument("--list", action="store_true", help="print the mutator table and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if not only:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, default=str))
+        saved = report if args.all_cases else {k: v for k, v in report.items() if k != "results"}
+        out.write_text(json.dumps(saved, indent=1, default=str))
         print(f"\nreport: {out}  ({report['cases']} cases in {report['elapsed']:.0f} s)")
     return 0 if report["ok"] and report.get("base_intact", True) else 1
 

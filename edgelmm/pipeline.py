@@ -99,8 +99,10 @@ class Pipeline:
         self.context_length = min(files.context_length, getattr(backend, "n_ctx", None) or files.context_length)
         self._bos = files.special_token("bos_token")
         # A backend that is not thread-safe (llama.cpp: one context, one KV cache) runs one
-        # generation at a time: a second thread's generate waits for the first to finish.
-        self._exclusive = nullcontext() if getattr(backend, "thread_safe", False) else threading.RLock()
+        # generation at a time: a second thread's generate waits for the first to finish. The lock
+        # is the backend's own where it has one, so Pipelines sharing a backend share the lock.
+        self._exclusive = (nullcontext() if getattr(backend, "thread_safe", False)
+                           else getattr(backend, "generation_lock", None) or threading.RLock())
 
     # ---- prompt ----
     def prepare(self, prompt: PromptInput, images: Sequence[ImageInput] | None = None,

@@ -38,3 +38,7 @@ class Backend(Protocol):
 
 # Optional: `decode_ids(input_ids [1, S], position_ids [1, S], cache) -> logits [1, V]`, for text tokens
 # of a batch-1 generation, where the backend looks embeddings up itself (Pipeline.decode_step uses it).
+# Optional: `thread_safe` (True: the Pipeline lets generations run at once; else it serialises them
+# under `generation_lock` where the backend has one), `cache_capacity` ((sequences, positions) one
+# cache holds over all rows: generate_batch answers row by row beyond it) and `n_ctx` (positions the
+# backend holds, when fewer than the model's context window).

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections import deque
 from typing import Any
 
@@ -151,6 +152,7 @@ class LlamaCppBackend:
         self.n_ctx = n_ctx
         # The sequences of a batch share the context's positions (a unified KV cache).
         self.cache_capacity = (max_batch, n_ctx)
+        self.generation_lock = threading.RLock()  # taken by every Pipeline over this backend
 
         mparams = mtmd_cpp.mtmd_context_params_default()
         mparams.use_gpu = self.gpu_layers > 0
