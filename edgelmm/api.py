@@ -7,9 +7,12 @@ from pathlib import Path
 from .bundle import Bundle, is_bundle, open_bundle
 from .errors import BackendUnavailable, OptionError
 from .families import detect
+from .memory import (PROCESS_BASE, Step, artifact_set_bytes, check_budget, checkpoint_bytes, checkpoint_parameters, gib,
+                     kv_cache_bytes, session_step)
 from .modelfiles import ModelFiles, check_model_dir
 from .options import check_threads
 from .pipeline import Pipeline
+from .runtimes.onnxruntime import nvidia_gpu_present
 
 BACKENDS = ("auto", "torch", "tensorrt", "onnxruntime", "llamacpp")
 BACKEND_FORMAT = {"tensorrt": "tensorrt", "onnxruntime": "onnx", "llamacpp": "gguf"}
@@ -70,10 +73,13 @@ def bundle_backend(bundle: Bundle, backend: str) -> str:
 
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
                         threads: int | None = None, precision: str = "auto", *,
-                        gpu_layers: int | None = None, max_context: int | None = None, gpu_options=None) -> Pipeline:
+                        gpu_layers: int | None = None, max_context: int | None = None, gpu_options=None,
+                        max_memory: int | None = None) -> Pipeline:
     """A Pipeline over one of the bundle's artifact sets. backend="auto" with provider="auto" takes
     the first usable candidate of `runtimes.select.plan` (TensorRT engines, ONNX Runtime on the GPU,
-    llama.cpp offloaded, then the CPU) and records why in describe()["selection"]."""
+    llama.cpp offloaded, then the CPU) and records why in describe()["selection"]. Artifacts that run
+    in this machine's memory (the CPU) are checked against `max_memory` (bytes; default what is free)
+    before they load: MemoryBudgetError names what would fit."""
     check_threads(threads)
     selection = None
     if backend == "auto" and provider == "auto":
@@ -98,11 +104,16 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
     files = ModelFiles.open(bundle.root)
     family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
     if backend == "llamacpp":
-        from .runtimes.llamacpp import LlamaCppBackend
+        from .runtimes.llamacpp import DEFAULT_CONTEXT, LlamaCppBackend
 
         if precision == "auto":
             have = bundle_precisions(bundle, "gguf")
             precision = next(p for p in GGUF_PREFERENCE if p in have)
+        if gpu_layers == 0 or not nvidia_gpu_present():  # on a GPU its own memory is the limit
+            # An out-of-range max_context is the backend's OptionError to raise, not a budget question.
+            positions = min(max_context or DEFAULT_CONTEXT, files.context_length)
+            _check_load_budget(bundle, "gguf", precision, max_memory,
+                               kv_cache_bytes(bundle.manifest["text"], positions))
         runtime = LlamaCppBackend(bundle, precision=precision, threads=threads, gpu_layers=gpu_layers,
                                   context_length=max_context)
     elif backend == "tensorrt":
@@ -117,14 +128,29 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
 
         if precision == "auto":
             precision = pick_precision(bundle, provider)
+        if provider == "cpu" or not nvidia_gpu_present():
+            _check_load_budget(bundle, "onnx", precision, max_memory)
         runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision, gpu=gpu_options)
     return Pipeline(files, family, runtime, selection=selection)
+
+
+def _check_load_budget(bundle: Bundle, fmt: str, precision: str, budget: int | None, extra: int = 0) -> None:
+    """Refuse artifacts that cannot fit, naming the bundle's smaller sets that would."""
+    def need(f: str, p: str, more: int = 0) -> int:
+        return session_step("", artifact_set_bytes(bundle.manifest, f, p), more).need
+
+    wanted = need(fmt, precision, extra)
+    smaller = [f"{f} {p} (~{gib(need(f, p))})" for f in ("onnx", "gguf") for p in bundle_precisions(bundle, f)
+               if (f, p) != (fmt, precision) and need(f, p) < wanted]
+    hint = (f"Smaller sets in this bundle: {', '.join(smaller)}." if smaller else
+            "Calibrate a smaller precision (edgelmm calibrate --precision int4) or export a q4_k_m GGUF.")
+    check_budget([Step(f"the {precision} {fmt} artifact set", wanted, hint)], budget, f"loading {bundle.root.name}")
 
 
 def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
          threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
          device: str = "cpu", gpu_layers: int | None = None, max_context: int | None = None,
-         gpu_options=None) -> Pipeline:
+         gpu_options=None, max_memory: int | None = None) -> Pipeline:
     """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
     Pipeline over the chosen backend.
 
@@ -147,7 +173,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     check_model_dir(path)   # a typed error for a path the OS cannot even look up (is_bundle would raise)
     if is_bundle(path):
         return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
-                                   gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options)
+                                   gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options,
+                                   max_memory=max_memory)
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
     if backend not in ("auto", "torch"):
@@ -155,6 +182,11 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
                                  f"(a checkpoint runs on 'torch'; backends: {', '.join(BACKENDS)})")
     from .runtimes.torch import TorchBackend
 
+    if device == "cpu":
+        need = PROCESS_BASE + 4 * checkpoint_parameters(path) + checkpoint_bytes(path)
+        check_budget([Step("the fp32 PyTorch model", need, "Export a bundle and run its int4 or q4_k_m artifacts "
+                                                           "instead.")],
+                     max_memory, f"loading {Path(path).name}")
     return Pipeline(files, family, TorchBackend(family, threads=threads, trust_remote_code=trust_remote_code,
                                                 device=device))
 

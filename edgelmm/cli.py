@@ -58,12 +58,24 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+_MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory this command may use, e.g. 12G or 800M (default: what "
+                                                          "the machine has free). A step that would not fit is "
+                                                          "refused before it starts, with what would fit.")
+
+
 @contextmanager
 def _progress(label: str, quiet: bool):
     """A live status line on stderr for a long step (off with --json). Yields update(message,
     done=None, total=None): a spinner until a total is given, then a bar with a count."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    if not quiet and not err.is_terminal:  # a log or a pipe: a line per step (a live bar prints nothing there)
+        from .progress import line_progress
+
+        update = line_progress(err)
+        update(label)
+        yield update
+        return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=quiet, transient=True) as bar:
         task = bar.add_task(label, total=None)
@@ -121,16 +133,22 @@ def run(
     raw: bool = typer.Option(False, help="Send the prompt as-is, without the model's chat template."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' numbers images in the text, "
                                                           "'plain' does not. Default: from the checkpoint name."),
+    precision: str = typer.Option("auto", help="Which of a bundle's artifact sets: ONNX fp32/fp16/int8/int4/"
+                                              "int8-vision+int4, GGUF f32/f16/q8_0/q4_k_m, engines. auto: the "
+                                              "best for the backend and provider that run."),
+    max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, tokens, timings) instead of streaming."),
 ):
     """Answer a prompt about one or more images, streaming the answer as it is generated."""
     from . import api
+    from .memory import parse_size
     from .pipeline import SamplingParams
 
     try:
         SamplingParams(max_new_tokens, temperature, top_p, seed).validate()  # before the model loads
         pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads,
-                        device=device, gpu_layers=gpu_layers, max_context=max_context)
+                        device=device, gpu_layers=gpu_layers, max_context=max_context, precision=precision,
+                        max_memory=parse_size(max_memory))
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if as_json:
             g = pipe.generate(prompt, [str(p) for p in image], **kw)
@@ -215,11 +233,13 @@ def export(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against the PyTorch reference."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at OUT."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' or 'plain' (stored in the bundle)."),
+    max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON when done."),
 ):
     """Turn a checkpoint into a deployable bundle and check it against the PyTorch reference."""
     from .bundle import MANIFEST
     from .export import export as run_export
+    from .memory import parse_size
 
     try:
         path = run_export(model, out, [f.strip() for f in format.split(",")],
@@ -227,7 +247,7 @@ def export(
                           gguf_types=[t.strip() for t in gguf_types.split(",")], force=force, verify=not no_verify,
                           overwrite=overwrite, prompt_style=prompt_style, quiet=as_json,
                           engine_precisions=[p.strip() for p in engine_precision.split(",")],
-                          gguf_imatrix=not no_imatrix,
+                          gguf_imatrix=not no_imatrix, max_memory=parse_size(max_memory),
                           calibration=_calibration_options(calib, calib_samples, vision_method, int4_algorithm,
                                                            block_size, accuracy_level, no_quality_gate,
                                                            max_accuracy_drop, min_vision_cosine, eval_samples, seed,
@@ -314,12 +334,15 @@ def verify(
     precision: Optional[str] = typer.Option(None, help="Which precision to check (ONNX fp32/fp16, GGUF f32/f16/"
                                                        "q8_0/q4_k_m). Default: every one the bundle has."),
     max_new_tokens: int = typer.Option(16, help="Greedy tokens compared per prompt."),
+    max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ):
     """Measure a bundle against the PyTorch reference on fixed multi-image prompts; exit 1 if a
     threshold (feature/logit difference, KL, token match) is broken."""
     from . import api
     from .bundle import open_bundle
+    from .memory import check_budget, checkpoint_bytes, checkpoint_parameters, parse_size, release_memory, verify_steps
+    from .verify import reference_run
     from .verify import verify as run_verify
 
     try:
@@ -330,10 +353,18 @@ def verify(
         if not checks:
             raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
                                      f"(formats {api.bundle_formats(opened)})")
-        ref = api.load(reference, backend="torch")
-        # Each runtime is judged by its own limits (verify.thresholds_for): TensorRT's TF32/fp16 kernels as fp16.
-        reports = [run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p), ref, p,
-                              max_new_tokens=max_new_tokens) for b, p in checks]
+        budget = parse_size(max_memory)
+        check_budget(verify_steps(checkpoint_parameters(reference), opened, checks, checkpoint_bytes(reference)), budget,
+                     f"verifying {bundle.name}")
+        # The reference runs first and only its answers are kept: one model's weights in memory at a time.
+        answers = reference_run(api.load(reference, backend="torch"), max_new_tokens)
+        release_memory()
+        reports = []
+        for b, p in checks:
+            # Each runtime is judged by its own limits (verify.thresholds_for): TensorRT's TF32/fp16 kernels as fp16.
+            reports.append(run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p),
+                                      answers, p, max_new_tokens=max_new_tokens))
+            release_memory()
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:

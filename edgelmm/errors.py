@@ -88,3 +88,8 @@ class OptionError(EdgeLMMError, ValueError):
 class CalibrationOptionError(OptionError, CalibrationError):
     """A calibration option is out of its range or names an unknown method; names the option. A
     CalibrationError too, which is what calibrate() raised for these before they were checked up front."""
+
+
+class MemoryBudgetError(EdgeLMMError):
+    """A step needs more memory than the budget (--max-memory, default what the machine has free).
+    Raised before the step starts; names the step, the estimate, the budget and what would fit."""

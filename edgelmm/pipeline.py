@@ -189,6 +189,23 @@ class Pipeline:
             logits = self.decode_step(token, n + i, cache)
             timings["decode_ms"] += (time.perf_counter() - t) * 1e3
 
+    def greedy_from_embeddings(self, embeds: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[int]]:
+        """Prefill `embeds` [1, n, D] and decode greedily: (the prefill's logits [1, V], generated ids).
+        The steps of stream_tokens (decode_step, EOS, context budget), keeping the prefill's logits:
+        verify judges both from one prefill instead of running it twice."""
+        n = embeds.shape[1]
+        budget = min(max_new_tokens, self.context_length - n)
+        with self._exclusive:
+            cache = self.backend.new_cache(1)
+            logits = self.backend.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+            first, tokens = logits, []
+            for i in range(budget):
+                tokens.append(int(np.argmax(logits[0])))
+                if tokens[-1] in self.eos_ids or i == budget - 1:
+                    break
+                logits = self.decode_step(tokens[-1], n + i, cache)
+        return first, tokens
+
     def decode_step(self, token: int, position: int, cache) -> np.ndarray:
         """One generated token (batch 1) through the decoder -> logits [1, V]. A backend that takes
         token ids itself (`decode_ids`: llama.cpp looks the row up inside its graph) skips the

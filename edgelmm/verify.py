@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import Pipeline, SamplingParams, left_pad
+from .pipeline import Pipeline, left_pad
 
 THRESHOLDS: dict[str, dict[str, float]] = {
     # ONNX graph sets
@@ -95,27 +95,64 @@ def prefill_logits(pipe: Pipeline, embeds: np.ndarray, mask: np.ndarray, pos: np
     return pipe.backend.decode(embeds, mask, pos, pipe.backend.new_cache(embeds.shape[0]))
 
 
-def verify(candidate: Pipeline, reference: Pipeline, precision: str = "fp32", max_new_tokens: int = 16,
-           thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+@dataclass
+class ReferenceCase:
+    prepared: Any               # PreparedPrompt
+    features: np.ndarray        # [tiles, T, D]
+    embeds: np.ndarray          # [1, n, D] merged prompt embeddings
+    logits: np.ndarray          # [1, V] prefill logits
+    tokens: list[int]           # greedy continuation
+
+
+@dataclass
+class ReferenceRun:
+    """What the PyTorch reference computed on the verify prompts. Kept instead of the model, so the
+    reference's weights can be released before a candidate's runtime loads the same weights again:
+    verify's peak memory is the larger of the two, not their sum."""
+    cases: list[ReferenceCase]
+    max_new_tokens: int
+    backend: dict[str, Any]
+
+
+def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun:
     from .testing.checkpoints import sample_images
 
-    limits = dict(thresholds or thresholds_for(candidate, precision))
-    cases, ref_embeds, ref_logits = [], [], []
+    cases = []
     for i, case in enumerate(CASES):
         images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
         prep = reference.prepare(case.prompt, images)
+        features = reference.image_features(prep.vision)
+        embeds = reference.merged_embeddings(prep, features)
+        logits, tokens = reference.greedy_from_embeddings(embeds, max_new_tokens)
+        cases.append(ReferenceCase(prep, features, embeds, logits, tokens))
+    return ReferenceRun(cases, max_new_tokens, reference.backend.describe())
+
+
+def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: str = "fp32", max_new_tokens: int = 16,
+           thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Judge `candidate` against the reference (a Pipeline, or a ReferenceRun computed earlier with
+    the same max_new_tokens, so that several candidates share one reference pass)."""
+    from .testing.checkpoints import sample_images
+
+    if not isinstance(reference, ReferenceRun):
+        reference = reference_run(reference, max_new_tokens)
+    elif reference.max_new_tokens != max_new_tokens:
+        raise ValueError(f"the reference run generated {reference.max_new_tokens} tokens, not {max_new_tokens}")
+    limits = dict(thresholds or thresholds_for(candidate, precision))
+    cases, ref_embeds, ref_logits = [], [], []
+    for i, (case, ref) in enumerate(zip(CASES, reference.cases)):
+        images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
+        prep = ref.prepared
         cand_prep = candidate.prepare(case.prompt, images)
         ids_equal = cand_prep.input_ids.tolist() == prep.input_ids.tolist()
-        rf, cf = reference.image_features(prep.vision), candidate.image_features(prep.vision)
-        re_, ce = reference.merged_embeddings(prep, rf), candidate.merged_embeddings(prep, cf)
+        rf, cf = ref.features, candidate.image_features(prep.vision)
+        re_, ce = ref.embeds, candidate.merged_embeddings(prep, cf)
         n = re_.shape[1]
         ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
-        rl, cl = prefill_logits(reference, re_, ones, pos), prefill_logits(candidate, ce, ones, pos)
+        rl, rt = ref.logits, ref.tokens
+        cl, ct = candidate.greedy_from_embeddings(ce, max_new_tokens)
         # The decoder alone: the candidate's decoder on the reference's own input embeddings.
         dl = prefill_logits(candidate, re_, ones, pos)
-        params = SamplingParams(max_new_tokens=max_new_tokens)
-        rt = list(reference.stream_tokens(prep, params, features=rf))
-        ct = list(candidate.stream_tokens(prep, params, features=cf))
         cases.append({"case": case.name, "images": len(images), "prompt_tokens": n, "prompt_ids_equal": ids_equal,
                       "vision_max_abs": float(np.abs(rf - cf).max()), "vision_cosine_min": cosine_min(rf, cf),
                       "logits_max_abs": float(np.abs(rl - cl).max()), "logits_kl": kl_divergence(rl, cl),

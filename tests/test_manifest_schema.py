@@ -330,3 +330,28 @@ def test_empty_model_path_is_not_the_current_directory():
         edgelmm.load("")
     with pytest.raises(CheckpointError, match=r"the model path 'a\\x00b' contains a NUL byte"):
         edgelmm.load("a\x00b")
+
+
+def test_onnxruntime_prefill_runs_in_bounded_chunks(reference_bundle):
+    """A long prefill goes through the KV cache a chunk at a time (the attention scores of one chunk,
+    not of the whole prompt): the same logits and cache as one run, with and without left padding."""
+    from edgelmm.api import pipeline_for_bundle
+    from edgelmm.pipeline import left_pad
+
+    bundle = open_bundle(reference_bundle)
+    pipe = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32", threads=1)
+    backend = pipe.backend
+    rows = [pipe.merged_embeddings(pipe.prepare(p, sample_images(k)))[0]
+            for p, k in (("Compare <image> with <image>.", 2), ("What is in <image>?", 1))]
+    embeds, mask, pos = left_pad(rows)
+    assert embeds.shape[1] > 3 * 7
+    results = []
+    for chunk in (embeds.shape[1], 7):
+        backend.prefill_chunk = chunk
+        cache = backend.new_cache(2)
+        logits = backend.decode(embeds, mask, pos, cache)
+        step = backend.decode(backend.embed_tokens(np.array([[5], [6]])), np.concatenate([mask, np.ones((2, 1), np.int64)], 1),
+                              pos[:, -1:] + 1, cache)
+        results.append((logits, step))
+    assert float(np.abs(results[0][0] - results[1][0]).max()) <= 1e-4
+    assert float(np.abs(results[0][1] - results[1][1]).max()) <= 1e-4

@@ -145,3 +145,29 @@ def test_idefics3_tile_grid_matches_hf(checkpoint, pipelines, size, tiles):
     rows, cols = hf["rows"][0][0], hf["cols"][0][0]
     assert (rows * cols + 1 if rows else 1) == tiles
     assert np.abs(hf["pixel_values"][0] - ours.pixel_values).max() == 0.0
+
+
+@pytest.mark.parametrize("size,tiles", [((64, 64), 17), ((48, 200), 5), ((1080, 1920), 13)])
+def test_idefics3_tiles_at_smolvlm_sizes_match_hf(checkpoint, tmp_path, size, tiles):
+    """SmolVLM's processor (longest edge 2048, 512-px tiles) resizes every image to 2048 px first, so
+    even a 64x64 image becomes 4x4 tiles and a global one: that is the checkpoint's own behaviour,
+    which edgelmm follows (the ONNX Runtime backend encodes the tiles in bounded chunks)."""
+    import json
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+
+    d = tmp_path / "smolvlm-sizes"
+    shutil.copytree(checkpoint("idefics3"), d)
+    config = json.loads((d / "processor_config.json").read_text())
+    config["image_processor"].update(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
+    (d / "processor_config.json").write_text(json.dumps(config))
+    img = sample_images(1, seed=3, sizes=[size])
+    ours = detect(ModelFiles.open(d)).preprocess(img)
+    hf = AutoProcessor.from_pretrained(d, local_files_only=True).image_processor([Image.fromarray(img[0])],
+                                                                                return_tensors="np")
+    assert ours.tiles_per_image == [tiles] and ours.pixel_values.shape == (tiles, 3, 512, 512)
+    assert np.abs(hf["pixel_values"][0] - ours.pixel_values).max() == 0.0

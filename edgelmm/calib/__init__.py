@@ -14,14 +14,16 @@ Precisions (each a full vision/embed/decoder set; the token embedding always sta
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..bundle import Bundle, graph_file, update_bundle
 from ..errors import CalibrationError, QualityGateError
+from ..memory import release_memory
 from .sources import CalibSample, CalibSet, collect
 
 # precision -> the variant of each graph it runs (file names: vision.int8.onnx, decoder.int4.onnx ...)
@@ -30,12 +32,21 @@ QUANTIZED_PRECISIONS: dict[str, dict[str, str]] = {
     "int4": {"vision": "fp32", "embed": "fp32", "decoder": "int4"},
     "int8-vision+int4": {"vision": "int8", "embed": "fp32", "decoder": "int4"},
 }
+# The most image tiles calibration runs through the vision tower for INT8 ranges and GPTQ prompts
+# (and export's importance matrix). A tile costs a full vision-tower pass: ~210 GFLOP for SmolVLM's
+# 512-px SigLIP, whose processor makes up to 17 tiles of every image (the synthetic 64-px images
+# included), so 64 prompts would be ~3100 tiles. 256 keeps every tile of 64 prompts of up to four
+# images where a tile is an image (LLaVA), and bounds the rest.
+DEFAULT_CALIB_TILES = 256
+# The INT8 sensitivity pass scores every exclusion it tries on at most this many held-out tiles.
+SCORE_TILES = 32
 
 
 @dataclass
 class CalibrationOptions:
     samples: str = "synthetic"          # the source spec (see calib.sources)
     calib_samples: int = 64             # prompts drawn from it (some are held out to measure quality)
+    calib_tiles: int = DEFAULT_CALIB_TILES  # image tiles through the vision tower: INT8 ranges, GPTQ prompts
     seed: int = 0
     vision_method: str = "minmax"       # INT8 ranges: minmax | entropy | percentile
     vision_cosine_target: float = 0.995  # the sensitivity pass keeps nodes in float until this holds
@@ -63,6 +74,7 @@ class CalibrationOptions:
         from .sources import check_source
 
         check_int("calibration samples (--calib-samples)", self.calib_samples, 1, error=bad)
+        check_int("calibration tiles (calib_tiles)", self.calib_tiles, 1, error=bad)
         check_int("seed (--seed)", self.seed, 0, error=bad)   # like every seed edgelmm takes (numpy refuses < 0)
         check_choice("INT8 calibration method (--vision-method)", self.vision_method, VISION_METHODS, error=bad)
         check_number("vision cosine target (vision_cosine_target)", self.vision_cosine_target, 0, 1, lo_open=True,
@@ -99,23 +111,71 @@ class CalibrationResult:
     failures: list[str] = field(default_factory=list)
 
 
-def _records(pipe, samples: list[CalibSample], with_answers: bool):
-    """(prepared prompt, vision feeds, decoder prefill feeds, fp32 features, fp32 embeddings) per sample."""
-    out = []
+def _messages(sample: CalibSample, with_answer: bool) -> list[dict[str, Any]]:
+    last = sample.messages[-1]
+    return sample.messages if with_answer or last["role"] != "assistant" else sample.messages[:-1]
+
+
+@dataclass
+class HeldOut:
+    """A held-out prompt and what the fp32 graphs make of it, computed once and compared with every
+    precision. Its pixels are not kept (a SmolVLM image is 17 tiles, ~90 MB of pixels and masks):
+    measure() prepares the prompt again."""
+    sample: CalibSample
+    features: np.ndarray     # [tiles, T, D] image features
+    embeds: np.ndarray       # [1, n, D] merged prompt embeddings
+    logits: np.ndarray       # [1, V] prefill logits
+    tokens: list[int]        # greedy continuation
+
+
+class TileFeeds:
+    """Single-tile vision-graph feeds of `samples`' images, at most `budget` of them: each prompt
+    gives its share of what is left (tiles drawn at random, seeded), so they spread over all the
+    prompts. Made while iterated, one prompt's pixels at a time; every iteration gives the same
+    tiles. `picks()` also says where each tile came from: (sample index, tile index, feed)."""
+
+    def __init__(self, family, inputs: Sequence[str], samples: Sequence[CalibSample], budget: int, seed: int):
+        self.family, self.inputs, self.samples, self.budget, self.seed = family, inputs, samples, budget, seed
+
+    def picks(self) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        from ..images import load_images
+
+        rng = random.Random(self.seed)
+        left = self.budget
+        for k, sample in enumerate(self.samples):
+            if not left:
+                return
+            vision = self.family.preprocess(load_images(sample.images))  # what Pipeline.prepare does
+            n = vision.pixel_values.shape[0]
+            take = min(n, -(-left // (len(self.samples) - k)))  # a ceiling share of what is left
+            for i in sorted(rng.sample(range(n), take)):
+                yield k, i, self._feed(vision, i)
+            left -= take
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (feed for _k, _i, feed in self.picks())
+
+    def _feed(self, vision, i: int) -> dict[str, np.ndarray]:
+        """Tile i's inputs, as the ONNX Runtime backend feeds the fp32 vision graph."""
+        feed = {"pixel_values": np.ascontiguousarray(vision.pixel_values[i:i + 1], np.float32)}
+        if "pixel_attention_mask" in self.inputs:
+            mask = vision.pixel_attention_mask
+            feed["pixel_attention_mask"] = (np.ones((1,) + vision.pixel_values.shape[2:], np.int64) if mask is None
+                                            else mask[i:i + 1].astype(np.int64))
+        return feed
+
+
+def _gptq_feeds(reference, samples: list[CalibSample], max_tiles: int) -> list[dict[str, np.ndarray]]:
+    """Decoder prefill inputs (fp32 image features merged in) of the calibration prompts, in order,
+    while their tiles total at most `max_tiles` (the first prompt always)."""
+    feeds, tiles = [], 0
     for s in samples:
-        messages = s.messages if with_answers or s.messages[-1]["role"] != "assistant" else s.messages[:-1]
-        prep = pipe.prepare(messages, s.images)
-        feats = pipe.image_features(prep.vision)
-        embeds = pipe.merged_embeddings(prep, feats)
-        v = pipe.backend.vision_feeds(prep.vision.pixel_values, prep.vision.pixel_attention_mask)
-        out.append((prep, v, pipe.backend.prefill_feeds(embeds), feats, embeds))
-    return out
-
-
-def _per_tile(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """One feed per image tile: prompts have different image counts, and ORT's histogram calibrators
-    (entropy, percentile) need every feed of one shape."""
-    return [{k: v[i:i + 1] for k, v in f.items()} for f in feeds for i in range(f["pixel_values"].shape[0])]
+        prep = reference.prepare(_messages(s, True), s.images)
+        tiles += sum(prep.vision.tiles_per_image)
+        if feeds and tiles > max_tiles:
+            break
+        feeds.append(reference.backend.prefill_feeds(reference.merged_embeddings(prep)))
+    return feeds
 
 
 def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: CalibrationOptions | None = None, *,
@@ -148,34 +208,48 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         say(f"reading calibration samples from {opts.samples}")
         calib_set = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
         calib_samples, held_out = calib_set.split(held_out=min(16, max(2, len(calib_set.samples) // 8)))
-        reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
-        say(f"running {len(calib_samples)} calibration prompts through the fp32 graphs")
-        calib_records = _records(reference, calib_samples, with_answers=True)
-        held_records = _records(reference, held_out, with_answers=False)
-
         variants = {(g, v) for p in precisions for g, v in QUANTIZED_PRECISIONS[p].items() if v != "fp32"}
+        # Everything the fp32 graphs are needed for comes first; they are released before quantizing,
+        # so their sessions never sit beside a quantizer's copy of the weights (Mantis-1B: 6.7 GB of
+        # fp32 sessions beside the INT4 quantizer's 4.9 GB decoder).
+        reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
+        say(f"running {len(held_out)} held-out prompts through the fp32 graphs")
+        held = reference_outputs(reference, held_out)
+        accuracy_samples = _accuracy_samples(reference, opts, say)
+        baseline = _accuracy(reference, accuracy_samples, say, "fp32") if accuracy_samples else None
+        gptq = (_gptq_feeds(reference, calib_samples, opts.calib_tiles)
+                if ("decoder", "int4") in variants and opts.int4_algorithm == "gptq" else None)
+        family = reference.family
+        del reference
+        release_memory()
+
         new_files: dict[str, Path] = {}   # bundle name (onnx/vision.int8.onnx) -> where it is written
         details: dict[str, dict[str, Any]] = {}
         src = {g: bundle.path(bundle.artifact(g, "onnx", "fp32")) for g in ("vision", "decoder")}
         if ("vision", "int8") in variants:
             out = new_files["onnx/" + graph_file("vision", "int8")] = txn.new_file("onnx/" + graph_file("vision", "int8"))
-            res = quantize_vision_int8(src["vision"], out, _per_tile([r[1] for r in calib_records]),
-                                       _per_tile([r[1] for r in held_records]),
+            inputs = [i["name"] for i in bundle.artifact("vision", "onnx", "fp32")["inputs"]]
+            calib_feeds = TileFeeds(family, inputs, calib_samples, opts.calib_tiles, opts.seed)
+            score_tiles = [(feed, held[k].features[i:i + 1]) for k, i, feed in
+                           TileFeeds(family, inputs, [h.sample for h in held], SCORE_TILES, opts.seed).picks()]
+            res = quantize_vision_int8(src["vision"], out, calib_feeds, score_tiles,
                                        method=opts.vision_method, cosine_target=opts.vision_cosine_target,
                                        exclude_sensitive_ops=opts.exclude_sensitive_ops, sensitivity=opts.sensitivity,
                                        activations=opts.activations, progress=say)
+            del score_tiles
             details["vision.int8"] = {"scheme": "int8 static QDQ", **res.as_dict()}
         if ("decoder", "int4") in variants:
             say(f"INT4 decoder ({opts.int4_algorithm}, block {opts.int4_block_size})")
             out = new_files["onnx/" + graph_file("decoder", "int4")] = txn.new_file("onnx/" + graph_file("decoder", "int4"))
             details["decoder.int4"] = quantize_decoder_int4(
                 src["decoder"], out, algorithm=opts.int4_algorithm, block_size=opts.int4_block_size,
-                accuracy_level=opts.int4_accuracy_level, calib=[r[2] for r in calib_records],
-                quantize_lm_head=opts.quantize_lm_head)
+                accuracy_level=opts.int4_accuracy_level, calib=gptq, quantize_lm_head=opts.quantize_lm_head)
+            del gptq
         if ("decoder", "int8") in variants:
             say("dynamic INT8 decoder")
             out = new_files["onnx/" + graph_file("decoder", "int8")] = txn.new_file("onnx/" + graph_file("decoder", "int8"))
             details["decoder.int8"] = quantize_decoder_int8_dynamic(src["decoder"], out)
+        release_memory()
 
         # Each new graph hashed once (with its external data); a trial manifest sees the graphs where
         # they are now (the work dir) to measure them, the final one where the commit puts them.
@@ -184,13 +258,10 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
                          for name, entries in final_entries.items()}
         trial = _with_artifacts(bundle.manifest, precisions, trial_entries)
         quality, failures = {}, []
-        accuracy_samples = _accuracy_samples(reference, opts, say)
-        baseline = _accuracy(reference, accuracy_samples, say, "fp32") if accuracy_samples else None
-        references = reference_outputs(reference, held_records)
         for p in precisions:
             candidate = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p)
-            say(f"measuring {p} against fp32 on {len(held_records)} held-out prompts")
-            report = measure(candidate, held_records, references)
+            say(f"measuring {p} against fp32 on {len(held)} held-out prompts")
+            report = measure(candidate, held)
             report["size_bytes"] = precision_size(trial, p)
             report["graphs"] = {g: v for g, v in QUANTIZED_PRECISIONS[p].items()}
             if baseline is not None:
@@ -207,6 +278,7 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
             failures += [f"{p}: {f}" for f in report["failures"]]
             quality[p] = report
             del candidate
+            release_memory()
         calibration = {**calib_set.summary(), "held_out": len(held_out), "calibrated_on": len(calib_samples),
                        "options": opts.as_dict(), "graphs": details}
         if failures and opts.gate:
@@ -217,7 +289,6 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         final = _with_artifacts(bundle.manifest, precisions, final_entries)
         final["quality"] = {**final.get("quality", {}), **quality}
         final["calibration"] = {**final.get("calibration", {}), **{p: calibration for p in precisions}}
-        del reference
         txn.commit(final)
     return CalibrationResult(root, list(precisions), calibration, quality, not failures, failures)
 
@@ -252,40 +323,44 @@ def precision_size(manifest: dict[str, Any], precision: str) -> int:
 GREEDY_TOKENS = 16
 
 
-def reference_outputs(reference, held_records) -> list[tuple[np.ndarray, list[int]]]:
-    """The fp32 prefill logits and greedy tokens of each held-out prompt: computed once, compared
-    with every precision."""
+def reference_outputs(reference, samples: Sequence[CalibSample]) -> list[HeldOut]:
+    """What the fp32 `reference` makes of each held-out prompt: image features, merged embeddings,
+    prefill logits and greedy tokens."""
     from ..pipeline import SamplingParams
     from ..verify import prefill_logits
 
     out = []
-    for prep, _v, _d, ref_feats, ref_embeds in held_records:
-        n = ref_embeds.shape[1]
-        logits = prefill_logits(reference, ref_embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None])
-        out.append((logits, list(reference.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS),
-                                                         features=ref_feats))))
+    for s in samples:
+        prep = reference.prepare(_messages(s, False), s.images)
+        feats = reference.image_features(prep.vision)
+        embeds = reference.merged_embeddings(prep, feats)
+        n = embeds.shape[1]
+        logits = prefill_logits(reference, embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None])
+        tokens = list(reference.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS), features=feats))
+        out.append(HeldOut(s, feats, embeds, logits, tokens))
     return out
 
 
-def measure(candidate, held_records, references: list[tuple[np.ndarray, list[int]]]) -> dict[str, Any]:
-    """Quality of `candidate` against the fp32 `references` (from reference_outputs) on held-out
-    prompts: per graph (vision features; the decoder alone on the fp32 input embeddings) and end to end."""
+def measure(candidate, held: Sequence[HeldOut]) -> dict[str, Any]:
+    """Quality of `candidate` against the fp32 outputs (from reference_outputs) on held-out prompts:
+    per graph (vision features; the decoder alone on the fp32 input embeddings) and end to end."""
     from ..pipeline import SamplingParams
     from ..verify import cosine_min, kl_divergence, prefill_logits, token_match
 
     rows = []
-    for (prep, _v, _d, ref_feats, ref_embeds), (rl, rt) in zip(held_records, references):
-        n = ref_embeds.shape[1]
+    for h in held:
+        n = h.embeds.shape[1]
         ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
+        prep = candidate.prepare(_messages(h.sample, False), h.sample.images)
         feats = candidate.image_features(prep.vision)
-        dl = prefill_logits(candidate, ref_embeds, ones, pos)
+        dl = prefill_logits(candidate, h.embeds, ones, pos)
         cl = prefill_logits(candidate, candidate.merged_embeddings(prep, feats), ones, pos)
         ct = list(candidate.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS), features=feats))
-        rows.append({"vision_cosine_min": cosine_min(ref_feats, feats),
-                     "vision_max_abs": float(np.abs(ref_feats - feats).max()),
-                     "decoder_logits_max_abs": float(np.abs(rl - dl).max()),
-                     "decoder_logits_cosine": cosine_min(rl, dl), "decoder_kl": kl_divergence(rl, dl),
-                     "logits_kl": kl_divergence(rl, cl), "token_match": token_match(rt, ct)})
+        rows.append({"vision_cosine_min": cosine_min(h.features, feats),
+                     "vision_max_abs": float(np.abs(h.features - feats).max()),
+                     "decoder_logits_max_abs": float(np.abs(h.logits - dl).max()),
+                     "decoder_logits_cosine": cosine_min(h.logits, dl), "decoder_kl": kl_divergence(h.logits, dl),
+                     "logits_kl": kl_divergence(h.logits, cl), "token_match": token_match(h.tokens, ct)})
     return {
         "held_out_prompts": len(rows),
         "vision_cosine_min": min(r["vision_cosine_min"] for r in rows),
@@ -334,5 +409,5 @@ def _accuracy(pipe, samples: int, say, label: str) -> float:
     return evaluate(pipe, samples=samples).accuracy
 
 
-__all__ = ["QUANTIZED_PRECISIONS", "CalibrationOptions", "CalibrationResult", "CalibSample", "CalibSet",
-           "calibrate", "collect", "measure", "precision_size"]
+__all__ = ["DEFAULT_CALIB_TILES", "QUANTIZED_PRECISIONS", "CalibrationOptions", "CalibrationResult", "CalibSample",
+           "CalibSet", "HeldOut", "TileFeeds", "calibrate", "collect", "measure", "precision_size"]

@@ -16,7 +16,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -38,6 +38,10 @@ COMPUTE_OP_TYPES = ("MatMul", "Conv", "Gemm")
 KEPT_FLOAT_OP_TYPES = SENSITIVE_OP_TYPES + ("Mul",)
 # Graphs whose weights pass this are written with external data (protobuf cannot hold 2 GB).
 LARGE_GRAPH_BYTES = 1_500_000_000
+
+# The entropy calibrator's histogram: at ORT's default (128 bins for 128 quantized bins) there is one
+# candidate threshold, the full range, and it degenerates to MinMax. quantize_static cannot pass it.
+ENTROPY_OPTIONS = {"num_bins": 2048, "num_quantized_bins": 255}
 
 
 def is_large_graph(src: Path) -> bool:
@@ -105,9 +109,11 @@ class VisionInt8Result:
     activations: str
     excluded_by_op_type: list[str]
     excluded_by_sensitivity: list[dict[str, Any]] = field(default_factory=list)
-    cosine_min: float = 0.0           # on the held-out images, against the fp32 graph
+    cosine_min: float = 0.0           # on the held-out tiles, against the fp32 graph
     cosine_target: float = 0.0
     max_abs: float = 0.0
+    calibration_tiles: int = 0        # the tiles the activation ranges were computed from
+    scored_tiles: int = 0             # the held-out tiles cosine_min and max_abs are measured on
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "per_channel": self.per_channel, "activations": self.activations,
@@ -116,15 +122,19 @@ class VisionInt8Result:
                 "excluded_nodes": [n.split(":", 1)[1] for n in self.excluded_by_op_type]
                 + [e["node"] for e in self.excluded_by_sensitivity],
                 "excluded_by_sensitivity": self.excluded_by_sensitivity,
-                "cosine_min": self.cosine_min, "cosine_target": self.cosine_target, "max_abs": self.max_abs}
+                "cosine_min": self.cosine_min, "cosine_target": self.cosine_target, "max_abs": self.max_abs,
+                "calibration_tiles": self.calibration_tiles, "scored_tiles": self.scored_tiles}
 
 
-def quantize_vision_int8(src: Path, dst: Path, calib: list[dict], held_out: list[dict], *, method: str = "minmax",
+def quantize_vision_int8(src: Path, dst: Path, calib: Iterable[dict[str, np.ndarray]],
+                         held_out: list[tuple[dict[str, np.ndarray], np.ndarray]], *, method: str = "minmax",
                          cosine_target: float = 0.995, exclude_sensitive_ops: bool = True, sensitivity: bool = True,
                          per_channel: bool = True, activations: str = "u8",
                          progress: Callable[[str], None] | None = None) -> VisionInt8Result:
-    """INT8 QDQ vision graph at `dst`. Calibration ranges are computed once (cached) and reused for
-    every exclusion set the sensitivity pass tries."""
+    """INT8 QDQ vision graph at `dst`. `calib` gives the calibration feeds, one tile each (iterated
+    once, twice for entropy and percentile: a list, or a calib.TileFeeds that makes them on demand);
+    `held_out` pairs held-out tile feeds with the fp32 graph's output for them. Calibration ranges
+    are computed once (cached) and reused for every exclusion set the sensitivity pass tries."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -139,8 +149,6 @@ def quantize_vision_int8(src: Path, dst: Path, calib: list[dict], held_out: list
     # Without the exclusions, every op ORT can quantize is (the configuration the gate must refuse).
     op_types = list(COMPUTE_OP_TYPES) if exclude_sensitive_ops else None
     base_excluded = [n.split(":", 1)[1] for n in by_type]
-    reference = _session(src)
-    ref_out = [reference.run(None, f)[0] for f in held_out]
     large = is_large_graph(src)
     extra = {"ActivationSymmetric": activations == "s8"}
 
@@ -149,40 +157,41 @@ def quantize_vision_int8(src: Path, dst: Path, calib: list[dict], held_out: list
 
         def build(excluded: list[str], out: Path, only: list[str] | None = None) -> None:
             with quiet_quantization(), _as_calibration_error(f"INT8 {method} quantization of {src.name}"):
-                quantize_static(str(src), str(out), FeedReader(calib) if not cache.exists() else None,
-                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                 activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=calib_method,
                                 nodes_to_exclude=excluded, nodes_to_quantize=only, op_types_to_quantize=op_types,
                                 calibration_cache_path=str(cache),
                                 use_external_data_format=large, extra_options=dict(extra))
 
-        def score(path: Path, feeds=held_out, refs=ref_out) -> tuple[float, float]:
+        def score(path: Path, pairs=held_out) -> tuple[float, float]:
             sess = _session(path)
-            outs = [sess.run(None, f)[0] for f in feeds]
-            return (min(cosine_min(r, o) for r, o in zip(refs, outs)),
-                    max(float(np.abs(r - o).max()) for r, o in zip(refs, outs)))
+            cos, max_abs = 1.0, 0.0
+            for feed, ref in pairs:
+                out = sess.run(None, feed)[0]
+                cos, max_abs = min(cos, cosine_min(ref, out)), max(max_abs, float(np.abs(ref - out).max()))
+            return cos, max_abs
 
         if progress:
-            progress(f"calibrating INT8 ranges ({method}, {len(calib)} samples)")
-        if method == "entropy":
-            _entropy_ranges(src, calib, cache, Path(tmp))
+            progress(f"calibrating INT8 ranges ({method}, one tile at a time)")
+        tiles = _calibrate_ranges(src, calib, calib_method, op_types, cache, Path(tmp), large)
         build(base_excluded, dst)
         cos, max_abs = score(dst)
         result = VisionInt8Result(method, per_channel, activations, by_type, cosine_min=cos,
-                                  cosine_target=cosine_target, max_abs=max_abs)
+                                  cosine_target=cosine_target, max_abs=max_abs, calibration_tiles=tiles,
+                                  scored_tiles=len(held_out))
         if cos >= cosine_target or not sensitivity:
             return result
         # Per-node sensitivity: quantize each compute node alone and measure what it costs.
         candidates = [n for n in graph.node if n.op_type in COMPUTE_OP_TYPES and n.name not in base_excluded]
-        probe, probe_refs = held_out[:4], ref_out[:4]
+        probe = held_out[:4]
         ranking = []
         for i, node in enumerate(candidates):
             if progress:
                 progress(f"INT8 sensitivity {i + 1}/{len(candidates)}: {node.name}")
             alone = Path(tmp) / "alone.onnx"
             build(base_excluded, alone, only=[node.name])
-            ranking.append((score(alone, probe, probe_refs)[0], node))
+            ranking.append((score(alone, probe)[0], node))
         ranking.sort(key=lambda r: r[0])  # lowest cosine = most sensitive
         excluded = list(base_excluded)
         for cos_alone, node in ranking:
@@ -198,18 +207,65 @@ def quantize_vision_int8(src: Path, dst: Path, calib: list[dict], held_out: list
         return result
 
 
-def _entropy_ranges(src: Path, calib: list[dict], cache: Path, tmp: Path) -> None:
-    """KL-divergence ranges written to quantize_static's range cache. quantize_static cannot pass the
-    histogram size to the entropy calibrator, and at its default (128 bins for 128 quantized bins)
-    there is one candidate threshold, the full range: it degenerates to MinMax."""
+def _calibrate_ranges(src: Path, calib: Iterable[dict[str, np.ndarray]], method, op_types: list[str] | None,
+                      cache: Path, tmp: Path, large: bool) -> int:
+    """Activation ranges of the tensors quantize_static calibrates, written to its range cache;
+    returns the number of tiles. ORT's calibrators hold every output of every feed passed to one
+    collect_data call (the histogram methods: every calibrated tensor, ~1.5 GB per 512-px tile of
+    SmolVLM's SigLIP), so each tile gets its own call and only running ranges or histograms stay.
+    The histogram methods first take each tensor's full range (MinMax) and bin every tile on it,
+    as ORT bins data given all at once: in ORT's streaming merge the first tile would set the bin
+    width and wider later tiles add bins, thousands more for the entropy search to scan."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    with quiet_quantization(), _as_calibration_error(f"INT8 entropy calibration of {src.name}"):
-        calibrator = create_calibrator(src, None, augmented_model_path=str(tmp / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.Entropy,
-                                       extra_options={"num_bins": 2048, "num_quantized_bins": 255})
-        calibrator.collect_data(FeedReader(calib))
-        save_tensors_data(calibrator.compute_data(), cache)
+    # What quantize_static calibrates when it is not told which op types to quantize.
+    op_types = op_types or sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+    def stream(kind: CalibrationMethod, seeded=None):
+        calibrator = create_calibrator(src, op_types, augmented_model_path=str(tmp / f"augmented-{kind.name}.onnx"),
+                                       calibrate_method=kind, use_external_data_format=large,
+                                       extra_options=ENTROPY_OPTIONS if kind == CalibrationMethod.Entropy else {})
+        if seeded is not None:
+            _seed_histograms(calibrator, seeded)
+        tiles = 0
+        for feed in calib:
+            calibrator.collect_data(FeedReader([feed]))
+            tiles += 1
+        if not tiles:
+            raise CalibrationError("no calibration tiles: INT8 ranges need at least one image")
+        return calibrator.compute_data(), tiles
+
+    with quiet_quantization(), _as_calibration_error(f"INT8 {method.name} calibration of {src.name}"):
+        ranges, tiles = stream(CalibrationMethod.MinMax)
+        if method != CalibrationMethod.MinMax:
+            ranges, tiles = stream(method, seeded=ranges)
+        save_tensors_data(ranges, cache)
+    return tiles
+
+
+def _seed_histograms(calibrator, ranges) -> None:
+    """Give a histogram calibrator an empty histogram per tensor over the tensor's full range (as
+    HistogramCollector makes them: collect_value's (counts, edges, min, max, threshold), and for
+    symmetric percentile collect_absolute_value's histogram of |x|, (counts, edges, min, max))."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    c = calibrator
+    c.collector = HistogramCollector(method=c.method, symmetric=c.symmetric, num_bins=c.num_bins,
+                                     num_quantized_bins=c.num_quantized_bins, percentile=c.percentile,
+                                     scenario=c.scenario)
+    absolute = c.method == "percentile" and c.symmetric
+    none = np.empty(0, np.float32)
+    for name in c.tensors_to_calibrate:
+        lo, hi = (np.float32(np.asarray(v).reshape(-1)[0]) for v in ranges[name].range_value)
+        top = np.float32(max(abs(lo), abs(hi)))
+        if absolute:
+            bottom = np.float32(0 if lo <= 0 <= hi else min(abs(lo), abs(hi)))
+            counts, edges = np.histogram(none, c.num_bins, range=(bottom, top))
+            c.collector.histogram_dict[name] = (counts, edges.astype(np.float32), lo, hi)
+        else:
+            counts, edges = np.histogram(none, c.num_bins, range=(-top, top))
+            c.collector.histogram_dict[name] = (counts, edges, lo, hi, np.array(top, np.float32))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,9 @@ from rich.console import Console
 from ..bundle import (FORMAT_VERSION, build_versions, checkpoint_fingerprint, file_entry, open_bundle,
                       staging_dir, write_manifest)
 from ..errors import BundleError, ExportError
+from ..memory import check_budget, checkpoint_bytes, checkpoint_parameters, export_steps, release_memory
 from ..modelfiles import PROMPT_FILES
+from ..progress import status
 
 FORMATS = ("onnx", "gguf", "tensorrt")
 
@@ -31,7 +33,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
            precisions: Sequence[str] = ("fp32",), gguf_types: Sequence[str] = ("f16",), force: bool = False,
            verify: bool = True, overwrite: bool = False, prompt_style: str | None = None,
            calibration=None, quiet: bool = False, engine_precisions: Sequence[str] = ("fp16",),
-           gguf_imatrix: bool = True) -> Path:
+           gguf_imatrix: bool = True, max_memory: int | None = None) -> Path:
     """Export `model_dir` into a bundle at `out_dir` and (by default) verify every precision against
     the fp32 PyTorch reference, storing the reports in the manifest (`verify[precision]`).
     Raises ExportError when parity fails. fp16 is for GPUs (CUDA/TensorRT providers).
@@ -47,6 +49,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     q4_k_m GGUFs are quantized with an importance matrix computed from the calibration prompts
     (`calibration.samples`, default the synthetic generator) unless `gguf_imatrix` is False.
 
+    `max_memory` (bytes; default what the machine has free) is checked against each step's estimated
+    peak before any work: a step that cannot fit raises MemoryBudgetError naming it.
+
     "tensorrt" builds engines (`engine_precisions`) for this machine's GPU from the ONNX graphs (added
     to the formats) once they are verified, as `build-engines` does on a device."""
     from ..api import load, pipeline_for_bundle
@@ -54,6 +59,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     from ..export.gguf import GGUF_TYPES, export_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
     from ..runtimes.torch import load_hf_model
+    from ..verify import reference_run
     from ..verify import verify as run_verify
 
     unknown = [f for f in formats if f not in FORMATS]
@@ -80,9 +86,12 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     # folder are checked now, not after the weights have loaded (minutes on an 8B model).
     (calibration or CalibrationOptions()).validate()
     check_output_dir(Path(out_dir), overwrite)
-    console = Console(stderr=True, quiet=quiet)
     model_dir = Path(model_dir)
-    with console.status(f"loading {model_dir.name}"):
+    check_budget(export_steps(checkpoint_parameters(model_dir), formats=formats, precisions=precisions,
+                              verify=verify, checkpoint_size=checkpoint_bytes(model_dir)),
+                 max_memory, f"exporting {model_dir.name}")
+    console = Console(stderr=True, quiet=quiet)
+    with status(console, f"loading {model_dir.name}"):
         reference = load(model_dir, backend="torch", prompt_style=prompt_style)
     files, family = reference.files, reference.family
     forced_gguf = False
@@ -98,13 +107,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                 shutil.copy2(model_dir / name, stage / name)
                 copied.append(name)
         artifacts = []
-        if "onnx" in formats:
-            for precision in precisions:
-                with console.status(f"exporting {precision} ONNX graphs (vision, embed, decoder)"):
-                    # fp16 from a second, half-precision copy: the fp32 model stays the reference.
-                    model = reference.backend.model if precision == "fp32" else load_hf_model(family, "float16")
-                    artifacts += export_onnx_graphs(family, model, stage, example_vision_inputs(family), precision)
-                    del model
+        if "onnx" in formats and "fp32" in precisions:
+            with status(console, "exporting fp32 ONNX graphs (vision, embed, decoder)"):
+                artifacts += export_onnx_graphs(family, reference.backend.model, stage, example_vision_inputs(family))
         if "gguf" in formats:
             imatrix = None
             if gguf_imatrix and "q4_k_m" in gguf_types:
@@ -112,13 +117,28 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                 from .imatrix import compute_imatrix
 
                 opts = calibration or CalibrationOptions()
-                with console.status("importance matrix for q4_k_m") as status:
+                with status(console, "importance matrix for q4_k_m") as update:
                     samples = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
                     imatrix = compute_imatrix(family, reference.backend.model, samples.samples, opts.samples,
-                                              progress=status.update)
-            with console.status("writing GGUF files") as status:
+                                              progress=update, max_tiles=opts.calib_tiles)
+            with status(console, "writing GGUF files") as update:
                 artifacts += export_gguf(family, reference.backend.model, stage, gguf_types, force=force,
-                                         progress=status.update, imatrix=imatrix)
+                                         progress=update, imatrix=imatrix)
+        # Memory is bounded by the model, not a multiple of it: the reference's answers on the verify
+        # prompts are kept and its weights released before anything else loads the same weights
+        # again (an fp16 copy, an ONNX Runtime session, llama.cpp).
+        reference_answers = None
+        if verify:
+            with status(console, "running the PyTorch reference on the verify prompts"):
+                reference_answers = reference_run(reference)
+        del reference
+        release_memory()
+        if "onnx" in formats and "fp16" in precisions:
+            with status(console, "exporting fp16 ONNX graphs (vision, embed, decoder)"):
+                half = load_hf_model(family, "float16")
+                artifacts += export_onnx_graphs(family, half, stage, example_vision_inputs(family), "fp16")
+                del half
+                release_memory()
         hashed: dict[str, dict] = {}  # an mmproj shared by several GGUF types is hashed once
         for art in artifacts:
             art["files"] = [hashed.setdefault(f, file_entry(stage, f)) for f in art["files"]]
@@ -138,12 +158,14 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
             checks = [("onnxruntime", p) for p in precisions if "onnx" in formats]
             checks += [("llamacpp", t) for t in gguf_types if "gguf" in formats]
             for backend, precision in checks:
-                with console.status(f"verifying the {precision} {backend} artifacts against the PyTorch reference"):
+                with status(console, f"verifying the {precision} {backend} artifacts against the PyTorch reference"):
                     # The CPU provider: the graphs are checked in true fp32 wherever the export runs; a
                     # GPU's own kernels (TF32, fp16) are checked on the device by `edgelmm verify`.
                     provider = "cpu" if backend == "onnxruntime" else "auto"
-                    report = run_verify(pipeline_for_bundle(bundle, backend=backend, provider=provider,
-                                                            precision=precision), reference, precision)
+                    candidate = pipeline_for_bundle(bundle, backend=backend, provider=provider, precision=precision)
+                    report = run_verify(candidate, reference_answers, precision)
+                    del candidate  # one runtime's weights in memory at a time
+                    release_memory()
                 manifest["verify"][precision] = {k: report[k] for k in
                                                  ("precision", "backend", "thresholds", "summary", "passed", "failures")}
                 write_manifest(stage, manifest)
@@ -152,14 +174,14 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                     raise ExportError(f"the exported {precision} {backend} artifacts failed parity with the PyTorch "
                                       "reference: " + "; ".join(report["failures"]))
         if quantized:
-            with console.status("calibrating") as status:
-                calibrate(stage, quantized, calibration or CalibrationOptions(), progress=status.update,
+            with status(console, "calibrating") as update:
+                calibrate(stage, quantized, calibration or CalibrationOptions(), progress=update,
                           verify_checksums=False)
         if "tensorrt" in formats:
             from .tensorrt import EngineOptions, build_engines
 
-            with console.status("building TensorRT engines") as status:
+            with status(console, "building TensorRT engines") as update:
                 build_engines(stage, EngineOptions(precisions=tuple(engine_precisions), verify=verify),
-                              progress=status.update)
+                              progress=update)
     console.print(f"[green]bundle written[/]: {out_dir}")
     return Path(out_dir)

@@ -89,9 +89,25 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+class _Deferred:
+    """What GGUFWriter reads of a tensor (shape, dtype, nbytes, tofile) with the conversion done only
+    when the tensor is written: the file's f16/q8_0 copy of the model never sits in memory whole,
+    only one tensor of it at a time."""
+
+    def __init__(self, source: np.ndarray, convert, shape: tuple[int, ...], dtype, nbytes: int):
+        self.source, self.convert, self.shape, self.dtype, self.nbytes = source, convert, shape, np.dtype(dtype), nbytes
+
+    def tofile(self, f) -> None:
+        out = self.convert(self.source)
+        if out.nbytes != self.nbytes or out.dtype != self.dtype:  # the header already promised these
+            raise ExportError(f"GGUF writer: a tensor converted to {out.dtype} x {out.nbytes} bytes, "
+                              f"not the {self.dtype} x {self.nbytes} its header says")
+        out.tofile(f)
+
+
 class _TensorSink:
     """Adds tensors to a GGUFWriter in the requested type: 1-D always F32; 2-D+ as F32/F16/Q8_0
-    (Q8_0 where the row is a whole number of 32-wide blocks, else F16)."""
+    (Q8_0 where the row is a whole number of 32-wide blocks, else F16). Converted when written."""
 
     def __init__(self, writer, wtype: str):
         import gguf
@@ -99,15 +115,16 @@ class _TensorSink:
         self.gguf, self.writer, self.wtype = gguf, writer, wtype
 
     def add(self, name: str, array: np.ndarray, keep_f32: bool = False) -> None:
-        a = np.ascontiguousarray(array, dtype=np.float32)
+        a = np.ascontiguousarray(array, dtype=np.float32)  # a view of the torch weight where it can be
         q = self.gguf.GGMLQuantizationType
         if a.ndim <= 1 or keep_f32 or self.wtype == "f32":
             self.writer.add_tensor(name, a)
         elif self.wtype == "q8_0" and a.shape[-1] % 32 == 0:
-            data = self.gguf.quants.quantize(a, q.Q8_0)
-            self.writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q.Q8_0)
+            shape = (*a.shape[:-1], a.shape[-1] // 32 * 34)  # 32 weights -> an f16 scale and 32 int8
+            self.writer.add_tensor(name, _Deferred(a, lambda x: self.gguf.quants.quantize(x, q.Q8_0), shape, np.uint8,
+                                                   int(np.prod(shape))), raw_shape=shape, raw_dtype=q.Q8_0)
         else:
-            self.writer.add_tensor(name, a.astype(np.float16))
+            self.writer.add_tensor(name, _Deferred(a, lambda x: x.astype(np.float16), a.shape, np.float16, a.size * 2))
 
 
 # ---------------------------------------------------------------------------------------- tokenizer

@@ -76,67 +76,125 @@ def _wrappers(parts: TorchParts, num_layers: int):
     return Vision(), Embed(), Decoder()
 
 
-def _io(path: Path) -> tuple[list[dict], list[dict]]:
-    import onnx
+def _io(model) -> tuple[list[dict], list[dict]]:
+    from onnxscript import ir
 
-    m = onnx.load(str(path), load_external_data=False)
-
-    def desc(v):
+    def desc(value):
+        v = ir.serde.serialize_value(value)
         t = v.type.tensor_type
         return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)),
                 "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
-    return [desc(v) for v in m.graph.input], [desc(v) for v in m.graph.output]
+    return [desc(v) for v in model.graph.inputs], [desc(v) for v in model.graph.outputs]
 
 
-def _export_one(module, args, path: Path, input_names, output_names, dynamic_shapes, large: bool) -> None:
+# A graph whose weights exceed this keeps them in <graph>.onnx.data beside it, written tensor by tensor
+# straight from the PyTorch weights; an embedded graph costs about 3x its weights while it is
+# serialized (and protobuf cannot hold 2 GB at all). ONNX Runtime maps external data and reads
+# pages as they are used instead of parsing the weights out of the protobuf. Below this a graph
+# stays one self-contained file, its save costing at most ~200 MB.
+EXTERNAL_DATA_BYTES = 64 << 20
+
+
+def _export_one(module, args, path: Path, input_names, output_names, dynamic_shapes) -> tuple[list[dict], list[dict]]:
+    """Export, optimize and save one graph at `path`; return its inputs and outputs (_io)."""
     import torch
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module.eval(), args, None, dynamo=True, input_names=input_names,
-                                        output_names=output_names, dynamic_shapes=dynamic_shapes,
-                                        opset_version=ONNX_OPSET, optimize=True, verbose=False)
-        program.save(str(path), external_data=large)
+            # optimize=False: _optimize runs the exporter's optimizer without its one quadratic rule.
+            model = torch.onnx.export(module.eval(), args, None, dynamo=True, input_names=input_names,
+                                      output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                      opset_version=ONNX_OPSET, optimize=False, verbose=False).model
+        _optimize(model)
+        fold_reciprocal_sqrt(model)
+        _save(model, path)
+        return _io(model)
     except Exception as exc:  # the exporter raises many types; the user needs to know which graph failed
         raise ExportError(f"torch.onnx.export failed on the {path.stem} graph: {type(exc).__name__}: {exc}") from exc
 
 
-def fold_reciprocal_sqrt(path: Path) -> int:
-    """Rewrite x * Reciprocal(Sqrt(v)) as x / Sqrt(v) in the graph at `path`; return how many.
+def _optimize(model) -> None:
+    """What torch.onnx.export(optimize=True) runs (onnxscript's optimize_ir; its opset-23 fusions
+    do not apply at opset 18) less the SlicesSplit rewrite rule. That rule's two-output pattern is
+    matched by walking the whole graph for every Slice node, O(nodes x Slices): on a 30-layer
+    decoder (6000 nodes, 210 Slices) it took 24 of the optimizer's 28 s and grows with the layers
+    squared, and it never applies to these graphs (it wants the end of x[..., d // 2:] to be d;
+    the exporter writes INT64_MAX), so the graphs come out the same. The weights' Transposes
+    still fold, into numpy views of the PyTorch weights that the save writes out in chunks."""
+    import onnxscript.optimizer._constant_folding as folding
+    from onnxscript import ir, rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    # optimize_ir's passes as of onnxscript 0.7, which has no way to drop one rule from them
+    # (tests/test_export_scale.py checks that the two agree).
+    common = ir.passes.common
+    rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if r is not slice_split_rule]
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([
+            folding.FoldConstantsPass(shape_inference=True,
+                                      input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                      output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                      should_fold=lambda node: None),
+            rewriter.RewritePass(rules),
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        ], steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+    # The rules are module-level objects whose matchers keep the last graph they looked at, and with
+    # it every initializer: the PyTorch weights would outlive the model (a Mantis-1B export held its
+    # 4.9 GB decoder through verify). Forget it.
+    for rule in rules:
+        matcher = getattr(rule, "_matcher", None)
+        for name in ("_graph", "_tracer", "_match", "_current_node"):
+            if hasattr(matcher, name):
+                setattr(matcher, name, None)
+
+
+def fold_reciprocal_sqrt(model) -> int:
+    """Rewrite x * Reciprocal(Sqrt(v)) as x / Sqrt(v) in `model` (an onnx_ir Model); return how many.
 
     The exporter writes RMSNorm's rsqrt as Sqrt -> Reciprocal -> Mul, a pattern ONNX Runtime's
     SimplifiedLayerNormFusion does not match; as Sqrt -> Div it fuses every RMSNorm into one
     SimplifiedLayerNormalization kernel at session load (reference decoder: 326 -> 272 nodes,
     0.416 -> 0.379 ms per decode step on 1 thread). Still plain ONNX, so TensorRT parses it as before."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are
-    nodes = model.graph.node
-    producer = {out: n for n in nodes for out in n.output}
-    users: dict[str, list] = {}
-    for n in nodes:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
-    graph_outputs = {o.name for o in model.graph.output}
+    graph = model.graph
     folded = []
-    for rec in nodes:
-        sqrt = producer.get(rec.input[0]) if rec.op_type == "Reciprocal" else None
-        uses = users.get(rec.output[0], []) if sqrt is not None else []
-        if sqrt is None or sqrt.op_type != "Sqrt" or not uses or rec.output[0] in graph_outputs \
-                or any(u.op_type != "Mul" or list(u.input).count(rec.output[0]) != 1 for u in uses):
+    for rec in graph:
+        if rec.op_type != "Reciprocal" or rec.domain != "":
             continue
-        for mul in uses:
-            other = next(i for i in mul.input if i != rec.output[0])
+        sqrt, out = rec.inputs[0].producer(), rec.outputs[0]
+        uses = list(out.uses())
+        if sqrt is None or sqrt.op_type != "Sqrt" or not uses or out.is_graph_output() \
+                or any(u.node.op_type != "Mul" or list(u.node.inputs).count(out) != 1 for u in uses):
+            continue
+        for mul, index in uses:
+            other = mul.inputs[1 - index]
             mul.op_type = "Div"
-            del mul.input[:]
-            mul.input.extend([other, sqrt.output[0]])
+            mul.replace_input_with(0, other)
+            mul.replace_input_with(1, sqrt.outputs[0])
         folded.append(rec)
-    if folded:
-        for rec in folded:
-            nodes.remove(rec)
-        onnx.save(model, str(path))
+    graph.remove(folded, safe=True)
     return len(folded)
+
+
+def _save(model, path: Path) -> None:
+    from onnxscript import ir
+
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weights > EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -156,7 +214,6 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
     vision, embed, decoder = _wrappers(parts, L)
     onnx_dir = out_dir / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_500_000_000
     Dim = torch.export.Dim
     batch, seq, past, tiles = Dim("batch", max=256), Dim("seq", max=131072), Dim("past", max=131072), Dim("tiles", max=1024)
 
@@ -192,9 +249,7 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
     artifacts = []
     for graph, module, args, in_names, out_names, shapes in graphs:
         path = onnx_dir / graph_file(graph, precision)
-        _export_one(module, args, path, in_names, out_names, shapes, large)
-        fold_reciprocal_sqrt(path)
-        inputs, outputs = _io(path)
+        inputs, outputs = _export_one(module, args, path, in_names, out_names, shapes)
         data = sorted(p.name for p in onnx_dir.iterdir() if p.name.startswith(path.name) and p != path)
         artifacts.append({"graph": graph, "format": "onnx", "precision": precision, "file": f"onnx/{path.name}",
                           "files": [f"onnx/{n}" for n in [path.name, *data]],

@@ -1,0 +1,185 @@
+"""Memory as a budget the tool knows before it starts.
+
+Devices share 8-64 GB between CPU and GPU, and a 1-3B model's fp32 weights alone take 5-15 GB, so
+a step that cannot fit must be refused before minutes of work, naming the step, what it needs and
+what would fit. The estimates below are what each step holds at its peak (measured with
+`/usr/bin/time -v` by benchmarks/scale.py), from the checkpoint's parameter count read from the
+safetensors headers: no weights are loaded to know them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .errors import CheckpointError, MemoryBudgetError, OptionError
+
+GiB = 1024 ** 3
+# What a process holds before any model: with torch and transformers imported (export, verify,
+# the torch backend; measured 0.4 GB), and the device side with onnxruntime alone (55 MB).
+PROCESS_BASE = int(0.5 * GiB)
+RUNTIME_BASE = int(0.15 * GiB)
+# The PyTorch exporter's working memory on top of the model: its traced program and the graph being
+# written are one graph's activations and metadata, not a copy of the weights.
+EXPORT_WORKING = 0.15
+# A runtime's sessions hold about their weights (ONNX Runtime maps large graphs' external data and
+# runs from it, runtimes.onnxruntime.PREPACK_LIMIT; llama.cpp maps its GGUF) plus activations.
+ORT_SESSION = 1.15  # Mantis-1B fp32 run: 8.13 GB measured for 7.09 GB on disk
+SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GB" if n < 10 * GiB else f"{n / GiB:.1f} GB"
+
+
+def available_bytes() -> int:
+    """Memory the machine can give a new process now: MemAvailable (free plus reclaimable cache)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
+          "g": GiB, "gb": 1000 ** 3, "gib": GiB, "t": 1024 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
+
+
+def parse_size(text: str | int | None, option: str = "--max-memory") -> int | None:
+    """'12G', '12GiB', '12 GB', '800M', '123456' (bytes) -> bytes; None and 'auto' -> None (the default)."""
+    if text is None or isinstance(text, int):
+        if isinstance(text, int) and text <= 0:
+            raise OptionError(f"{option} must be positive, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if str(text).strip().lower() == "auto":
+        return None
+    if not m or m.group(2).lower() not in _UNITS:
+        raise OptionError(f"{option} must be a size such as 12G, 800M or 16GiB, got {text!r}")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not 0 < value < 2 ** 60:
+        raise OptionError(f"{option} must be positive and below 1 EiB, got {text!r}")
+    return int(value)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise, and RSS with it),
+    so the next step's weights take the place of the last one's."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps what it keeps
+
+
+def checkpoint_parameters(model_dir: str | Path) -> int:
+    """Number of weights in a checkpoint's *.safetensors files, from their headers only."""
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > SAFETENSORS_HEADER_MAX:
+                    raise ValueError(f"header of {length} bytes")
+                header = json.loads(f.read(length))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in entry["shape"]:
+                        count *= int(dim)
+                    total += count
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return total
+
+
+@dataclass
+class Step:
+    name: str
+    need: int        # bytes at the step's peak
+    hint: str = ""   # what would fit instead
+
+
+def check_budget(steps: Iterable[Step], budget: int | None, what: str) -> int:
+    """Raise MemoryBudgetError naming the first step over `budget` (None: what is free now); return
+    the budget used. A budget of 0 means it could not be read: nothing is refused."""
+    explicit = budget is not None
+    budget = budget if explicit else available_bytes()
+    if not budget:
+        return 0
+    for step in steps:
+        if step.need > budget:
+            source = "--max-memory" if explicit else "free memory on this machine"
+            raise MemoryBudgetError(f"{what}: {step.name} needs ~{gib(step.need)} but the budget is {gib(budget)} "
+                                    f"({source}). {step.hint}".rstrip())
+    return budget
+
+
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def export_steps(params: int, *, formats: Iterable[str], precisions: Iterable[str], verify: bool,
+                 checkpoint_size: int = 0) -> list[Step]:
+    """The peaks of `edgelmm export` for a checkpoint of `params` weights stored in `checkpoint_size`
+    bytes. The fp32 PyTorch model is the floor: export, GGUF writing and the reference's verify pass
+    all run it, one at a time. Loading it holds the mapped checkpoint beside the fp32 copy (a bf16
+    Mantis-1B: 9.7 GB measured against 6.2 + 3.1 + 0.5 estimated)."""
+    formats, precisions = set(formats), set(precisions)
+    fp32 = params * 4
+    model = PROCESS_BASE + fp32
+    steps = [Step("loading the fp32 PyTorch model", model + checkpoint_size,
+                  "Every export starts from the fp32 model; free memory or export on a larger machine "
+                  "(the bundle it writes runs in far less: see `edgelmm info` there).")]
+    if "onnx" in formats:
+        steps.append(Step("the ONNX export", int(model + EXPORT_WORKING * fp32),
+                          "Export on a larger machine, or --format gguf alone."))
+        if "fp16" in precisions:
+            steps.append(Step("the fp16 ONNX export", PROCESS_BASE + int((2 + EXPORT_WORKING * 2) * params),
+                              "Leave fp16 out of --precision."))
+    if verify and "onnx" in formats:
+        # The graphs hold a tied embedding twice (embed and lm_head) and verify prefills three images.
+        steps.append(Step("verify on ONNX Runtime (fp32)", PROCESS_BASE + int(1.3 * fp32),
+                          "Pass --no-verify and run `edgelmm verify` later on a larger machine."))
+    return steps
+
+
+def session_step(label: str, weight_bytes: int, extra: int = 0, hint: str = "", base: int = RUNTIME_BASE) -> Step:
+    """Loading runtime artifacts of `weight_bytes` on disk (plus `extra`: a KV cache, activations)."""
+    return Step(label, base + int(ORT_SESSION * weight_bytes) + extra, hint)
+
+
+def verify_steps(params: int, bundle, checks: Iterable[tuple[str, str]], checkpoint_size: int = 0) -> list[Step]:
+    """`edgelmm verify`: the fp32 reference first, then each candidate runtime alone."""
+    steps = [Step("the fp32 PyTorch reference", PROCESS_BASE + params * 4 + checkpoint_size,
+                  "Verify on a larger machine; the export's own verify report is in the manifest.")]
+    for backend, precision in checks:
+        fmt = {"onnxruntime": "onnx", "llamacpp": "gguf"}.get(backend, backend)
+        steps.append(session_step(f"the {precision} {backend} artifact set",
+                                  artifact_set_bytes(bundle.manifest, fmt, precision), base=PROCESS_BASE))
+    return steps
+
+
+def kv_cache_bytes(text: dict, positions: int, bytes_per_value: int = 2) -> int:
+    """A KV cache of `positions` for the manifest's text dims (llama.cpp's is f16: 2 bytes)."""
+    return 2 * text["num_layers"] * text["num_kv_heads"] * text["head_dim"] * positions * bytes_per_value
+
+
+def artifact_set_bytes(manifest: dict, fmt: str, precision: str) -> int:
+    """Bytes on disk of one artifact set (an mmproj shared by several GGUF types counted once)."""
+    files = {f["file"]: f["size"] for art in manifest["artifacts"]
+             if art["format"] == fmt and art["precision"] == precision for f in art["files"]}
+    return sum(files.values())
