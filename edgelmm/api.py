@@ -7,7 +7,7 @@ from pathlib import Path
 from .bundle import Bundle, is_bundle, open_bundle
 from .errors import BackendUnavailable, OptionError
 from .families import detect
-from .memory import (PROCESS_BASE, Step, artifact_set_bytes, check_budget, checkpoint_bytes, checkpoint_parameters, gib,
+from .memory import (PROCESS_BASE, Step, artifact_set_bytes, check_budget, checkpoint_parameters, gib, loading_overhead,
                      kv_cache_bytes, session_step)
 from .modelfiles import ModelFiles, check_model_dir
 from .options import check_threads
@@ -124,13 +124,14 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
             precision = next(p for p in TRT_PREFERENCE if p in have)
         runtime = TensorRTBackend(bundle, precision=precision, max_context=max_context)
     else:
-        from .runtimes.onnxruntime import OnnxRuntimeBackend
+        from .runtimes.onnxruntime import OnnxRuntimeBackend, vision_chunk_for
 
         if precision == "auto":
             precision = pick_precision(bundle, provider)
         if provider == "cpu" or not nvidia_gpu_present():
             _check_load_budget(bundle, "onnx", precision, max_memory)
-        runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision, gpu=gpu_options)
+        runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision, gpu=gpu_options,
+                                     vision_chunk=vision_chunk_for(family.config.get("vision_config") or {}))
     return Pipeline(files, family, runtime, selection=selection)
 
 
@@ -183,7 +184,7 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     from .runtimes.torch import TorchBackend
 
     if device == "cpu":
-        need = PROCESS_BASE + 4 * checkpoint_parameters(path) + checkpoint_bytes(path)
+        need = PROCESS_BASE + 4 * checkpoint_parameters(path) + loading_overhead(path)
         check_budget([Step("the fp32 PyTorch model", need, "Export a bundle and run its int4 or q4_k_m artifacts "
                                                            "instead.")],
                      max_memory, f"loading {Path(path).name}")

@@ -180,12 +180,21 @@ _MIN_COSINE = typer.Option(0.99, help="Quality gate: the lowest vision feature c
 _EVAL_SAMPLES = typer.Option(None, help="Held-out accuracy samples per precision. Default: all 900 when the model "
                                         "answers edgelmm's synthetic tasks (the reference model), else none.")
 _SEED = typer.Option(0, help="Seed for sampling the calibration prompts.")
+_CALIB_TILES = typer.Option(None, "--calib-tiles", help="The most image tiles run through the vision tower to "
+                                                        "calibrate (INT8 ranges, GPTQ, the GGUF importance "
+                                                        "matrix: at most 32 of them; default 256): each costs a "
+                                                        "full vision pass, and a SmolVLM image is up to 17 tiles.")
+_NO_SENSITIVITY = typer.Option(False, "--no-sensitivity", help="INT8 vision: when the quantized tower misses its "
+                                                                "cosine target, do not search node by node for "
+                                                                "the ones to keep in float (one quantization per "
+                                                                "node: hours for a 27-layer SigLIP on a CPU).")
 _ACTIVATIONS = typer.Option("u8", help="INT8 vision activations: u8 (fastest on CPU) or s8 (symmetric, what "
                                        "TensorRT takes: use it for bundles that will get INT8 engines).")
 
 
 def _calibration_options(source, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level, no_gate,
-                         max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations="u8", image_root=None):
+                         max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations="u8", image_root=None,
+                         calib_tiles=None, no_sensitivity=False):
     """The options, checked (a CalibrationOptionError or CalibrationError) before any work starts."""
     from .calib import CalibrationOptions
 
@@ -195,6 +204,9 @@ def _calibration_options(source, calib_samples, vision_method, int4_algorithm, b
                               max_accuracy_drop=max_accuracy_drop, min_vision_cosine=min_vision_cosine,
                               eval_samples=eval_samples, activations=activations,
                               image_root=str(image_root) if image_root else None)
+    if calib_tiles is not None:
+        opts.calib_tiles = calib_tiles
+    opts.sensitivity = not no_sensitivity
     opts.validate()
     return opts
 
@@ -219,7 +231,8 @@ def export(
     calib: str = typer.Option("synthetic", "--calib", help="Calibration prompts for quantized precisions: a "
                                                            "Mantis-style JSONL, a MIMIC-IT JSON, an image folder, a "
                                                            "video, or 'synthetic' (edgelmm's generator)."),
-    calib_samples: int = _CALIB_SAMPLES, vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
+    calib_samples: int = _CALIB_SAMPLES, calib_tiles: Optional[int] = _CALIB_TILES,
+    vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
     block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
     max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
     eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
@@ -251,7 +264,7 @@ def export(
                           calibration=_calibration_options(calib, calib_samples, vision_method, int4_algorithm,
                                                            block_size, accuracy_level, no_quality_gate,
                                                            max_accuracy_drop, min_vision_cosine, eval_samples, seed,
-                                                           activations))
+                                                           activations, calib_tiles=calib_tiles))
         manifest = json.loads((path / MANIFEST).read_text())  # just written and hashed by export
     except EdgeLMMError as exc:
         _fail(exc, as_json)
@@ -288,27 +301,31 @@ def calibrate(
                                      "mantis:, mimicit:, folder: or video: to force the kind."),
     precision: str = typer.Option("int8-vision+int4", "--precision",
                                   help="Comma-separated: int8, int4, int8-vision+int4."),
-    calib_samples: int = _CALIB_SAMPLES, vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
+    calib_samples: int = _CALIB_SAMPLES, calib_tiles: Optional[int] = _CALIB_TILES,
+    vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
     block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
-    max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
+    no_sensitivity: bool = _NO_SENSITIVITY, max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
     eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
     image_root: Optional[Path] = typer.Option(None, help="Where relative image paths in a JSONL/JSON source point "
                                                          "(default: the file's folder)."),
     overwrite: bool = typer.Option(False, help="Recalibrate precisions the bundle already has."),
+    max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print the quality report and calibration summary as JSON."),
 ):
     """Quantize a bundle's fp32 ONNX graphs on your own multi-image data (INT8 vision tower, INT4 or
     INT8 decoder), measure each precision against fp32 on held-out prompts, and add the ones that
     pass the quality gate to the bundle. Needs onnxruntime and onnx, not torch."""
     from .calib import calibrate as run_calibrate
+    from .memory import parse_size
 
     try:
         opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size,
                                     accuracy_level, no_quality_gate, max_accuracy_drop, min_vision_cosine,
-                                    eval_samples, seed, activations, image_root)
+                                    eval_samples, seed, activations, image_root, calib_tiles=calib_tiles,
+                                    no_sensitivity=no_sensitivity)
         with _progress("calibrating", as_json) as update:
             result = run_calibrate(bundle, [p.strip() for p in precision.split(",")], opts, overwrite=overwrite,
-                                   progress=update)
+                                   progress=update, max_memory=parse_size(max_memory))
     except EdgeLMMError as exc:
         report = getattr(exc, "report", None)
         if report and not as_json:
@@ -341,7 +358,7 @@ def verify(
     threshold (feature/logit difference, KL, token match) is broken."""
     from . import api
     from .bundle import open_bundle
-    from .memory import check_budget, checkpoint_bytes, checkpoint_parameters, parse_size, release_memory, verify_steps
+    from .memory import check_budget, checkpoint_parameters, loading_overhead, parse_size, release_memory, verify_steps
     from .verify import reference_run
     from .verify import verify as run_verify
 
@@ -354,7 +371,7 @@ def verify(
             raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
                                      f"(formats {api.bundle_formats(opened)})")
         budget = parse_size(max_memory)
-        check_budget(verify_steps(checkpoint_parameters(reference), opened, checks, checkpoint_bytes(reference)), budget,
+        check_budget(verify_steps(checkpoint_parameters(reference), opened, checks, loading_overhead(reference)), budget,
                      f"verifying {bundle.name}")
         # The reference runs first and only its answers are kept: one model's weights in memory at a time.
         answers = reference_run(api.load(reference, backend="torch"), max_new_tokens)
@@ -382,6 +399,8 @@ def verify(
                 table.add_row(c["case"], f"{c['vision_max_abs']:.2e}", f"{c['vision_cosine_min']:.6f}",
                               f"{c['logits_max_abs']:.2e}", f"{c['logits_kl']:.2e}", f"{c['token_match']:.3f}")
             out.print(table)
+            for c in report.get("skipped_cases", []):
+                out.print(f"case {c['case']} left out ({c['reason']})")
             out.print(f"decoder alone (same input embeddings) logit max|d|: "
                       f"{report['summary']['decoder_logits_max_abs']:.2e}; batch-2 logits max|d|: "
                       f"{report['summary']['batch2_logits_max_abs']:.2e}")

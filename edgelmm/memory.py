@@ -16,7 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import CheckpointError, MemoryBudgetError, OptionError
 
@@ -26,11 +26,12 @@ GiB = 1024 ** 3
 PROCESS_BASE = int(0.5 * GiB)
 RUNTIME_BASE = int(0.15 * GiB)
 # The PyTorch exporter's working memory on top of the model: its traced program and the graph being
-# written are one graph's activations and metadata, not a copy of the weights.
-EXPORT_WORKING = 0.15
+# written are one graph's activations and metadata, not a copy of the weights (Mantis-1B: 6.62 GB
+# loaded, 6.80 GB at the end of the ONNX graphs: 0.03x; estimated at 0.05x).
+EXPORT_WORKING = 0.05
 # A runtime's sessions hold about their weights (ONNX Runtime maps large graphs' external data and
 # runs from it, runtimes.onnxruntime.PREPACK_LIMIT; llama.cpp maps its GGUF) plus activations.
-ORT_SESSION = 1.15  # Mantis-1B fp32 run: 8.13 GB measured for 7.09 GB on disk
+ORT_SESSION = 1.15  # Mantis-1B fp32 run: 7.19 GB measured for 7.09 GB on disk (8.13 before chunked prefill)
 SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
 
 
@@ -85,9 +86,8 @@ def release_memory() -> None:
         pass  # not glibc: the allocator keeps what it keeps
 
 
-def checkpoint_parameters(model_dir: str | Path) -> int:
-    """Number of weights in a checkpoint's *.safetensors files, from their headers only."""
-    total = 0
+def _safetensors_headers(model_dir: str | Path) -> Iterator[tuple[Path, dict]]:
+    """(file, header) of each *.safetensors file in a checkpoint, read without its weights."""
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         try:
             with open(path, "rb") as f:
@@ -95,15 +95,47 @@ def checkpoint_parameters(model_dir: str | Path) -> int:
                 if length > SAFETENSORS_HEADER_MAX:
                     raise ValueError(f"header of {length} bytes")
                 header = json.loads(f.read(length))
-            for name, entry in header.items():
-                if name != "__metadata__":
-                    count = 1
-                    for dim in entry["shape"]:
-                        count *= int(dim)
-                    total += count
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        yield path, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def checkpoint_parameters(model_dir: str | Path) -> int:
+    """Number of weights in a checkpoint's *.safetensors files, from their headers only."""
+    total = 0
+    for path, header in _safetensors_headers(model_dir):
+        try:
+            for entry in header.values():
+                count = 1
+                for dim in entry["shape"]:
+                    count *= int(dim)
+                total += count
+        except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     return total
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def checkpoint_float_dtype(model_dir: str | Path) -> str | None:
+    """The safetensors dtype ("BF16", "F16", "F32") every floating tensor of the checkpoint is stored
+    in, or None when they are mixed (or there are none)."""
+    kinds = {entry.get("dtype") for _path, header in _safetensors_headers(model_dir) for entry in header.values()
+             if isinstance(entry, dict) and entry.get("dtype") in FLOAT_DTYPES}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def loading_overhead(model_dir: str | Path) -> int:
+    """What loading holds beside the fp32 model at its peak. A checkpoint stored in one 16-bit type
+    loads mapped and is upcast tensor by tensor, each tensor's file pages let go once converted
+    (runtimes.torch.load_hf_model): about nothing. Otherwise transformers converts while the whole
+    file stays mapped: its size (a bf16 Mantis-1B: 9.7 GB measured against 6.2 + 3.1 + 0.5)."""
+    if checkpoint_float_dtype(model_dir) in ("BF16", "F16"):
+        return 0
+    return checkpoint_bytes(model_dir)
 
 
 @dataclass
@@ -133,15 +165,14 @@ def checkpoint_bytes(model_dir: str | Path) -> int:
 
 
 def export_steps(params: int, *, formats: Iterable[str], precisions: Iterable[str], verify: bool,
-                 checkpoint_size: int = 0) -> list[Step]:
-    """The peaks of `edgelmm export` for a checkpoint of `params` weights stored in `checkpoint_size`
-    bytes. The fp32 PyTorch model is the floor: export, GGUF writing and the reference's verify pass
-    all run it, one at a time. Loading it holds the mapped checkpoint beside the fp32 copy (a bf16
-    Mantis-1B: 9.7 GB measured against 6.2 + 3.1 + 0.5 estimated)."""
+                 load_overhead: int = 0) -> list[Step]:
+    """The peaks of `edgelmm export` for a checkpoint of `params` weights, whose loading holds
+    `load_overhead` bytes beside the model (loading_overhead). The fp32 PyTorch model is the floor:
+    export, GGUF writing and the reference's verify pass all run it, one at a time."""
     formats, precisions = set(formats), set(precisions)
     fp32 = params * 4
     model = PROCESS_BASE + fp32
-    steps = [Step("loading the fp32 PyTorch model", model + checkpoint_size,
+    steps = [Step("loading the fp32 PyTorch model", model + load_overhead,
                   "Every export starts from the fp32 model; free memory or export on a larger machine "
                   "(the bundle it writes runs in far less: see `edgelmm info` there).")]
     if "onnx" in formats:
@@ -162,14 +193,50 @@ def session_step(label: str, weight_bytes: int, extra: int = 0, hint: str = "", 
     return Step(label, base + int(ORT_SESSION * weight_bytes) + extra, hint)
 
 
-def verify_steps(params: int, bundle, checks: Iterable[tuple[str, str]], checkpoint_size: int = 0) -> list[Step]:
+def verify_steps(params: int, bundle, checks: Iterable[tuple[str, str]], load_overhead: int = 0) -> list[Step]:
     """`edgelmm verify`: the fp32 reference first, then each candidate runtime alone."""
-    steps = [Step("the fp32 PyTorch reference", PROCESS_BASE + params * 4 + checkpoint_size,
+    steps = [Step("the fp32 PyTorch reference", PROCESS_BASE + params * 4 + load_overhead,
                   "Verify on a larger machine; the export's own verify report is in the manifest.")]
     for backend, precision in checks:
         fmt = {"onnxruntime": "onnx", "llamacpp": "gguf"}.get(backend, backend)
         steps.append(session_step(f"the {precision} {backend} artifact set",
                                   artifact_set_bytes(bundle.manifest, fmt, precision), base=PROCESS_BASE))
+    return steps
+
+
+# The quantizers' working copies, as multiples of the fp32 graph they read (onnx holds the graph
+# with its weights; the INT4 writer adds the packed blocks, INT8 calibration runs an augmented copy
+# of the vision graph in its own session). Checked against benchmarks/scale.py's calibrate runs.
+INT4_QUANTIZER = 1.4
+INT8_VISION_QUANTIZER = 2.5
+INT8_DECODER_QUANTIZER = 1.5
+
+
+def calibrate_steps(manifest: dict, precisions: Iterable[str], graphs: dict[str, dict[str, str]]) -> list[Step]:
+    """`edgelmm calibrate`: the fp32 sessions that make the held-out answers, then each quantizer
+    alone on its graph, then each new precision's sessions alone. `graphs` maps a precision to the
+    variant of each graph it uses (calib.QUANTIZED_PRECISIONS)."""
+    def graph_bytes(graph: str) -> int:
+        return sum(f["size"] for art in manifest["artifacts"] if art["format"] == "onnx"
+                   and art["precision"] == "fp32" and art["graph"] == graph for f in art["files"])
+
+    fp32 = artifact_set_bytes(manifest, "onnx", "fp32")
+    steps = [session_step("the fp32 ONNX Runtime reference", fp32, hint="Calibrate on a larger machine (or on the "
+                          "workstation that exported the bundle) and copy the bundle back.")]
+    variants = {(g, v) for p in precisions for g, v in graphs[p].items() if v != "fp32"}
+    factors = {("vision", "int8"): INT8_VISION_QUANTIZER, ("decoder", "int4"): INT4_QUANTIZER,
+               ("decoder", "int8"): INT8_DECODER_QUANTIZER}
+    for graph, variant in sorted(variants):
+        steps.append(Step(f"the {variant.upper()} {graph} quantizer",
+                          RUNTIME_BASE + int(factors[graph, variant] * graph_bytes(graph)),
+                          f"Leave {variant} out of --precision, or calibrate on a larger machine."))
+    for p in precisions:
+        # a quantized set is smaller than fp32 on disk; its sessions are estimated from fp32 sizes of
+        # the graphs it keeps and the quantized graph at a quarter (INT8) or a sixth (INT4) of fp32
+        shrink = {"fp32": 1.0, "int8": 0.25, "int4": 0.17}
+        size = sum(int(shrink[v] * graph_bytes(g)) for g, v in graphs[p].items())
+        steps.append(session_step(f"measuring {p} against fp32", size,
+                                  hint=f"Leave {p} out of --precision."))
     return steps
 
 

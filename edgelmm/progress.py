@@ -1,6 +1,7 @@
 """Progress of long steps. On a terminal, rich's live status line; anywhere else (a log file, CI, a
 pipe, a benchmark harness) a live line prints nothing at all, so each new message becomes a
-timestamped line instead: a 30-minute export must not look hung."""
+timestamped line instead: a 30-minute export must not look hung. A step's last line says how much
+memory the process holds and has held at most, so a log shows which step set the peak."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class _Lines:
         line = message if total is None else f"{message} ({done}/{total})"
         if line != self.last:
             self.last = line
-            self.console.print(f"[{time.monotonic() - self.start:7.1f}s] {line}", highlight=False, markup=False)
+            self.console.print(f"[{time.monotonic() - self.start:7.1f}s] {line}", highlight=False, markup=False,
+                               soft_wrap=True)  # one line per message in a log, whatever its length
 
 
 @contextmanager
@@ -36,7 +38,18 @@ def status(console: Console, message: str) -> Iterator[Callable[..., None]]:
         lines = _Lines(console)
         lines.update(message)
         yield lines.update
-        console.print(f"[{time.monotonic() - lines.start:7.1f}s] done: {message}", highlight=False, markup=False)
+        console.print(f"[{time.monotonic() - lines.start:7.1f}s] done: {message}{_memory()}", highlight=False,
+                      markup=False, soft_wrap=True)
+
+
+def _memory() -> str:
+    """' (memory 3.1 GB, peak 4.2 GB)' from /proc (Linux); '' where it cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        now, peak = (int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return ""
+    return f" (memory {now / 1024 ** 3:.2f} GB, peak {peak / 1024 ** 3:.2f} GB)"
 
 
 def line_progress(console: Console) -> Callable[..., None]:

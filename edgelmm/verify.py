@@ -4,7 +4,8 @@ prefill-logit max |diff| and KL divergence, batch-2 (left-padded) logits, greedy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,11 @@ CASES = [
     Case("3-images", "Image 1 <image>, image 2 <image>, image 3 <image>: which one is abnormal?",
          [(72, 72), (50, 33), (40, 56)]),
 ]
+# Image tiles the verify prompts may take, per runtime. Every tile is a full vision-tower pass in the
+# reference and again in each candidate, and SmolVLM's processor makes 9-17 tiles of every image
+# (78 for the three cases: ~2 s each on two cores, three times over). The first two cases always
+# run (one image; two images with their own token counts); later ones while the total stays within.
+VERIFY_TILES = 48
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,9 +101,20 @@ def prefill_logits(pipe: Pipeline, embeds: np.ndarray, mask: np.ndarray, pos: np
     return pipe.backend.decode(embeds, mask, pos, pipe.backend.new_cache(embeds.shape[0]))
 
 
+def pixel_digest(vision) -> str:
+    """sha256 of a prompt's preprocessed tiles (and mask): what the reference saw, without keeping it."""
+    h = hashlib.sha256()
+    for a in (vision.pixel_values, vision.pixel_attention_mask):
+        if a is not None:
+            h.update(str((a.dtype, a.shape)).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class ReferenceCase:
-    prepared: Any               # PreparedPrompt
+    prepared: Any               # PreparedPrompt, its tiles dropped (SmolVLM: up to 17 tiles an image, 3 MB each)
+    pixels: str                 # pixel_digest of the dropped tiles
     features: np.ndarray        # [tiles, T, D]
     embeds: np.ndarray          # [1, n, D] merged prompt embeddings
     logits: np.ndarray          # [1, V] prefill logits
@@ -112,20 +129,30 @@ class ReferenceRun:
     cases: list[ReferenceCase]
     max_new_tokens: int
     backend: dict[str, Any]
+    skipped: list[dict[str, Any]]   # cases left out by the tile budget: name, reason
 
 
 def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun:
     from .testing.checkpoints import sample_images
 
-    cases = []
+    cases, skipped, tiles = [], [], 0
     for i, case in enumerate(CASES):
         images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
         prep = reference.prepare(case.prompt, images)
+        n_tiles = sum(prep.vision.tiles_per_image)
+        if i >= 2 and tiles + n_tiles > VERIFY_TILES:
+            skipped += [{"case": c.name, "reason": f"tile budget: {tiles} tiles verified, at most {VERIFY_TILES}"}
+                        for c in CASES[i:]]
+            break
+        tiles += n_tiles
         features = reference.image_features(prep.vision)
         embeds = reference.merged_embeddings(prep, features)
         logits, tokens = reference.greedy_from_embeddings(embeds, max_new_tokens)
-        cases.append(ReferenceCase(prep, features, embeds, logits, tokens))
-    return ReferenceRun(cases, max_new_tokens, reference.backend.describe())
+        kept = replace(prep, vision=replace(prep.vision, pixel_values=prep.vision.pixel_values[:0],
+                                            pixel_attention_mask=None if prep.vision.pixel_attention_mask is None
+                                            else prep.vision.pixel_attention_mask[:0]))
+        cases.append(ReferenceCase(kept, pixel_digest(prep.vision), features, embeds, logits, tokens))
+    return ReferenceRun(cases, max_new_tokens, reference.backend.describe(), skipped)
 
 
 def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: str = "fp32", max_new_tokens: int = 16,
@@ -145,7 +172,8 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
         prep = ref.prepared
         cand_prep = candidate.prepare(case.prompt, images)
         ids_equal = cand_prep.input_ids.tolist() == prep.input_ids.tolist()
-        rf, cf = ref.features, candidate.image_features(prep.vision)
+        pixels_equal = pixel_digest(cand_prep.vision) == ref.pixels
+        rf, cf = ref.features, candidate.image_features(cand_prep.vision)
         re_, ce = ref.embeds, candidate.merged_embeddings(prep, cf)
         n = re_.shape[1]
         ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
@@ -154,6 +182,7 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
         # The decoder alone: the candidate's decoder on the reference's own input embeddings.
         dl = prefill_logits(candidate, re_, ones, pos)
         cases.append({"case": case.name, "images": len(images), "prompt_tokens": n, "prompt_ids_equal": ids_equal,
+                      "pixels_equal": pixels_equal,
                       "vision_max_abs": float(np.abs(rf - cf).max()), "vision_cosine_min": cosine_min(rf, cf),
                       "logits_max_abs": float(np.abs(rl - cl).max()), "logits_kl": kl_divergence(rl, cl),
                       "decoder_logits_max_abs": float(np.abs(rl - dl).max()),
@@ -203,5 +232,8 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
             failures.append(f"{key} = {value:.3g} (limit {limit:.3g})")
     if not all(c["prompt_ids_equal"] for c in cases):
         failures.append("prompt token ids differ between the bundle and the reference")
+    if not all(c["pixels_equal"] for c in cases):
+        failures.append("preprocessed pixels differ between the bundle and the reference")
     return {"precision": precision, "backend": candidate.backend.describe(), "thresholds": limits,
-            "summary": summary, "cases": cases, "passed": not failures, "failures": failures}
+            "summary": summary, "cases": cases, "skipped_cases": reference.skipped, "passed": not failures,
+            "failures": failures}

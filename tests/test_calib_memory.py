@@ -54,15 +54,17 @@ def test_ranges_streamed_tile_by_tile_equal_ranges_from_every_tile_at_once(bundl
     at_once.collect_data(FeedReader(feeds))
     want = at_once.compute_data()
 
-    sizes = []
+    sizes, arenas = [], set()
     for cls in (MinMaxCalibrater, HistogramCalibrater):
         def spy(self, reader, real=cls.collect_data):
             sizes.append(len(reader))
+            arenas.add(self.infer_session.get_session_options().enable_cpu_mem_arena)
             return real(self, reader)
         monkeypatch.setattr(cls, "collect_data", spy)
     tiles = _calibrate_ranges(src, feeds, kind, list(COMPUTE_OP_TYPES), tmp_path / "ranges.json", tmp_path, False)
     got = load_tensors_data(tmp_path / "ranges.json")
     assert tiles == len(feeds) == 24 and set(sizes) == {1}  # one tile per collect_data call
+    assert arenas == {False}  # each tile's activations go back when its run ends
     assert len(sizes) == (1 if method == "minmax" else 2) * len(feeds)
     assert set(got.keys()) == set(want.keys())
     # Percentile bins |x| from 0 where ORT bins from the smallest |x|: the same up to one bin.

@@ -142,3 +142,38 @@ def test_exported_weights_do_not_outlive_the_model(checkpoint, tmp_path):
     del pipe, model
     gc.collect()
     assert sum(w() is not None for w in weights) == 0
+
+
+@pytest.mark.parametrize("kind", ["llava-siglip", "idefics3"])
+def test_16_bit_checkpoints_upcast_to_the_weights_fp32_loading_gives(checkpoint, tmp_path, kind):
+    """A bf16 checkpoint is loaded mapped and upcast tensor by tensor (its file pages let go as it
+    goes): every parameter and buffer equals from_pretrained(dtype=float32)'s, ties stay ties, and
+    the budget counts no mapped file beside the model."""
+    import shutil
+
+    import torch
+
+    from edgelmm.families import detect
+    from edgelmm.memory import checkpoint_bytes, checkpoint_float_dtype, loading_overhead
+    from edgelmm.modelfiles import ModelFiles
+    from edgelmm.runtimes.torch import load_hf_model
+
+    src = checkpoint(kind)
+    family = detect(ModelFiles.open(src))
+    fp32 = load_hf_model(family)
+    assert checkpoint_float_dtype(src) == "F32" and loading_overhead(src) == checkpoint_bytes(src) > 0
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(src, bf16_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    fp32.to(torch.bfloat16).save_pretrained(bf16_dir)
+    assert checkpoint_float_dtype(bf16_dir) == "BF16" and loading_overhead(bf16_dir) == 0
+
+    upcast = load_hf_model(detect(ModelFiles.open(bf16_dir)))
+    direct = type(fp32).from_pretrained(bf16_dir, dtype=torch.float32)
+    want, got = direct.state_dict(), upcast.state_dict()
+    assert set(want) == set(got)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    for (name, a), (_, b) in zip(direct.named_buffers(), upcast.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    tied = direct.get_input_embeddings().weight is direct.get_output_embeddings().weight
+    assert (upcast.get_input_embeddings().weight is upcast.get_output_embeddings().weight) == tied

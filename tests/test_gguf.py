@@ -83,9 +83,11 @@ def test_quantized_types_are_written_and_run(gguf_bundle):
     q8 = read_gguf(path / "gguf/model.q8_0.gguf")
     assert q8.metadata["general.file_type"] == 7 and q8.tensors["blk.0.attn_q.weight"][0] == "Q8_0"
     assert read_gguf(path / "gguf/model.q4_k_m.gguf").metadata["general.file_type"] == 15
-    # The quantized LLMs share the F16 projector; the vision features stay within the F16 gate.
+    # The quantized LLMs share a Q8_0 projector; the vision features stay within the F16 gate.
     assert {a["file"] for a in manifest["artifacts"] if a["graph"] == "mmproj"} == {
-        "gguf/mmproj.f32.gguf", "gguf/mmproj.f16.gguf"}
+        "gguf/mmproj.f32.gguf", "gguf/mmproj.f16.gguf", "gguf/mmproj.q8_0.gguf"}
+    mm = read_gguf(path / "gguf/mmproj.q8_0.gguf")
+    assert mm.tensors["v.blk.0.attn_q.weight"][0] == "Q8_0" and mm.tensors["v.patch_embd.weight"][0] == "F16"
     for gtype in ("q8_0", "q4_k_m"):
         assert manifest["verify"][gtype]["summary"]["vision_cosine_min"] >= 0.999
         g = edgelmm.load(path, backend="llamacpp", precision=gtype).generate(

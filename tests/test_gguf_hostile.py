@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pair(checkpoint, tmp_path_factory):
-    """kind -> the exported bundle (LLM f32 + q8_0, mmproj f32 + f16), written once, not verified."""
+    """kind -> the exported bundle (LLM f32 + q8_0, mmproj f32 + q8_0), written once, not verified."""
     from edgelmm.export import export
 
     root, cache = tmp_path_factory.mktemp("hostile-gguf"), {}
@@ -330,7 +330,7 @@ def test_exported_files_pass_and_parse_as_gguf_py_reads_them(pair):
     what gguf-py's GGUFReader sees on the valid files."""
     import gguf
 
-    files = [pair("llava-siglip") / f for f in (LLM, MLP, "gguf/model.q8_0.gguf", "gguf/mmproj.f16.gguf")]
+    files = [pair("llava-siglip") / f for f in (LLM, MLP, "gguf/model.q8_0.gguf", "gguf/mmproj.q8_0.gguf")]
     files.append(pair("idefics3") / MLP)
     for path in files:
         info = validate_gguf(path)

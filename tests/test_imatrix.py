@@ -18,7 +18,7 @@ def test_importance_matrix_steers_llamacpp_quantization(tmp_path):
 
     pipe = edgelmm.load(reference_model(), backend="torch")
     family, model = pipe.family, pipe.backend.model
-    imx = compute_imatrix(family, model, collect("synthetic", 16, 0).samples, "synthetic")
+    imx = compute_imatrix(family, model, collect("synthetic", 16, 0).samples, "synthetic", max_tiles=64)
     text = family.config["text_config"]
     layers, hidden, ffn = text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
     assert len(imx.values) == 7 * layers + 1 and imx.prompts == 16 and imx.tokens > 16 * 20

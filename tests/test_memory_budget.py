@@ -95,6 +95,37 @@ def test_load_over_budget_names_the_smaller_sets(bundle, tmp_path):
     assert pipe.backend.precision == "fp32"
 
 
+def test_calibration_over_budget_is_refused_before_any_work(bundle, tmp_path):
+    import shutil
+
+    from edgelmm.bundle import open_bundle
+    from edgelmm.calib import QUANTIZED_PRECISIONS, calibrate
+    from edgelmm.memory import RUNTIME_BASE, artifact_set_bytes, calibrate_steps
+
+    path = tmp_path / "b"
+    shutil.copytree(bundle("llava-siglip"), path)
+    before = (path / "edgelmm.json").read_bytes()
+    manifest = open_bundle(path).manifest
+    steps = calibrate_steps(manifest, ["int8-vision+int4"], QUANTIZED_PRECISIONS)
+    assert [s.name for s in steps] == ["the fp32 ONNX Runtime reference", "the INT4 decoder quantizer",
+                                       "the INT8 vision quantizer", "measuring int8-vision+int4 against fp32"]
+    fp32 = artifact_set_bytes(manifest, "onnx", "fp32")
+    assert steps[0].need > fp32 > steps[-1].need - RUNTIME_BASE  # the quantized set is smaller than fp32
+    # Just under the largest step: refused before any work, naming the first step over the budget.
+    budget = max(s.need for s in steps) - 1
+    first = next(s for s in steps if s.need > budget)
+    with pytest.raises(MemoryBudgetError) as refused:
+        calibrate(path, ["int8-vision+int4"], max_memory=budget)
+    assert str(refused.value).startswith(f"calibrating b: {first.name} needs ~") and first.hint in str(refused.value)
+    files = sorted(p.name for p in path.iterdir() if p.name != ".edgelmm.lock")  # the writers' lock stays
+    assert (path / "edgelmm.json").read_bytes() == before and files == sorted(p.name for p in bundle("llava-siglip").iterdir())
+    r = cli("calibrate", path, "--precision", "int4", "--max-memory", "10M", "--json")
+    err = json.loads(r.stdout)
+    assert r.returncode == 2 and err["error"] == "MemoryBudgetError" and "fp32 ONNX Runtime reference" in err["message"]
+    r = cli("calibrate", path, "--precision", "int4", "--calib-tiles", "0")
+    assert r.returncode == 2 and "calib_tiles" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_one_reference_run_serves_several_candidates(bundle, pipelines):
     import edgelmm
     from edgelmm.verify import reference_run, verify
@@ -126,3 +157,36 @@ def test_progress_is_printed_as_lines_without_a_terminal(checkpoint, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.startswith("[")]
     assert any("exporting fp32 ONNX graphs" in line for line in lines)
     assert any(line.split("] ", 1)[1].startswith("done: exporting fp32") for line in lines)
+
+
+def test_verify_bounds_its_tiles_and_names_the_cases_left_out(bundle, pipelines, monkeypatch):
+    """SmolVLM's processor makes 9-17 tiles of every image: the verify prompts run while their tiles
+    stay within VERIFY_TILES (the one- and two-image cases always), and the report names the rest."""
+    import edgelmm
+    from edgelmm import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "VERIFY_TILES", 10)
+    candidate = edgelmm.load(bundle("idefics3"), backend="onnxruntime", provider="cpu")
+    answers = verify_module.reference_run(pipelines("idefics3"), max_new_tokens=4)
+    report = verify_module.verify(candidate, answers, max_new_tokens=4)
+    assert [c["case"] for c in report["cases"]] == ["1-image", "2-images"]
+    assert report["skipped_cases"] == [{"case": "3-images", "reason": "tile budget: 13 tiles verified, at most 10"}]
+    assert report["passed"] and all(c["pixels_equal"] for c in report["cases"])
+    # The reference keeps a digest of its tiles, not the tiles.
+    assert all(len(c.prepared.vision.pixel_values) == 0 for c in answers.cases)
+
+
+@pytest.mark.parametrize("config,chunk", [
+    ({"image_size": 512, "patch_size": 16, "num_attention_heads": 12}, 1),   # SmolVLM: 1024 patches
+    ({"image_size": 384, "patch_size": 14, "num_attention_heads": 16}, 1),   # SigLIP-so400m: 729
+    ({"image_size": 224, "patch_size": 14, "num_attention_heads": 16}, 4),   # CLIP-L/14 at 224: 257
+    ({"image_size": 32, "patch_size": 8, "num_attention_heads": 2}, 4),      # the tiny test towers
+    ({}, 4), ({"image_size": "x", "patch_size": 0}, 4), (["not", "a", "dict"], 4),
+])
+def test_vision_chunk_keeps_attention_scores_bounded(config, chunk):
+    from edgelmm.runtimes.onnxruntime import VISION_SCORES_BYTES, vision_chunk_for
+
+    assert vision_chunk_for(config) == chunk
+    if isinstance(config, dict) and config.get("num_attention_heads") and chunk > 1:
+        patches = (config["image_size"] // config["patch_size"]) ** 2 + 1
+        assert chunk * config["num_attention_heads"] * patches ** 2 * 4 <= VISION_SCORES_BYTES

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..bundle import Bundle, graph_file, update_bundle
 from ..errors import CalibrationError, QualityGateError
-from ..memory import release_memory
+from ..memory import calibrate_steps, check_budget, release_memory
 from .sources import CalibSample, CalibSet, collect
 
 # precision -> the variant of each graph it runs (file names: vision.int8.onnx, decoder.int4.onnx ...)
@@ -180,10 +180,11 @@ def _gptq_feeds(reference, samples: list[CalibSample], max_tiles: int) -> list[d
 
 def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: CalibrationOptions | None = None, *,
               progress: Callable[[str], None] | None = None, overwrite: bool = False,
-              verify_checksums: bool = True) -> CalibrationResult:
+              verify_checksums: bool = True, max_memory: int | None = None) -> CalibrationResult:
     """Add quantized `precisions` to the bundle at `bundle_dir`. Files are written into a hidden
     directory inside the bundle and the manifest is replaced atomically at the end, so an
-    interrupted or refused calibration leaves the bundle exactly as it was."""
+    interrupted or refused calibration leaves the bundle exactly as it was. Each step's memory is
+    checked against `max_memory` (bytes; default what is free) before any work starts."""
     (options or CalibrationOptions()).validate()  # every option, before the bundle is hashed or read
     from ..api import pipeline_for_bundle
     from .quantize import quantize_decoder_int4, quantize_decoder_int8_dynamic, quantize_vision_int8
@@ -204,6 +205,8 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         present = [p for p in precisions if p in have]
         if present and not overwrite:
             raise CalibrationError(f"{root}: already has {present}; pass overwrite=True / --overwrite to recalibrate")
+        check_budget(calibrate_steps(bundle.manifest, precisions, QUANTIZED_PRECISIONS), max_memory,
+                     f"calibrating {root.name}")
 
         say(f"reading calibration samples from {opts.samples}")
         calib_set = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)

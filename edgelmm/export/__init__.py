@@ -11,7 +11,7 @@ from rich.console import Console
 from ..bundle import (FORMAT_VERSION, build_versions, checkpoint_fingerprint, file_entry, open_bundle,
                       staging_dir, write_manifest)
 from ..errors import BundleError, ExportError
-from ..memory import check_budget, checkpoint_bytes, checkpoint_parameters, export_steps, release_memory
+from ..memory import check_budget, checkpoint_parameters, export_steps, loading_overhead, release_memory
 from ..modelfiles import PROMPT_FILES
 from ..progress import status
 
@@ -56,7 +56,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     to the formats) once they are verified, as `build-engines` does on a device."""
     from ..api import load, pipeline_for_bundle
     from ..calib import QUANTIZED_PRECISIONS, CalibrationOptions, calibrate
-    from ..export.gguf import GGUF_TYPES, export_gguf, gguf_support
+    from ..export.gguf import GGUF_TYPES, export_gguf, finish_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
     from ..runtimes.torch import load_hf_model
     from ..verify import reference_run
@@ -88,7 +88,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     check_output_dir(Path(out_dir), overwrite)
     model_dir = Path(model_dir)
     check_budget(export_steps(checkpoint_parameters(model_dir), formats=formats, precisions=precisions,
-                              verify=verify, checkpoint_size=checkpoint_bytes(model_dir)),
+                              verify=verify, load_overhead=loading_overhead(model_dir)),
                  max_memory, f"exporting {model_dir.name}")
     console = Console(stderr=True, quiet=quiet)
     with status(console, f"loading {model_dir.name}"):
@@ -106,7 +106,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, stage / name)
                 copied.append(name)
-        artifacts = []
+        artifacts, pending_quantization = [], []
         if "onnx" in formats and "fp32" in precisions:
             with status(console, "exporting fp32 ONNX graphs (vision, embed, decoder)"):
                 artifacts += export_onnx_graphs(family, reference.backend.model, stage, example_vision_inputs(family))
@@ -114,16 +114,17 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
             imatrix = None
             if gguf_imatrix and "q4_k_m" in gguf_types:
                 from ..calib.sources import collect
-                from .imatrix import compute_imatrix
+                from .imatrix import IMATRIX_TILES, compute_imatrix
 
                 opts = calibration or CalibrationOptions()
                 with status(console, "importance matrix for q4_k_m") as update:
                     samples = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
                     imatrix = compute_imatrix(family, reference.backend.model, samples.samples, opts.samples,
-                                              progress=update, max_tiles=opts.calib_tiles)
+                                              progress=update,
+                                              max_tiles=min(opts.calib_tiles, IMATRIX_TILES))
             with status(console, "writing GGUF files") as update:
                 artifacts += export_gguf(family, reference.backend.model, stage, gguf_types, force=force,
-                                         progress=update, imatrix=imatrix)
+                                         progress=update, imatrix=imatrix, pending=pending_quantization)
         # Memory is bounded by the model, not a multiple of it: the reference's answers on the verify
         # prompts are kept and its weights released before anything else loads the same weights
         # again (an fp16 copy, an ONNX Runtime session, llama.cpp).
@@ -133,6 +134,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                 reference_answers = reference_run(reference)
         del reference
         release_memory()
+        if pending_quantization:  # file to file: after the model is gone
+            with status(console, "quantizing GGUF files with llama.cpp") as update:
+                finish_gguf(pending_quantization, progress=update)
         if "onnx" in formats and "fp16" in precisions:
             with status(console, "exporting fp16 ONNX graphs (vision, embed, decoder)"):
                 half = load_hf_model(family, "float16")

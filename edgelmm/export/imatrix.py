@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..calib import DEFAULT_CALIB_TILES
 from ..errors import ExportError
 
 # HF module name in a decoder layer -> GGUF tensor name stem (Llama and Mistral text models alike)
@@ -31,9 +30,10 @@ LAYER_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "se
 # prompt of three images: ~100 s on two cores), so 64 prompts would take the export hours.
 IMATRIX_TOKENS = 4096
 
-# Tiles per PyTorch vision-tower call: one SmolVLM image is 17 tiles of 1024 patches, and a whole
-# prompt in one batch holds gigabytes of activations.
-VISION_CHUNK = 4
+# Image tiles the importance matrix runs through the vision tower, at most. The matrix weighs the
+# LLM's input columns, of which image tokens are one part; every tile costs a full vision pass
+# (SmolVLM, 17 tiles an image: ~1.5 s each on two cores, the export's largest cost at 256 tiles).
+IMATRIX_TILES = 32
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ImportanceMatrix:
 
 
 def compute_imatrix(family, model, samples, source: str, progress: Callable[[str], Any] | None = None,
-                    max_tiles: int = DEFAULT_CALIB_TILES, max_tokens: int = IMATRIX_TOKENS) -> ImportanceMatrix:
+                    max_tiles: int = IMATRIX_TILES, max_tokens: int = IMATRIX_TOKENS) -> ImportanceMatrix:
     """Run the calibration samples (CalibSample: messages with answers, images) through the PyTorch
     model and collect each text linear layer's input-column mean squares, lm_head included.
 
@@ -117,7 +117,7 @@ def compute_imatrix(family, model, samples, source: str, progress: Callable[[str
                 if prompts and tiles + n_tiles > max_tiles:
                     skipped["tile budget"] = len(samples) - k
                     break
-                embeds = torch.from_numpy(pipe.merged_embeddings(prep, _features(pipe, prep.vision))).to(dtype)
+                embeds = torch.from_numpy(pipe.merged_embeddings(prep)).to(dtype)
                 n = embeds.shape[1]
                 out = parts.decoder(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long),
                                     position_ids=torch.arange(n)[None], use_cache=False)
@@ -141,12 +141,3 @@ def compute_imatrix(family, model, samples, source: str, progress: Callable[[str
                           "the calibration prompts)")
     return ImportanceMatrix(values, tokens, prompts, source, skipped, tiles)
 
-
-def _features(pipe, vision) -> np.ndarray | None:
-    """The prompt's image features, VISION_CHUNK tiles per vision-tower call."""
-    if not vision.num_images:
-        return None
-    mask = vision.pixel_attention_mask
-    return np.concatenate([pipe.backend.encode_images(vision.pixel_values[i:i + VISION_CHUNK],
-                                                      None if mask is None else mask[i:i + VISION_CHUNK])
-                           for i in range(0, len(vision.pixel_values), VISION_CHUNK)])

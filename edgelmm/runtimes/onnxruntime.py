@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
+from ..calib import QUANTIZED_PRECISIONS
 from ..errors import BackendUnavailable, BundleError
 from ..onnx_file import check_external_data
 from ..options import check_int, check_threads
@@ -74,16 +75,32 @@ class GpuOptions:
 
 
 # Tiles per vision-graph run: enough to keep the matmuls efficient, few enough that the arena stays
-# bounded whatever the number of images in a prompt.
+# bounded whatever the number of images in a prompt: at most VISION_CHUNK, and at most what keeps
+# one layer's attention scores [tiles, heads, patches, patches] within VISION_SCORES_BYTES (the
+# arena keeps its largest run: SmolVLM's 1024-patch tiles four at a time held ~3 GB).
 VISION_CHUNK = 4
+VISION_SCORES_BYTES = 64 << 20
+
+
+def vision_chunk_for(vision_config: dict) -> int:
+    """Tiles per vision run for a tower of this config (image_size, patch_size, num_attention_heads)."""
+    try:
+        side = int(vision_config["image_size"]) // int(vision_config["patch_size"])
+        heads = int(vision_config.get("num_attention_heads", 1))
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return VISION_CHUNK
+    patches = side * side + 1  # CLIP's class token; one row more is harmless for SigLIP
+    return max(1, min(VISION_CHUNK, VISION_SCORES_BYTES // max(1, heads * patches * patches * 4)))
+
+
 # Prompt positions per decoder run in a prefill (see OnnxRuntimeBackend.decode).
 PREFILL_CHUNK = 512
 # On the CPU provider ONNX Runtime maps a graph's external data and, by default, packs every MatMul
 # weight into a heap copy for its GEMM kernels: 1.5x the weights resident. Graphs above this size
 # run from the mapped weights instead (prefill ~15% slower, decode the same, measured on a 200M
-# model; 1.0x resident): at 1-3B parameters memory decides what runs at all. Small graphs keep
-# the packed kernels.
-PREPACK_LIMIT = 1 << 30
+# model; 1.0x resident): from SmolVLM-256M's 0.5 GB decoder up, memory decides what runs at all
+# (a two-photo SmolVLM run on a 2.5 GB budget). Small graphs and quantized ones keep the packed kernels.
+PREPACK_LIMIT = 256 << 20
 
 
 class OrtCache:
@@ -157,7 +174,10 @@ class OnnxRuntimeBackend:
             path = bundle.path(art)
             # ONNX Runtime opens the graph's external data itself: only files the manifest hashes.
             check_external_data(bundle.root, art["file"], {e["file"] for e in art["files"]})
-            self.prepacked[graph] = sum(f["size"] for f in art["files"]) < PREPACK_LIMIT
+            # Quantized graphs keep their packed kernels whatever their size: MatMulNBits unpacked
+            # decodes a Mantis-1B INT4 decoder at 0.3 tokens/s instead of 2.6, in about the same memory.
+            quantized = QUANTIZED_PRECISIONS.get(precision, {}).get(graph, "fp32") != "fp32"
+            self.prepacked[graph] = quantized or sum(f["size"] for f in art["files"]) < PREPACK_LIMIT
             try:
                 sess = ort.InferenceSession(str(path), sess_options=session_options(self.prepacked[graph]),
                                             providers=providers)
