@@ -235,19 +235,25 @@ def print_model(name: str, m: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in m["rows"]:
         if "error" in r:
-            print(f"| {r['backend']} | {r['precision']} | failed: {r['error']} |||||")
+            print(f"| {path_name(r)} | {r['precision']} | failed: {r['error']} |||||")
             continue
         vis = (f"{r['vision_ms_per_image_1']['median']:.2f} / {r['vision_ms_per_image_4']['median']:.2f}"
                if "vision_ms_per_image_1" in r else "-")
         ttft = f"{r['ttft_ms']['median']:.1f}" if "ttft_ms" in r else "-"
         roof = f"{100 * r['roofline_fraction']:.0f}%" if "roofline_fraction" in r else "-"
-        print(f"| {r['backend']} | {r['precision']} | {vis} | {ttft} | {r['prefill_tokens_per_s']['median']:.0f} | "
+        print(f"| {path_name(r)} | {r['precision']} | {vis} | {ttft} | {r['prefill_tokens_per_s']['median']:.0f} | "
               f"{r['decode_tokens_per_s']['median']:.1f} | {roof} |", flush=True)
 
 
-def _decode(rows, backend, precision=None):
+def path_name(r: dict) -> str:
+    """A row's path: the backend, and for ONNX Runtime its decoder layout (plain or fused)."""
+    return r["backend"] + (f" {r['layout']}" if r.get("layout") else "")
+
+
+def _decode(rows, backend, precision=None, layout=None):
     for r in rows:
-        if r["backend"] == backend and (precision is None or r["precision"] == precision) and "error" not in r:
+        if r["backend"] == backend and (precision is None or r["precision"] == precision) and "error" not in r \
+                and (layout is None or r.get("layout") == layout):
             return r["decode_tokens_per_s"]["median"]
     return None
 
@@ -263,15 +269,21 @@ def ratios(result: dict) -> dict:
         vis = {r["precision"]: r["vision_ms_per_image_1"]["median"] for r in rows if r["backend"] == "onnxruntime"}
         vis4 = {r["precision"]: r["vision_ms_per_image_4"]["median"] for r in rows if r["backend"] == "onnxruntime"}
         out[name] = {
-            "fastest_edgelmm_cpu": f"{fastest['backend']} {fastest['precision']}",
+            "fastest_edgelmm_cpu": f"{path_name(fastest)} {fastest['precision']}",
             "fastest_vs_pytorch_eager": round(fastest["decode_tokens_per_s"]["median"] / eager, 2),
             "gguf_q4_k_m_vs_raw_llamacpp": round(_decode(rows, "llamacpp", "q4_k_m") /
                                                  _decode(rows, "llama.cpp-raw", "q4_k_m"), 3),
             "gguf_f16_vs_raw_llamacpp": round(_decode(rows, "llamacpp", "f16") / _decode(rows, "llama.cpp-raw", "f16"), 3),
-            "roofline_fraction": {f"{r['backend']} {r['precision']}": r["roofline_fraction"] for r in edgelmm_cpu},
+            "roofline_fraction": {f"{path_name(r)} {r['precision']}": r["roofline_fraction"] for r in edgelmm_cpu},
+            "step_2000_vs_100": {f"{path_name(r)} {r['precision']}": round(r["decode_ms_at_context"]["2000"] /
+                                                                          r["decode_ms_at_context"]["100"], 3)
+                                 for r in edgelmm_cpu if {"100", "2000"} <= set(r.get("decode_ms_at_context", {}))},
             "int8_vision_vs_fp32_1_image": round(vis["fp32"] / vis["int8-vision+int4"], 2),
             "int8_vision_vs_fp32_4_images": round(vis4["fp32"] / vis4["int8-vision+int4"], 2),
         }
+        fused, plain = (_decode(rows, "onnxruntime", "int8-vision+int4", layout) for layout in ("fused", "plain"))
+        if fused and plain:
+            out[name]["int4_fused_vs_plain"] = round(fused / plain, 3)
         compiled = _decode(rows, "pytorch-compile")
         if compiled:
             out[name]["fastest_vs_pytorch_compile"] = round(fastest["decode_tokens_per_s"]["median"] / compiled, 2)
@@ -290,7 +302,7 @@ def plot(result: dict, path: Path) -> None:
             if "error" in r:
                 continue
             ours = r["backend"] in ("tensorrt", "onnxruntime", "llamacpp")
-            label = f"{'edgelmm ' if ours else ''}{r['backend']} {r['precision']}"
+            label = f"{'edgelmm ' if ours else ''}{path_name(r)} {r['precision']}"
             series.setdefault(label, []).append((m["parameters"] / 1e6, r["decode_tokens_per_s"]["median"]))
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, points in sorted(series.items()):

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from .bundle import Bundle, is_bundle, open_bundle
 from .errors import BackendUnavailable, OptionError
+from .manifest import FUSED_DECODER
 from .families import detect
 from .memory import (PROCESS_BASE, Step, artifact_set_bytes, check_budget, checkpoint_parameters, gib, loading_overhead,
                      kv_cache_bytes, session_step)
 from .modelfiles import ModelFiles, check_model_dir
-from .options import check_threads
+from .options import check_choice, check_threads
 from .pipeline import Pipeline
 from .runtimes.onnxruntime import nvidia_gpu_present
 
@@ -34,6 +35,15 @@ ORT_CPU_PREFERENCE = ("int8-vision+int4", "int4", "int8", "fp32")
 # INT8 QDQ vision graph, which it runs as extra Quantize/Dequantize kernels (H100: 2.0 ms/image vs
 # 1.15 in fp32). The TensorRT provider fuses QDQ, so it keeps the CPU order after fp16.
 ORT_CUDA_PREFERENCE = ("fp16", "int4", "fp32")
+
+
+LAYOUTS = ("auto", "plain", "fused")
+
+
+def onnx_layouts(bundle: Bundle, precision: str) -> list[str]:
+    """The ONNX decoder layouts the bundle has for a precision: plain, and fused where exported."""
+    graphs = {a["graph"] for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == precision}
+    return [layout for layout, graph in (("plain", "decoder"), ("fused", FUSED_DECODER)) if graph in graphs]
 
 
 def pick_precision(bundle: Bundle, provider: str) -> str:
@@ -74,7 +84,7 @@ def bundle_backend(bundle: Bundle, backend: str) -> str:
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
                         threads: int | None = None, precision: str = "auto", *,
                         gpu_layers: int | None = None, max_context: int | None = None, gpu_options=None,
-                        max_memory: int | None = None) -> Pipeline:
+                        max_memory: int | None = None, layout: str = "auto") -> Pipeline:
     """A Pipeline over one of the bundle's artifact sets. backend="auto" with provider="auto" takes
     the first usable candidate of `runtimes.select.plan` (TensorRT engines, ONNX Runtime on the GPU,
     llama.cpp offloaded, then the CPU) and records why in describe()["selection"]. Artifacts that run
@@ -96,6 +106,8 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
     elif backend == "auto":
         backend = "onnxruntime"  # a provider was named: providers are ONNX Runtime's
     backend = bundle_backend(bundle, backend)
+    if layout != "auto" and backend != "onnxruntime":
+        raise OptionError(f"a decoder layout (--layout {layout}) is ONNX Runtime's; backend {backend!r} has one")
     if precision != "auto":
         have = bundle_precisions(bundle, BACKEND_FORMAT[backend])
         if precision not in have:
@@ -131,7 +143,8 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
         if provider == "cpu" or not nvidia_gpu_present():
             _check_load_budget(bundle, "onnx", precision, max_memory)
         runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision, gpu=gpu_options,
-                                     vision_chunk=vision_chunk_for(family.config.get("vision_config") or {}))
+                                     vision_chunk=vision_chunk_for(family.config.get("vision_config") or {}),
+                                     layout=layout)
     return Pipeline(files, family, runtime, selection=selection)
 
 
@@ -151,7 +164,7 @@ def _check_load_budget(bundle: Bundle, fmt: str, precision: str, budget: int | N
 def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
          threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
          device: str = "cpu", gpu_layers: int | None = None, max_context: int | None = None,
-         gpu_options=None, max_memory: int | None = None) -> Pipeline:
+         gpu_options=None, max_memory: int | None = None, layout: str = "auto") -> Pipeline:
     """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
     Pipeline over the chosen backend.
 
@@ -167,20 +180,26 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     Runtime's GPU providers: device id, fp16, the TensorRT provider's engine cache directory.
     A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
+    layout: ONNX Runtime's decoder, "fused" (GroupQueryAttention, KV cache written in place: the
+    decode step does not grow with the context), "plain" (the traced graph), or "auto" (fused where
+    the bundle has it for the precision, except on the TensorRT provider).
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     check_threads(threads)  # before a bundle's checksums are hashed or any weights load
+    check_choice("decoder layout (--layout)", layout, LAYOUTS)
     check_model_dir(path)   # a typed error for a path the OS cannot even look up (is_bundle would raise)
     if is_bundle(path):
         return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
                                    gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options,
-                                   max_memory=max_memory)
+                                   max_memory=max_memory, layout=layout)
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
     if backend not in ("auto", "torch"):
         raise BackendUnavailable(f"backend {backend!r} needs a bundle; export one with `edgelmm export` "
                                  f"(a checkpoint runs on 'torch'; backends: {', '.join(BACKENDS)})")
+    if layout != "auto":
+        raise OptionError(f"a decoder layout (--layout {layout}) is ONNX Runtime's: a checkpoint runs on PyTorch")
     from .runtimes.torch import TorchBackend
 
     if device == "cpu":

@@ -34,6 +34,7 @@ import numpy as np
 from .api import BACKEND_FORMAT
 from .bundle import open_bundle
 from .errors import BackendUnavailable, EdgeLMMError, OptionError
+from .manifest import FUSED_DECODER
 
 BACKEND_ORDER = ("tensorrt", "onnxruntime", "llamacpp")
 
@@ -78,6 +79,9 @@ class BenchOptions:
     image_size: tuple[int, int] = (480, 640)  # a camera frame
     prompt_images: int = 2                  # images in the prompt timed for TTFT, prefill and decode
     bandwidth_mib: int = 256
+    # Decode step time after this many positions of context (decoder only, random embeddings): a
+    # step whose cache is copied or re-laid out every token grows with it; an in-place one barely.
+    context_probe: Sequence[int] = (100, 2000)
 
     def validate(self) -> None:
         """Before the bundle opens: an OptionError naming the option (--backends, --threads, --repeats,
@@ -110,6 +114,8 @@ class BenchOptions:
             raise OptionError(f"image_size must be (height, width), got {self.image_size!r}")
         for side in self.image_size:
             check_int("image_size", side, 1, 8192)
+        for n in self.context_probe:
+            check_int("context_probe", n, 1)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -125,7 +131,7 @@ def bench_images(n: int, size: tuple[int, int]) -> list[np.ndarray]:
     return [np.kron(b, np.ones((16, 16, 1), np.uint8))[:h, :w] for b in base]
 
 
-def decode_weight_bytes(bundle, backend: str, precision: str) -> int:
+def decode_weight_bytes(bundle, backend: str, precision: str, layout: str | None = None) -> int:
     """Bytes of weights one decode step reads: the decoder (lm_head included), not the embedding
     table (one row of it per token), unless the output layer reuses it (tied embeddings)."""
     arts = [a for a in bundle.manifest["artifacts"] if a["precision"] == precision]
@@ -137,20 +143,20 @@ def decode_weight_bytes(bundle, backend: str, precision: str) -> int:
         sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
         tied = "output.weight" not in sizes
         return sum(n for name, n in sizes.items() if name != "token_embd.weight" or tied)
-    dec = next(a for a in arts if a["format"] == BACKEND_FORMAT[backend] and a["graph"] == "decoder")
+    graph = FUSED_DECODER if layout == "fused" else "decoder"
+    dec = next(a for a in arts if a["format"] == BACKEND_FORMAT[backend] and a["graph"] == graph)
     return sum(e["size"] for e in dec["files"])
 
 
 def artifact_bytes(bundle, backend: str, precision: str) -> int:
-    fmt = BACKEND_FORMAT[backend]
-    files = {e["file"]: e["size"] for a in bundle.manifest["artifacts"]
-             if a["format"] == fmt and a["precision"] == precision for e in a["files"]}
-    return sum(files.values())
+    from .memory import artifact_set_bytes
+
+    return artifact_set_bytes(bundle.manifest, BACKEND_FORMAT[backend], precision)
 
 
-def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str]], list[str]]:
-    """(backend, precision) pairs to run, and why others were left out."""
-    from .api import bundle_formats, bundle_precisions
+def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str, str | None]], list[str]]:
+    """(backend, precision, ONNX decoder layout or None) to run, and why others were left out."""
+    from .api import bundle_formats, bundle_precisions, onnx_layouts
     from .runtimes.select import probe
 
     formats = bundle_formats(bundle)
@@ -168,20 +174,24 @@ def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str]], list[
         if backend != "onnxruntime" and not probe(backend).runs:  # ONNX Runtime always has its CPU provider
             skipped.append(f"{backend}: {probe(backend).detail}")
             continue
-        out += [(backend, p) for p in bundle_precisions(bundle, fmt)]
+        for p in bundle_precisions(bundle, fmt):
+            out += [(backend, p, layout) for layout in onnx_layouts(bundle, p)] if backend == "onnxruntime" \
+                else [(backend, p, None)]
     return out, skipped
 
 
-def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions) -> dict[str, Any]:
-    """One (backend, precision) in this process (the worker side of `bench`)."""
+def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions,
+            layout: str | None = None) -> dict[str, Any]:
+    """One (backend, precision[, layout]) in this process (the worker side of `bench`)."""
     from .api import pipeline_for_bundle
 
     bundle = open_bundle(bundle_dir)
     provider = "cpu" if backend == "onnxruntime" else "auto"
     gpu_before = _gpu_free()
     pipe = pipeline_for_bundle(bundle, backend=backend, provider=provider, threads=options.threads,
-                               precision=precision)
+                               precision=precision, **({"layout": layout} if layout else {}))
     row = measure_pipeline(pipe, options)
+    row["decode_ms_at_context"] = context_scaling(pipe.backend, options.context_probe, pipe.files.context_length)
     describe = pipe.describe()
     kv_bytes = (4 if describe["kv_cache_type"] == "f32" else 2) if backend == "llamacpp" else \
         np.dtype(pipe.backend.kv_dtype).itemsize
@@ -189,10 +199,10 @@ def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions
     mean_ctx = row["prompt_tokens"] + options.new_tokens / 2
     kv_read = 2 * text["num_layers"] * text["num_kv_heads"] * text["head_dim"] * kv_bytes * mean_ctx
     gpu_after = _gpu_free()
-    return {"backend": backend, "precision": precision, **row,
+    return {"backend": backend, "precision": precision, **({"layout": layout} if layout else {}), **row,
             "gpu_memory_mib": round((gpu_before - gpu_after) / (1 << 20), 1) if gpu_before and gpu_after else None,
             "size_mib": round(artifact_bytes(bundle, backend, precision) / (1 << 20), 2),
-            "decode_bytes_per_token": int(decode_weight_bytes(bundle, backend, precision) + kv_read)}
+            "decode_bytes_per_token": int(decode_weight_bytes(bundle, backend, precision, layout) + kv_read)}
 
 
 def measure_pipeline(pipe, options: BenchOptions) -> dict[str, Any]:
@@ -235,6 +245,33 @@ def measure_pipeline(pipe, options: BenchOptions) -> dict[str, Any]:
             "peak_rss_mib": round(peak_rss_bytes() / (1 << 20), 1)}
 
 
+def context_scaling(backend, contexts: Sequence[int], model_positions: int | None = None,
+                    steps: int = 16) -> dict[str, float]:
+    """Median decode step ms after each number of positions of context: a prefill of random
+    embeddings (the decoder alone), then `steps` single-token steps. Contexts past what the model or
+    the backend holds are left out."""
+    limits = [n for n in (model_positions, getattr(backend, "n_ctx", None), getattr(backend, "max_context", None)) if n]
+    limit = min(limits) if limits else None
+    hidden = backend.hidden if hasattr(backend, "hidden") else None
+    out: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    for n in contexts:
+        if limit and n + steps > limit:
+            continue
+        cache = backend.new_cache(1)
+        if hidden is None:
+            hidden = backend.embed_tokens(np.zeros((1, 1), np.int64)).shape[-1]
+        embeds = (rng.standard_normal((1, n + steps, hidden)) * 0.02).astype(np.float32)
+        backend.decode(embeds[:, :n], np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        times = []
+        for i in range(n, n + steps):
+            t = time.perf_counter()
+            backend.decode(embeds[:, i:i + 1], np.ones((1, i + 1), np.int64), np.array([[i]], np.int64), cache)
+            times.append((time.perf_counter() - t) * 1e3)
+        out[str(n)] = round(statistics.median(times), 3)
+    return out
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. VmHWM, not getrusage: after fork + exec, ru_maxrss keeps
     the parent's peak (a worker started by a parent holding the bandwidth buffers read 548 MiB for
@@ -262,17 +299,20 @@ def _gpu_free() -> int | None:
         return None
 
 
-def run_worker(bundle_dir: str, backend: str, precision: str, options: BenchOptions) -> dict[str, Any]:
+def run_worker(bundle_dir: str, backend: str, precision: str, options: BenchOptions,
+               layout: str | None = None) -> dict[str, Any]:
     """`measure` in a fresh Python process (its own peak RSS, its own thread pools); a failure is a row
     with the error, so one broken backend does not end the run."""
     env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
-    payload = json.dumps({"bundle": bundle_dir, "backend": backend, "precision": precision,
-                          "options": {**asdict(options), "image_size": list(options.image_size)}})
+    payload = json.dumps({"bundle": bundle_dir, "backend": backend, "precision": precision, "layout": layout,
+                          "options": {**asdict(options), "image_size": list(options.image_size),
+                                      "context_probe": list(options.context_probe)}})
     r = subprocess.run([sys.executable, "-m", "edgelmm.bench", payload], capture_output=True, text=True, env=env)
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        return {"backend": backend, "precision": precision, "error": " | ".join(tail) or f"exit {r.returncode}"}
+        return {"backend": backend, "precision": precision, **({"layout": layout} if layout else {}),
+                "error": " | ".join(tail) or f"exit {r.returncode}"}
     return json.loads(lines[-1])
 
 
@@ -292,9 +332,9 @@ def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
     bandwidth = memory_bandwidth(opts.bandwidth_mib)
     llc = last_level_cache_bytes()
     rows = []
-    for i, (backend, precision) in enumerate(todo):
-        say(f"{backend} {precision}", i, len(todo))
-        row = run_worker(str(Path(bundle_dir).resolve()), backend, precision, opts)
+    for i, (backend, precision, layout) in enumerate(todo):
+        say(f"{backend} {precision}" + (f" ({layout} decoder)" if layout else ""), i, len(todo))
+        row = run_worker(str(Path(bundle_dir).resolve()), backend, precision, opts, layout)
         if "error" not in row:
             roof = bandwidth * 1e9 / row["decode_bytes_per_token"]
             row["roofline_tokens_per_s"] = round(roof, 1)
@@ -312,18 +352,20 @@ def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
 
 def format_table(report: dict[str, Any]) -> str:
     head = ("| backend | precision | vision ms/img (1 / 4) | TTFT ms (2 img) | prefill tok/s | decode tok/s "
-            "| roofline | RSS MiB | MiB on disk |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| roofline | step ms by context | RSS MiB | MiB on disk |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in report["results"]:
+        name = r["backend"] + (f" ({r['layout']})" if r.get("layout") else "")
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['precision']} | failed: {r['error']} |||||||")
+            lines.append(f"| {name} | {r['precision']} | failed: {r['error']} ||||||||")
             continue
+        steps = ", ".join(f"{ms:.2f} @{n}" for n, ms in (r.get("decode_ms_at_context") or {}).items()) or "-"
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['vision_ms_per_image_1']['median']:.2f} / "
+            f"| {name} | {r['precision']} | {r['vision_ms_per_image_1']['median']:.2f} / "
             f"{r['vision_ms_per_image_4']['median']:.2f} | {r['ttft_ms']['median']:.1f} | "
             f"{r['prefill_tokens_per_s']['median']:.0f} | {r['decode_tokens_per_s']['median']:.1f} "
             f"(±{100 * r['decode_tokens_per_s']['spread']:.0f}%) | {100 * r['roofline_fraction']:.0f}% of "
-            f"{r['roofline_tokens_per_s']:.0f}{' (in cache)' if r['fits_in_cache'] else ''} | "
+            f"{r['roofline_tokens_per_s']:.0f}{' (in cache)' if r['fits_in_cache'] else ''} | {steps} | "
             f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.1f} |")
     return head + "\n".join(lines)
 
@@ -331,5 +373,5 @@ def format_table(report: dict[str, Any]) -> str:
 if __name__ == "__main__":  # the worker: one (backend, precision), JSON on the last stdout line
     job = json.loads(sys.argv[1])
     o = job["options"]
-    o["image_size"] = tuple(o["image_size"])
-    print(json.dumps(measure(job["bundle"], job["backend"], job["precision"], BenchOptions(**o))))
+    o["image_size"], o["context_probe"] = tuple(o["image_size"]), tuple(o["context_probe"])
+    print(json.dumps(measure(job["bundle"], job["backend"], job["precision"], BenchOptions(**o), job.get("layout"))))

@@ -106,6 +106,14 @@ def _umask_mode() -> int:
     return 0o777 & ~mask
 
 
+def _readable_as_umask(path: Path) -> None:
+    """onnx writes external data 0600 (its C++ writer): a bundle's files get the umask's mode, as
+    any other file the user writes, so a service running as another user can read them."""
+    mode = 0o666 & _umask_mode()
+    if path.stat().st_mode & 0o777 != mode:
+        path.chmod(mode)
+
+
 @contextmanager
 def staging_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside out_dir; on success it replaces out_dir atomically
@@ -126,6 +134,9 @@ def staging_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         raise BundleError(f"cannot create the output folder here ({why})", path=str(out_dir)) from None
     try:
         yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                _readable_as_umask(p)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -255,6 +266,7 @@ class BundleUpdate:
         (self.work / JOURNAL).write_text(json.dumps({"new": new, "old": old}), encoding="utf-8")
         for rel in new:
             (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            _readable_as_umask(self.work / rel)
             os.replace(self.work / rel, self.root / rel)
         write_manifest(self.work, manifest)
         os.replace(self.work / MANIFEST, self.root / MANIFEST)  # the one step that switches generations

@@ -136,6 +136,9 @@ def run(
     precision: str = typer.Option("auto", help="Which of a bundle's artifact sets: ONNX fp32/fp16/int8/int4/"
                                               "int8-vision+int4, GGUF f32/f16/q8_0/q4_k_m, engines. auto: the "
                                               "best for the backend and provider that run."),
+    layout: str = typer.Option("auto", help="onnxruntime only: the decoder graph, fused (KV cache written in "
+                                            "place: the step does not slow down as the answer grows), plain (the "
+                                            "traced graph), or auto (fused where the bundle has it)."),
     max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, tokens, timings) instead of streaming."),
 ):
@@ -148,7 +151,7 @@ def run(
         SamplingParams(max_new_tokens, temperature, top_p, seed).validate()  # before the model loads
         pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads,
                         device=device, gpu_layers=gpu_layers, max_context=max_context, precision=precision,
-                        max_memory=parse_size(max_memory))
+                        max_memory=parse_size(max_memory), layout=layout)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if as_json:
             g = pipe.generate(prompt, [str(p) for p in image], **kw)
@@ -173,6 +176,9 @@ _INT4_ALGORITHM = typer.Option("rtn", help="INT4 decoder weights: rtn (round to 
                                           "gptq (calibrated on the sampled prompts' decoder inputs; slower).")
 _BLOCK_SIZE = typer.Option(32, help="INT4 block size (weights per scale): 32, 64, 128 ...")
 _ACCURACY_LEVEL = typer.Option(4, help="INT4 compute: 4 = int8 arithmetic (fastest on CPU), 0 = fp32.")
+_LM_HEAD = typer.Option("int8", "--lm-head", help="INT4 decoders: the output projection (vocabulary x hidden, a third "
+                                                   "of a 1B model's decoder) as int8 (near-lossless, a quarter of "
+                                                   "fp32's memory), int4 (smallest, loses more) or fp32.")
 _NO_GATE = typer.Option(False, "--no-quality-gate", help="Keep a precision even when it fails the quality gate "
                                                          "(the report still records the failure).")
 _MAX_DROP = typer.Option(2.0, help="Quality gate: the most held-out accuracy (points) a precision may lose.")
@@ -194,13 +200,13 @@ _ACTIVATIONS = typer.Option("u8", help="INT8 vision activations: u8 (fastest on 
 
 def _calibration_options(source, calib_samples, vision_method, int4_algorithm, block_size, accuracy_level, no_gate,
                          max_accuracy_drop, min_vision_cosine, eval_samples, seed, activations="u8", image_root=None,
-                         calib_tiles=None, no_sensitivity=False):
+                         calib_tiles=None, no_sensitivity=False, lm_head="int8"):
     """The options, checked (a CalibrationOptionError or CalibrationError) before any work starts."""
     from .calib import CalibrationOptions
 
     opts = CalibrationOptions(samples=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
                               int4_algorithm=int4_algorithm, int4_block_size=block_size,
-                              int4_accuracy_level=accuracy_level, gate=not no_gate,
+                              int4_accuracy_level=accuracy_level, lm_head=lm_head, gate=not no_gate,
                               max_accuracy_drop=max_accuracy_drop, min_vision_cosine=min_vision_cosine,
                               eval_samples=eval_samples, activations=activations,
                               image_root=str(image_root) if image_root else None)
@@ -233,8 +239,8 @@ def export(
                                                            "video, or 'synthetic' (edgelmm's generator)."),
     calib_samples: int = _CALIB_SAMPLES, calib_tiles: Optional[int] = _CALIB_TILES,
     vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
-    block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
-    max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
+    block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, lm_head: str = _LM_HEAD,
+    no_quality_gate: bool = _NO_GATE, max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
     eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
     gguf_types: str = typer.Option("f16", "--gguf-types", help="GGUF: comma-separated types: f32 (exact), f16, q8_0, "
                                                               "q4_k_m (smallest; llama.cpp's k-quants)."),
@@ -264,7 +270,7 @@ def export(
                           calibration=_calibration_options(calib, calib_samples, vision_method, int4_algorithm,
                                                            block_size, accuracy_level, no_quality_gate,
                                                            max_accuracy_drop, min_vision_cosine, eval_samples, seed,
-                                                           activations, calib_tiles=calib_tiles))
+                                                           activations, calib_tiles=calib_tiles, lm_head=lm_head))
         manifest = json.loads((path / MANIFEST).read_text())  # just written and hashed by export
     except EdgeLMMError as exc:
         _fail(exc, as_json)
@@ -303,8 +309,8 @@ def calibrate(
                                   help="Comma-separated: int8, int4, int8-vision+int4."),
     calib_samples: int = _CALIB_SAMPLES, calib_tiles: Optional[int] = _CALIB_TILES,
     vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
-    block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, no_quality_gate: bool = _NO_GATE,
-    no_sensitivity: bool = _NO_SENSITIVITY, max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
+    block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, lm_head: str = _LM_HEAD,
+    no_quality_gate: bool = _NO_GATE, no_sensitivity: bool = _NO_SENSITIVITY, max_accuracy_drop: float = _MAX_DROP, min_vision_cosine: float = _MIN_COSINE,
     eval_samples: Optional[int] = _EVAL_SAMPLES, seed: int = _SEED, activations: str = _ACTIVATIONS,
     image_root: Optional[Path] = typer.Option(None, help="Where relative image paths in a JSONL/JSON source point "
                                                          "(default: the file's folder)."),
@@ -322,7 +328,7 @@ def calibrate(
         opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size,
                                     accuracy_level, no_quality_gate, max_accuracy_drop, min_vision_cosine,
                                     eval_samples, seed, activations, image_root, calib_tiles=calib_tiles,
-                                    no_sensitivity=no_sensitivity)
+                                    no_sensitivity=no_sensitivity, lm_head=lm_head)
         with _progress("calibrating", as_json) as update:
             result = run_calibrate(bundle, [p.strip() for p in precision.split(",")], opts, overwrite=overwrite,
                                    progress=update, max_memory=parse_size(max_memory))
@@ -359,27 +365,32 @@ def verify(
     from . import api
     from .bundle import open_bundle
     from .memory import check_budget, checkpoint_parameters, loading_overhead, parse_size, release_memory, verify_steps
+    from .options import check_int
     from .verify import reference_run
     from .verify import verify as run_verify
 
     try:
+        check_int("--max-new-tokens", max_new_tokens, 1)  # before the bundle's checksums or any model
         opened = open_bundle(bundle)
         backends = [backend] if backend else [b for b, f in api.BACKEND_FORMAT.items() if f in api.bundle_formats(opened)]
-        checks = [(b, p) for b in backends for p in api.bundle_precisions(opened, api.BACKEND_FORMAT.get(b, b))
-                  if precision in (None, p)]
+        checks = [(b, p, layout) for b in backends for p in api.bundle_precisions(opened, api.BACKEND_FORMAT.get(b, b))
+                  if precision in (None, p)
+                  for layout in (api.onnx_layouts(opened, p) if b == "onnxruntime" else [None])]
         if not checks:
             raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
                                      f"(formats {api.bundle_formats(opened)})")
         budget = parse_size(max_memory)
-        check_budget(verify_steps(checkpoint_parameters(reference), opened, checks, loading_overhead(reference)), budget,
+        check_budget(verify_steps(checkpoint_parameters(reference), opened, sorted({(b, p) for b, p, _ in checks}),
+                                  loading_overhead(reference)), budget,
                      f"verifying {bundle.name}")
         # The reference runs first and only its answers are kept: one model's weights in memory at a time.
         answers = reference_run(api.load(reference, backend="torch"), max_new_tokens)
         release_memory()
         reports = []
-        for b, p in checks:
+        for b, p, layout in checks:
             # Each runtime is judged by its own limits (verify.thresholds_for): TensorRT's TF32/fp16 kernels as fp16.
-            reports.append(run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p),
+            reports.append(run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p,
+                                                              **({"layout": layout} if layout else {})),
                                       answers, p, max_new_tokens=max_new_tokens))
             release_memory()
     except EdgeLMMError as exc:
@@ -394,7 +405,8 @@ def verify(
         for report in reports:
             table = Table("case", "vision max|d|", "vision cos", "logit max|d|", "KL", "token match",
                           title=f"{report['precision']} on {report['backend']['backend']} "
-                                f"{report['backend'].get('providers', '')}")
+                                f"{report['backend'].get('providers', '')} "
+                                f"{report['backend'].get('decoder_layout', '')}".rstrip())
             for c in report["cases"]:
                 table.add_row(c["case"], f"{c['vision_max_abs']:.2e}", f"{c['vision_cosine_min']:.6f}",
                               f"{c['logits_max_abs']:.2e}", f"{c['logits_kl']:.2e}", f"{c['token_match']:.3f}")

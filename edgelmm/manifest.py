@@ -27,7 +27,10 @@ MAX_FILE_BYTES = 1 << 44          # 16 TiB
 SHA256 = re.compile(r"[0-9a-f]{64}")
 TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")   # graph, format, precision names
 
-GRAPHS = {"onnx": ("vision", "embed", "decoder"), "tensorrt": ("vision", "embed", "decoder"),
+MAX_CONTEXT = 1 << 24              # positions a fused decoder's rotary table may hold
+# The decoder in ONNX Runtime's fused layout (export/fused_decoder.py), beside the plain "decoder".
+FUSED_DECODER = "decoder_fused"
+GRAPHS = {"onnx": ("vision", "embed", "decoder", FUSED_DECODER), "tensorrt": ("vision", "embed", "decoder"),
           "gguf": ("llm", "mmproj")}
 # Text dimensions the runtimes size caches and loops by. A model has at most thousands of layers;
 # these bounds are far above any real model and far below what would exhaust memory.
@@ -203,6 +206,12 @@ def validate_manifest(manifest: dict[str, Any], root: Path, where: Path, *, form
         if fmt == "tensorrt":
             engine = c.dict(art.get("engine"), f"{f}.engine", ("target",))
             c.dict(engine["target"], f"{f}.engine.target")
+        if graph == FUSED_DECODER:  # the positions its rotary table holds: the runtime's cache limit
+            c.int(art.get("max_context"), f"{f}.max_context", 1, MAX_CONTEXT)
+    for i, art in enumerate(manifest["artifacts"]):  # the fused layout comes beside the plain one, never alone
+        if art["graph"] == FUSED_DECODER and ("decoder", art["format"], art["precision"]) not in keys:
+            raise c.fail(f"artifacts[{i}]", f"a fused {art['precision']} decoder without the plain {art['precision']} "
+                                            "decoder it was exported beside")
     return list(hashed.values())
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import CheckpointError, MemoryBudgetError, OptionError
+from .manifest import FUSED_DECODER
 
 GiB = 1024 ** 3
 # What a process holds before any model: with torch and transformers imported (export, verify,
@@ -246,7 +247,10 @@ def kv_cache_bytes(text: dict, positions: int, bytes_per_value: int = 2) -> int:
 
 
 def artifact_set_bytes(manifest: dict, fmt: str, precision: str) -> int:
-    """Bytes on disk of one artifact set (an mmproj shared by several GGUF types counted once)."""
-    files = {f["file"]: f["size"] for art in manifest["artifacts"]
-             if art["format"] == fmt and art["precision"] == precision for f in art["files"]}
+    """Bytes on disk of one artifact set as a runtime loads it (an mmproj shared by several GGUF
+    types counted once; of a plain and a fused ONNX decoder, one: a session loads one layout)."""
+    arts = [a for a in manifest["artifacts"] if a["format"] == fmt and a["precision"] == precision]
+    if {"decoder", FUSED_DECODER} <= {a["graph"] for a in arts}:
+        arts = [a for a in arts if a["graph"] != FUSED_DECODER]
+    files = {f["file"]: f["size"] for art in arts for f in art["files"]}
     return sum(files.values())

@@ -357,6 +357,13 @@ def test_bench_backends_empty_or_unknown(tmp_path, value, error, pattern):
     assert err["error"] == error and re.search(pattern, err["message"]), err
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_verify_max_new_tokens_below_one(tmp_path, value):
+    # option/verify--max-new-tokens:648639589: -1 and 0 verified nothing and exited 0
+    err = cli_json_error("verify", tmp_path / "no-bundle", "-r", tmp_path / "no-model", "--max-new-tokens", value)
+    assert err["error"] == "OptionError" and "--max-new-tokens" in err["message"], err
+
+
 def test_message_roles_and_text_parts():
     # prompt/types:2120395274 (role 1 accepted), prompt/types:3999960623 (text part without text accepted)
     from edgelmm.prompt import parse_prompt

@@ -3,6 +3,7 @@ into a bundle and measured against fp32, the quality gate, and the CLI."""
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgelmm.bundle import open_bundle
 from edgelmm.calib import CalibrationOptions, calibrate, collect
 from edgelmm.calib.sources import stratified
 from edgelmm.errors import CalibrationError, QualityGateError
@@ -136,13 +138,19 @@ def test_calibrate_adds_measured_precisions(tiny_bundle, mantis_jsonl, source, t
     m = json.loads((tiny_bundle / "edgelmm.json").read_text())
     for p in ("int8", "int4", "int8-vision+int4"):
         arts = {a["graph"]: a for a in m["artifacts"] if a["precision"] == p}
-        assert set(arts) == {"vision", "embed", "decoder"} and arts["embed"]["file"] == "onnx/embed.onnx"
+        # INT4 decoders in both layouts (the fused one from the fused fp32 graph); dynamic INT8 plain only
+        fused = {"decoder_fused"} if p != "int8" else set()
+        assert set(arts) == {"vision", "embed", "decoder"} | fused and arts["embed"]["file"] == "onnx/embed.onnx"
         q = m["quality"][p]
         assert q["passed"] and q["vision_cosine_min"] >= 0.99 and q["held_out_prompts"] >= 2
         assert q["accuracy"] is None  # eval_samples=0
+        if fused:  # measured on the same prompts: the same greedy tokens as the plain INT4 decoder
+            assert arts["decoder_fused"]["file"] == "onnx/decoder_fused.int4.onnx"
+            assert q["fused"]["tokens_as_plain"] == 1.0 and not q["fused"]["failures"], q["fused"]
+            assert q["fused"]["decoder_kl_max"] < 10 * q["decoder_kl_max"] + 1e-3
     assert m["quality"]["int4"]["vision_cosine_min"] > 0.99999  # int4 keeps the fp32 vision graph
     assert {a["file"] for a in m["artifacts"] if a["precision"] == "int8-vision+int4"} == \
-        {"onnx/vision.int8.onnx", "onnx/embed.onnx", "onnx/decoder.int4.onnx"}
+        {"onnx/vision.int8.onnx", "onnx/embed.onnx", "onnx/decoder.int4.onnx", "onnx/decoder_fused.int4.onnx"}
     size = {p.name: p.stat().st_size for p in (tiny_bundle / "onnx").iterdir()}
     assert size["decoder.int4.onnx"] < size["decoder.onnx"] and size["vision.int8.onnx"] < size["vision.onnx"]
     # INT8 runs the matmuls; elementwise Mul/Add and LayerNorm stay float (ORT itself may run a Softmax
@@ -225,6 +233,21 @@ def test_calibrate_cli_json(tiny_bundle, tmp_path):
     assert r.returncode == 2 and json.loads(r.stdout)["error"] == "CalibrationError"
 
 
+def test_calibrated_files_are_readable_under_the_umask(tiny_bundle, monkeypatch):
+    """onnx's writer makes external data files 0600; in the bundle every file has the umask's mode
+    (a service running as another user reads it). Graphs written with external data here by
+    lowering the size that decides it."""
+    from edgelmm.calib import quantize
+
+    monkeypatch.setattr(quantize, "LARGE_GRAPH_BYTES", 0)
+    calibrate(tiny_bundle, ["int4"], CalibrationOptions(**FAST))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tiny_bundle / "onnx" / "decoder.int4.onnx.data").is_file()
+    modes = {str(p.relative_to(tiny_bundle)): p.stat().st_mode & 0o777 for p in tiny_bundle.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_external_data_is_decided_by_the_weights_not_the_onnx_file(tmp_path):
     """A large model's .onnx file is a few MB and its weights sit beside it: the quantizers must
     write external data for it (deciding by the .onnx file alone crashed protobuf at 2 GB)."""
@@ -237,3 +260,88 @@ def test_external_data_is_decided_by_the_weights_not_the_onnx_file(tmp_path):
         f.truncate(LARGE_GRAPH_BYTES)
     (tmp_path / "vision.onnx.data").write_bytes(b"\0" * 10)  # another graph's data does not count
     assert is_large_graph(graph)
+
+
+@pytest.mark.parametrize("form", ["gemm", "matmul"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lm_head_packing_matches_its_dequantized_weights(form, bits):
+    """The lm_head MatMulNBits (our own packing: rows of blocks, symmetric, the low nibble first,
+    a hidden size that is not a multiple of the block) computes exactly the product with the weights
+    it stores: ONNX Runtime's kernel and numpy's dequantization agree."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelmm.calib.quantize import _pack_nbits, quantize_lm_head
+
+    k, vocab, block = 40, 7, 16
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((vocab, k)).astype(np.float32)
+    init = numpy_helper.from_array(w if form == "gemm" else np.ascontiguousarray(w.T), "lm_head.weight")
+    node = (helper.make_node("Gemm", ["h", "lm_head.weight"], ["logits"], transB=1) if form == "gemm"
+            else helper.make_node("MatMul", ["h", "lm_head.weight"], ["logits"]))
+    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, vocab])], [init])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    info = quantize_lm_head(model, bits, block, accuracy_level=None)  # fp32 compute: exact products
+    assert info["bits"] == bits and [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    onnx.checker.check_model(model)
+
+    q, scales = _pack_nbits(w, bits, block)
+    if bits == 4:
+        q = np.stack([q & 15, q >> 4], -1).reshape(vocab, -1, block)
+    deq = ((q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(vocab, -1)[:, :k]
+    assert np.abs(deq - w).max() <= np.abs(w).max() / (2 ** (bits - 1) - 1)  # within a step of its block
+    h = rng.standard_normal((3, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h})[0]
+    np.testing.assert_allclose(got, h @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_decoder_lm_head_precisions(reference_bundle, tmp_path):
+    """An INT4 decoder's lm_head: 8 bits by default (a MatMulNBits of bits 8 on the logits, next-token
+    distributions as the fp32 head's: KL < 1e-3 and the same top token), 4 bits on request (smaller,
+    KL < 0.05), fp32 kept as it was; the manifest record says which."""
+    import onnx
+    import onnxruntime as ort
+
+    import edgelmm
+    from edgelmm.calib.quantize import quantize_decoder_int4
+    from edgelmm.synthetic import make_split
+
+    b = open_bundle(reference_bundle)
+    src = b.path(b.artifact("decoder", "onnx", "fp32"))
+    sessions, sizes = {}, {}
+    for head in ("fp32", "int8", "int4"):
+        dst = tmp_path / f"decoder.{head}.onnx"
+        info = quantize_decoder_int4(src, dst, lm_head=head)
+        logits_node = next(n for n in onnx.load(str(dst)).graph.node if "logits" in n.output)
+        if head == "fp32":
+            assert logits_node.op_type == "Gemm" and info["lm_head"] == "fp32" and logits_node.name in info["kept_float"]
+        else:
+            bits = {a.name: a.i for a in logits_node.attribute}["bits"]
+            assert logits_node.op_type == "MatMulNBits" and bits == info["lm_head"]["bits"] == {"int8": 8, "int4": 4}[head]
+        sizes[head] = sum(p.stat().st_size for p in tmp_path.glob(f"decoder.{head}.onnx*"))
+        sessions[head] = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+    pipe = edgelmm.load(reference_bundle, backend="onnxruntime", provider="cpu", precision="fp32")
+    t = b.manifest["text"]
+    kl = {"int8": [], "int4": []}
+    same_top = 0
+    samples = make_split("test", 4)
+    for sample in samples:
+        embeds = pipe.merged_embeddings(pipe.prepare(sample.messages, sample.images))
+        n = embeds.shape[1]
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n, dtype=np.int64)[None]}
+        past = np.zeros((1, t["num_kv_heads"], 0, t["head_dim"]), np.float32)
+        feeds.update((i.name, past) for i in sessions["fp32"].get_inputs()[3:])
+        ref = sessions["fp32"].run(["logits"], feeds)[0][0]
+        lp = ref - np.logaddexp.reduce(ref)
+        for head in kl:
+            got = sessions[head].run(["logits"], feeds)[0][0]
+            lq = got - np.logaddexp.reduce(got)
+            kl[head].append(float((np.exp(lp) * (lp - lq)).sum()))
+            same_top += int(head == "int8" and got.argmax() == ref.argmax())
+    assert max(kl["int8"]) < 1e-3 and max(kl["int4"]) < 0.05, kl
+    assert same_top == len(samples)

@@ -114,13 +114,14 @@ def test_unknown_manifest_version(bundle_copy):
         edgelmm.load(bundle_copy)
 
 
-def test_manifest_with_wrong_input_name(bundle_copy):
+@pytest.mark.parametrize("graph,layout", [("decoder", "plain"), ("decoder_fused", "auto")])
+def test_manifest_with_wrong_input_name(bundle_copy, graph, layout):
     m = _manifest(bundle_copy)
-    dec = next(a for a in m["artifacts"] if a["graph"] == "decoder")
+    dec = next(a for a in m["artifacts"] if a["graph"] == graph)
     dec["inputs"][0]["name"] = "input_embeddings"
     (bundle_copy / "edgelmm.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=r"decoder\.onnx: graph inputs .* do not match the manifest"):
-        edgelmm.load(bundle_copy)
+    with pytest.raises(BundleError, match=rf"{graph}\.onnx: graph inputs .* do not match the manifest"):
+        edgelmm.load(bundle_copy, layout=layout)
 
 
 def test_corrupt_graph_with_matching_checksum_is_a_bundle_error(bundle_copy):
@@ -200,16 +201,19 @@ def test_cli_export_and_verify(checkpoint, bundle, tmp_path):
     r = run("export", checkpoint("llava-clip"), tmp_path / "b", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads(r.stdout)
-    assert manifest["verify"]["fp32"]["passed"] and {a["graph"] for a in manifest["artifacts"]} == {"vision", "embed", "decoder"}
+    assert {a["graph"] for a in manifest["artifacts"]} == {"vision", "embed", "decoder", "decoder_fused"}
+    assert manifest["verify"]["fp32"]["passed"] and manifest["verify"]["fp32"]["fused"]["passed"]
     assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"])
     r = run("verify", tmp_path / "b", "--reference", checkpoint("llava-clip"), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["passed"]
-    # The same architecture with other weights: verify must notice and exit 1.
+    out = json.loads(r.stdout)  # one report per decoder layout
+    assert r.returncode == 0 and out["passed"]
+    assert [rep["backend"]["decoder_layout"] for rep in out["reports"]] == ["plain", "fused"]
+    # The same architecture with other weights: verify must notice (in both layouts) and exit 1.
     other = build_idefics2(tmp_path / "other", seed=1)
     r = run("verify", bundle("idefics2"), "--reference", other, "--json")
-    report = json.loads(r.stdout)
-    assert r.returncode == 1 and not report["passed"]
-    assert report["summary"]["logits_max_abs"] > 1e-3
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and not out["passed"]
+    assert all(not rep["passed"] and rep["summary"]["logits_max_abs"] > 1e-3 for rep in out["reports"])
 
 
 def test_fp16_graphs_track_the_fp32_reference(checkpoint, pipelines, tmp_path):
@@ -258,7 +262,9 @@ def test_io_binding_gives_the_same_answers(bundle):
     path = bundle("idefics2")
     files = ModelFiles.open(path)
     opened = open_bundle(path)
-    bound, plain = (Pipeline(files, detect(files), OnnxRuntimeBackend(opened, io_binding=flag)) for flag in (True, False))
+    # the plain decoder layout (the fused one always binds its buffers)
+    bound, plain = (Pipeline(files, detect(files), OnnxRuntimeBackend(opened, io_binding=flag, layout="plain"))
+                    for flag in (True, False))
     assert bound.backend.describe()["kv_device"] == "cpu" and plain.backend.describe()["kv_device"] == "host"
     images = sample_images(2, seed=9)
     a = bound.generate("What changed between <image> and <image>?", images, max_new_tokens=12)

@@ -354,7 +354,7 @@ def test_int4_qdq_decoder_for_tensorrt(reference_bundle, tmp_path):
 
     import edgelmm
 
-    pipe = edgelmm.load(reference_bundle, backend="onnxruntime", provider="cpu", precision="fp32")
+    pipe = edgelmm.load(reference_bundle, backend="onnxruntime", provider="cpu", precision="fp32", layout="plain")
     q = ort.InferenceSession(str(dst))
     f32 = pipe.backend.sessions["decoder"]
     t = b.manifest["text"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..bundle import Bundle, graph_file, update_bundle
 from ..errors import CalibrationError, QualityGateError
+from ..manifest import FUSED_DECODER as FUSED_GRAPH
 from ..memory import calibrate_steps, check_budget, release_memory
 from .sources import CalibSample, CalibSet, collect
 
@@ -56,7 +57,7 @@ class CalibrationOptions:
     int4_algorithm: str = "rtn"         # rtn | hqq | gptq
     int4_block_size: int = 32
     int4_accuracy_level: int | None = 4  # MatMulNBits compute: 4 = int8 (fastest on CPU), 0 = fp32
-    quantize_lm_head: bool = False
+    lm_head: str = "int8"               # an INT4 decoder's output projection: int8 | int4 | fp32
     gate: bool = True
     max_accuracy_drop: float = 2.0      # points of held-out accuracy
     min_vision_cosine: float = 0.99
@@ -70,7 +71,7 @@ class CalibrationOptions:
 
         from ..errors import CalibrationOptionError as bad
         from ..options import check_choice, check_int, check_number
-        from .quantize import INT4_ALGORITHMS, VISION_METHODS
+        from .quantize import INT4_ALGORITHMS, LM_HEAD_PRECISIONS, VISION_METHODS
         from .sources import check_source
 
         check_int("calibration samples (--calib-samples)", self.calib_samples, 1, error=bad)
@@ -86,7 +87,8 @@ class CalibrationOptions:
             raise bad(f"INT4 block size (--block-size) must be a power of two >= 16, got {block}")
         if self.int4_accuracy_level is not None:  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
             check_int("INT4 accuracy level (--accuracy-level)", self.int4_accuracy_level, 0, 4, error=bad)
-        for flag in ("exclude_sensitive_ops", "sensitivity", "quantize_lm_head", "gate"):
+        check_choice("lm_head precision (--lm-head)", self.lm_head, tuple(LM_HEAD_PRECISIONS), error=bad)
+        for flag in ("exclude_sensitive_ops", "sensitivity", "gate"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         check_number("max accuracy drop (--max-accuracy-drop)", self.max_accuracy_drop, 0, 100, error=bad)
@@ -229,6 +231,8 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         new_files: dict[str, Path] = {}   # bundle name (onnx/vision.int8.onnx) -> where it is written
         details: dict[str, dict[str, Any]] = {}
         src = {g: bundle.path(bundle.artifact(g, "onnx", "fp32")) for g in ("vision", "decoder")}
+        fused_src = next((bundle.path(a) for a in bundle.manifest["artifacts"] if a["graph"] == FUSED_GRAPH
+                          and a["format"] == "onnx" and a["precision"] == "fp32"), None)
         if ("vision", "int8") in variants:
             out = new_files["onnx/" + graph_file("vision", "int8")] = txn.new_file("onnx/" + graph_file("vision", "int8"))
             inputs = [i["name"] for i in bundle.artifact("vision", "onnx", "fp32")["inputs"]]
@@ -242,12 +246,21 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
             del score_tiles
             details["vision.int8"] = {"scheme": "int8 static QDQ", **res.as_dict()}
         if ("decoder", "int4") in variants:
-            say(f"INT4 decoder ({opts.int4_algorithm}, block {opts.int4_block_size})")
+            say(f"INT4 decoder ({opts.int4_algorithm}, block {opts.int4_block_size}, lm_head {opts.lm_head})")
             out = new_files["onnx/" + graph_file("decoder", "int4")] = txn.new_file("onnx/" + graph_file("decoder", "int4"))
             details["decoder.int4"] = quantize_decoder_int4(
                 src["decoder"], out, algorithm=opts.int4_algorithm, block_size=opts.int4_block_size,
-                accuracy_level=opts.int4_accuracy_level, calib=gptq, quantize_lm_head=opts.quantize_lm_head)
+                accuracy_level=opts.int4_accuracy_level, calib=gptq, lm_head=opts.lm_head)
             del gptq
+            if fused_src is not None and opts.int4_algorithm != "gptq":
+                # The fused layout gets the same weights' INT4 (GPTQ's recorded feeds are the plain graph's
+                # inputs, so a GPTQ bundle runs INT4 through the plain decoder only).
+                say("INT4 fused decoder")
+                name = "onnx/" + graph_file(FUSED_GRAPH, "int4")
+                out = new_files[name] = txn.new_file(name)
+                details["decoder_fused.int4"] = quantize_decoder_int4(
+                    fused_src, out, algorithm=opts.int4_algorithm, block_size=opts.int4_block_size,
+                    accuracy_level=opts.int4_accuracy_level, lm_head=opts.lm_head)
         if ("decoder", "int8") in variants:
             say("dynamic INT8 decoder")
             out = new_files["onnx/" + graph_file("decoder", "int8")] = txn.new_file("onnx/" + graph_file("decoder", "int8"))
@@ -262,9 +275,21 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         trial = _with_artifacts(bundle.manifest, precisions, trial_entries)
         quality, failures = {}, []
         for p in precisions:
-            candidate = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p)
+            candidate = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p,
+                                            layout="plain")
             say(f"measuring {p} against fp32 on {len(held)} held-out prompts")
-            report = measure(candidate, held)
+            plain_tokens: list = []
+            report = measure(candidate, held, plain_tokens)
+            if _has_graph(trial, FUSED_GRAPH, p):  # the fused layout of the same precision, on the same prompts
+                fused = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p,
+                                            layout="fused")
+                say(f"measuring {p} (fused decoder) on the same prompts")
+                fused_tokens: list = []
+                report["fused"] = measure(fused, held, fused_tokens)
+                report["fused"]["tokens_as_plain"] = float(np.mean([a == b for a, b in zip(plain_tokens, fused_tokens)]))
+                report["fused"]["failures"] = gate_failures(report["fused"], opts)
+                failures += [f"{p} (fused decoder): {f}" for f in report["fused"]["failures"]]
+                del fused
             report["size_bytes"] = precision_size(trial, p)
             report["graphs"] = {g: v for g, v in QUANTIZED_PRECISIONS[p].items()}
             if baseline is not None:
@@ -313,7 +338,17 @@ def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str],
             files = entries["onnx/" + graph_file(graph, variant)]
             out["artifacts"].append({**base, "precision": p, "file": files[0]["file"], "files": files,
                                      "sha256": files[0]["sha256"], "quantized_from": base["file"]})
+        fused = entries.get("onnx/" + graph_file(FUSED_GRAPH, QUANTIZED_PRECISIONS[p]["decoder"]))
+        if fused and FUSED_GRAPH in fp32:
+            base = fp32[FUSED_GRAPH]
+            out["artifacts"].append({**base, "precision": p, "file": fused[0]["file"], "files": fused,
+                                     "sha256": fused[0]["sha256"], "quantized_from": base["file"]})
     return out
+
+
+def _has_graph(manifest: dict[str, Any], graph: str, precision: str) -> bool:
+    return any(a["graph"] == graph and a["format"] == "onnx" and a["precision"] == precision
+               for a in manifest["artifacts"])
 
 
 def precision_size(manifest: dict[str, Any], precision: str) -> int:
@@ -344,9 +379,10 @@ def reference_outputs(reference, samples: Sequence[CalibSample]) -> list[HeldOut
     return out
 
 
-def measure(candidate, held: Sequence[HeldOut]) -> dict[str, Any]:
+def measure(candidate, held: Sequence[HeldOut], tokens: list | None = None) -> dict[str, Any]:
     """Quality of `candidate` against the fp32 outputs (from reference_outputs) on held-out prompts:
-    per graph (vision features; the decoder alone on the fp32 input embeddings) and end to end."""
+    per graph (vision features; the decoder alone on the fp32 input embeddings) and end to end.
+    `tokens`, when given, receives each prompt's greedy tokens."""
     from ..pipeline import SamplingParams
     from ..verify import cosine_min, kl_divergence, prefill_logits, token_match
 
@@ -359,6 +395,8 @@ def measure(candidate, held: Sequence[HeldOut]) -> dict[str, Any]:
         dl = prefill_logits(candidate, h.embeds, ones, pos)
         cl = prefill_logits(candidate, candidate.merged_embeddings(prep, feats), ones, pos)
         ct = list(candidate.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS), features=feats))
+        if tokens is not None:
+            tokens.append(ct)
         rows.append({"vision_cosine_min": cosine_min(h.features, feats),
                      "vision_max_abs": float(np.abs(h.features - feats).max()),
                      "decoder_logits_max_abs": float(np.abs(h.logits - dl).max()),

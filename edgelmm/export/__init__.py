@@ -54,7 +54,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
 
     "tensorrt" builds engines (`engine_precisions`) for this machine's GPU from the ONNX graphs (added
     to the formats) once they are verified, as `build-engines` does on a device."""
-    from ..api import load, pipeline_for_bundle
+    from ..api import load, onnx_layouts, pipeline_for_bundle
     from ..calib import QUANTIZED_PRECISIONS, CalibrationOptions, calibrate
     from ..export.gguf import GGUF_TYPES, export_gguf, finish_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
@@ -159,23 +159,30 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
         if verify:
             # The files were hashed a moment ago; hashing them again would cost minutes on an 8B model.
             bundle = open_bundle(stage, verify_checksums=False)
-            checks = [("onnxruntime", p) for p in precisions if "onnx" in formats]
-            checks += [("llamacpp", t) for t in gguf_types if "gguf" in formats]
-            for backend, precision in checks:
-                with status(console, f"verifying the {precision} {backend} artifacts against the PyTorch reference"):
+            # Each ONNX precision in every decoder layout it has (the fused one's report nested under "fused").
+            checks = [("onnxruntime", p, layout) for p in precisions if "onnx" in formats
+                      for layout in onnx_layouts(bundle, p)]
+            checks += [("llamacpp", t, None) for t in gguf_types if "gguf" in formats]
+            for backend, precision, layout in checks:
+                what = f"{precision} {backend}" + (" (fused decoder)" if layout == "fused" else "")
+                with status(console, f"verifying the {what} artifacts against the PyTorch reference"):
                     # The CPU provider: the graphs are checked in true fp32 wherever the export runs; a
                     # GPU's own kernels (TF32, fp16) are checked on the device by `edgelmm verify`.
                     provider = "cpu" if backend == "onnxruntime" else "auto"
-                    candidate = pipeline_for_bundle(bundle, backend=backend, provider=provider, precision=precision)
+                    candidate = pipeline_for_bundle(bundle, backend=backend, provider=provider, precision=precision,
+                                                    **({"layout": layout} if layout else {}))
                     report = run_verify(candidate, reference_answers, precision)
                     del candidate  # one runtime's weights in memory at a time
                     release_memory()
-                manifest["verify"][precision] = {k: report[k] for k in
-                                                 ("precision", "backend", "thresholds", "summary", "passed", "failures")}
+                record = {k: report[k] for k in ("precision", "backend", "thresholds", "summary", "passed", "failures")}
+                if layout == "fused":
+                    manifest["verify"][precision]["fused"] = record
+                else:
+                    manifest["verify"][precision] = record
                 write_manifest(stage, manifest)
                 # A forced GGUF is known to be wrong: its report records the damage instead of failing.
                 if not report["passed"] and not (backend == "llamacpp" and forced_gguf):
-                    raise ExportError(f"the exported {precision} {backend} artifacts failed parity with the PyTorch "
+                    raise ExportError(f"the exported {what} artifacts failed parity with the PyTorch "
                                       "reference: " + "; ".join(report["failures"]))
         if quantized:
             with status(console, "calibrating") as update:

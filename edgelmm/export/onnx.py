@@ -18,6 +18,8 @@ from typing import Any
 from ..bundle import graph_file
 from ..errors import ExportError
 from ..families import Family, TorchParts
+from .fused_decoder import GRAPH as FUSED_GRAPH
+from .fused_decoder import build_fused_decoder, fused_support
 
 ONNX_OPSET = 18
 _DTYPES = {1: "float32", 7: "int64", 10: "float16", 9: "bool", 6: "int32"}
@@ -254,6 +256,17 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
         artifacts.append({"graph": graph, "format": "onnx", "precision": precision, "file": f"onnx/{path.name}",
                           "files": [f"onnx/{n}" for n in [path.name, *data]],
                           "inputs": inputs, "outputs": outputs})
+    if fused_support(family.config) is None:  # the decoder again, in ONNX Runtime's fused layout
+        path = onnx_dir / graph_file(FUSED_GRAPH, precision)
+        try:
+            fields = build_fused_decoder(family.config, parts.decoder, parts.lm_head, path, precision)
+        except ExportError:
+            raise
+        except Exception as exc:  # a layer that does not map onto the table: name it
+            raise ExportError(f"building the fused decoder failed: {type(exc).__name__}: {exc}") from exc
+        data = sorted(p.name for p in onnx_dir.iterdir() if p.name.startswith(path.name) and p != path)
+        artifacts.append({"graph": FUSED_GRAPH, "format": "onnx", "precision": precision, "file": f"onnx/{path.name}",
+                          "files": [f"onnx/{n}" for n in [path.name, *data]], **fields})
     return artifacts
 
 

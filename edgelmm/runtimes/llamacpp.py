@@ -121,6 +121,10 @@ class LlamaCppBackend:
                                      "--no-cache-dir llama-cpp-python")
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = self.gpu_layers
+        # Read the weights, do not map them: on a CPU llama.cpp repacks the k-quant weights into
+        # interleaved copies for its GEMM kernels, and a mapped file keeps the pages it read from
+        # resident beside them (Mantis-1B q4_k_m: 2.13 GB mapped, 1.69 GB read, the same speed).
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self._model = llama_cpp.llama_model_load_from_file(str(llm_path).encode(), mp)
         if not self._model:
             raise BundleError(f"llama.cpp could not load this model ({_recent_log()})", path=str(llm_path))

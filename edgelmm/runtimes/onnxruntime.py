@@ -18,7 +18,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..calib import QUANTIZED_PRECISIONS
-from ..errors import BackendUnavailable, BundleError
+from ..errors import BackendUnavailable, BundleError, PromptError
+from ..manifest import FUSED_DECODER as FUSED_GRAPH
 from ..onnx_file import check_external_data
 from ..options import check_int, check_threads
 
@@ -119,6 +120,62 @@ class OrtCache:
         return int((v.shape() if callable(v.shape) else v.shape)[2])
 
 
+# Where the fused decoder's past inputs start (after inputs_embeds, seqlens_k, total_sequence_length,
+# last_index).
+FUSED_FIRST_PAST = 4
+# Positions a fused cache holds when made; it doubles (copying what it holds) when a generation needs more.
+FUSED_INITIAL_CAPACITY = 256
+
+
+class FusedCache:
+    """The fused decoder's KV buffers, [batch, kv_heads, capacity, head_dim] per layer for keys and
+    values, allocated once per generation (and grown by doubling), bound as the graph's past and
+    present at once: GroupQueryAttention writes each new position in place. `lengths` holds each
+    row's positions. On the CPU the buffers are numpy arrays the OrtValues share, so a row's slice
+    is a view a batch-1 run writes through."""
+
+    def __init__(self, backend: "OnnxRuntimeBackend", batch_size: int):
+        self.backend, self.batch_size = backend, batch_size
+        self.lengths = np.zeros(batch_size, np.int64)
+        self.capacity = 0
+        self.values: list = []
+        self.host_arrays: list | None = None
+        self.binding = None  # the decoder's IO binding over these buffers, made at the first run
+        self.reserve(1)
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max(initial=0))
+
+    def reserve(self, positions: int) -> None:
+        be = self.backend
+        if positions <= self.capacity:
+            return
+        if positions > be.max_context:
+            raise PromptError(f"{positions} positions exceed the fused decoder's {be.max_context} (the model's "
+                              "rotary table)")
+        capacity = max(FUSED_INITIAL_CAPACITY, self.capacity)
+        while capacity < positions:
+            capacity *= 2
+        capacity = min(capacity, be.max_context)
+        shape = (self.batch_size, be.kv_heads, capacity, be.head_dim)
+        old = self.host_arrays if self.host_arrays is not None else [v.numpy() for v in self.values]
+        arrays = [np.zeros(shape, be.kv_dtype) for _ in range(2 * be.num_layers)]
+        for new, prev in zip(arrays, old):
+            new[:, :, :prev.shape[2]] = prev
+        if be.kv_device == "cpu":
+            self.host_arrays = arrays
+            self.values = [be.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        else:
+            self.values = [be.ort.OrtValue.ortvalue_from_numpy(a, be.kv_device, be.gpu.device_id) for a in arrays]
+        self.capacity = capacity
+        self.binding = None
+
+    def row_values(self, row: int) -> list:
+        """OrtValues over one row's slice of the (host) buffers: a batch-1 run writes through them."""
+        return [self.backend.ort.OrtValue.ortvalue_from_numpy(a[row:row + 1]) for a in self.host_arrays]
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     # InferenceSession.run may be called from several threads at once (`edgelmm watch` encodes
@@ -127,7 +184,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
                  io_binding: bool | None = None, gpu: GpuOptions | None = None, vision_chunk: int = VISION_CHUNK,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, layout: str = "auto"):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -169,8 +226,10 @@ class OnnxRuntimeBackend:
         self.vision_chunk = check_int("vision_chunk", vision_chunk, 1)
         self.prefill_chunk = check_int("prefill_chunk", prefill_chunk, 1)
         self.sessions, self.prepacked = {}, {}
+        self.layout = self._pick_layout(bundle, precision, layout, provider)
+        decoder_graph = FUSED_GRAPH if self.layout == "fused" else "decoder"
         for graph in ("vision", "embed", "decoder"):
-            art = bundle.artifact(graph, "onnx", precision)
+            art = bundle.artifact(decoder_graph if graph == "decoder" else graph, "onnx", precision)
             path = bundle.path(art)
             # ONNX Runtime opens the graph's external data itself: only files the manifest hashes.
             check_external_data(bundle.root, art["file"], {e["file"] for e in art["files"]})
@@ -198,13 +257,14 @@ class OnnxRuntimeBackend:
         dims = bundle.manifest["text"]
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
         self.vision_inputs = [i.name for i in self.sessions["vision"].get_inputs()]
-        self.past_names = [i.name for i in self.sessions["decoder"].get_inputs()][3:]
+        first_past = FUSED_FIRST_PAST if self.layout == "fused" else 3
+        self.past_names = [i.name for i in self.sessions["decoder"].get_inputs()][first_past:]
         self.present_names = [o.name for o in self.sessions["decoder"].get_outputs()][1:]
         if len(self.past_names) != 2 * self.num_layers or len(self.present_names) != 2 * self.num_layers:
             raise BundleError(f"the manifest's text.num_layers is {self.num_layers} but the decoder graph takes "
                               f"{len(self.past_names)} past and gives {len(self.present_names)} present tensors "
                               "(two per layer)", path=str(bundle.root / "edgelmm.json"))
-        for inp in self.sessions["decoder"].get_inputs()[3:]:  # [batch, kv_heads, past, head_dim]
+        for inp in self.sessions["decoder"].get_inputs()[first_past:]:  # [batch, kv_heads, past, head_dim]
             fixed = [d if isinstance(d, int) else None for d in inp.shape]  # symbolic axes are strings
             if len(fixed) != 4 or fixed[1] not in (None, self.kv_heads) or fixed[3] not in (None, self.head_dim):
                 raise BundleError(f"the decoder graph's {inp.name} has shape {inp.shape} but the manifest's text says "
@@ -221,7 +281,28 @@ class OnnxRuntimeBackend:
         self.kv_device = "cuda" if self.providers[0] in PROVIDER_ORDER[:2] else "cpu"
         # IO binding by default only where it saves copies: on the CPU provider numpy feeds are
         # already zero-copy, and binding measured no faster (7.53 vs 7.45 ms/token on a 60M model).
+        # The fused layout always binds: its cache buffers are the decoder's outputs too.
         self.io_binding = self.kv_device == "cuda" if io_binding is None else io_binding
+        if self.layout == "fused":
+            self.io_binding = True
+            art = bundle.artifact(FUSED_GRAPH, "onnx", precision)
+            self.max_context = art["max_context"]  # checked by the manifest's validator
+
+    @staticmethod
+    def _pick_layout(bundle: Bundle, precision: str, layout: str, provider: str) -> str:
+        """The decoder layout: "fused" (GroupQueryAttention, in-place KV cache) where the bundle has it
+        for this precision and the provider runs it (not TensorRT, whose parser has no contrib ops),
+        else "plain"; a layout asked for by name must be there."""
+        if layout not in ("auto", "plain", "fused"):
+            raise BackendUnavailable(f"unknown decoder layout {layout!r}; choose from auto, plain, fused")
+        has_fused = any(a["graph"] == FUSED_GRAPH and a["format"] == "onnx" and a["precision"] == precision
+                        for a in bundle.manifest["artifacts"])
+        if layout == "fused" and not has_fused:
+            raise BundleError(f"this bundle has no fused {precision} decoder (export it again with this edgelmm, "
+                              "or use layout 'plain')", path=str(bundle.root))
+        if layout == "auto":
+            return "fused" if has_fused and provider != "tensorrt" else "plain"
+        return layout
 
     def vision_feeds(self, pixel_values, pixel_attention_mask=None) -> dict[str, np.ndarray]:
         """The vision graph's inputs, as ONNX Runtime takes them (calibration records these)."""
@@ -265,7 +346,9 @@ class OnnxRuntimeBackend:
     def embed_tokens(self, input_ids):
         return self._run("embed", {"input_ids": input_ids.astype(np.int64)})[0].astype(np.float32, copy=False)
 
-    def new_cache(self, batch_size: int = 1) -> OrtCache:
+    def new_cache(self, batch_size: int = 1):
+        if self.layout == "fused":
+            return FusedCache(self, batch_size)
         empty = np.zeros((batch_size, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         if self.io_binding:
             empty = self.ort.OrtValue.ortvalue_from_numpy(empty, self.kv_device, 0)
@@ -275,6 +358,8 @@ class OnnxRuntimeBackend:
         """A long prefill runs through the KV cache in chunks of `prefill_chunk` positions: each
         chunk's attention scores against the past, not the whole prompt's against itself at once (a
         three-image Mantis-1B prompt of 2187 tokens: 612 MB per score tensor, and several of them)."""
+        if self.layout == "fused":
+            return self._decode_fused(inputs_embeds, attention_mask, position_ids, cache)
         n, chunk = inputs_embeds.shape[1], self.prefill_chunk
         past = attention_mask.shape[1] - n
         for start in range(0, n, chunk):
@@ -306,8 +391,85 @@ class OnnxRuntimeBackend:
         cache.values = present
         return logits.numpy().astype(np.float32, copy=False)
 
+    # ---- the fused layout (export/fused_decoder.py) ----
+    def _decode_fused(self, inputs_embeds, attention_mask, position_ids, cache: FusedCache):
+        """The same contract as the plain graph's (left-padded rows, a mask, positions), on buffers
+        that hold each row's keys/values from position 0 with no padding: a row's new tokens are its
+        unmasked ones, and their positions must continue the row. A step of one token per row runs
+        batched; a prompt runs row by row in chunks of `prefill_chunk` into that row's slice of the
+        buffers (GroupQueryAttention takes a continued prompt at batch 1 only), or, where the
+        buffers are on a GPU, all rows at once right-padded."""
+        embeds = np.asarray(inputs_embeds)
+        B, S, _ = embeds.shape
+        if B != cache.batch_size:
+            raise PromptError(f"a batch of {B} rows on a cache made for {cache.batch_size}")
+        new = np.asarray(attention_mask)[:, -S:] != 0
+        counts = new.sum(1)
+        if (counts == 0).any():
+            raise PromptError("a batch row has no unmasked token to decode")
+        rows = [embeds[b, new[b]] for b in range(B)]
+        for b in range(B):
+            want = cache.lengths[b] + np.arange(counts[b])
+            if not np.array_equal(np.asarray(position_ids)[b, -S:][new[b]], want):
+                raise PromptError(f"row {b}: the fused decoder takes positions {int(want[0])}.. in order "
+                                  "(its rotary embedding follows the cache); use layout 'plain' for others")
+        cache.reserve(int((cache.lengths + counts).max()))
+        if (counts == 1).all():  # a decode step
+            logits = self._run_fused(np.stack(rows), cache.lengths + 1, np.zeros(B, np.int64),
+                                     cache.values, cache)
+        elif B == 1 or cache.host_arrays is not None:
+            per_row = []
+            for b in range(B):
+                values = cache.row_values(b) if B > 1 else cache.values
+                done = int(cache.lengths[b])
+                for start in range(0, int(counts[b]), self.prefill_chunk):
+                    piece = rows[b][start:start + self.prefill_chunk]
+                    done += len(piece)
+                    last = self._run_fused(piece[None], np.array([done]), np.array([len(piece) - 1]), values,
+                                           cache if B == 1 else None)[0]
+                per_row.append(last)
+            logits = np.stack(per_row)
+        elif not cache.lengths.any():  # a first prompt on GPU buffers: right-padded, one run
+            padded = np.zeros((B, int(counts.max()), embeds.shape[2]), embeds.dtype)
+            for b in range(B):
+                padded[b, :counts[b]] = rows[b]
+            logits = self._run_fused(padded, counts, counts - 1, cache.values, cache)
+        else:
+            raise PromptError("a batch continuing its prompt with several tokens per row runs on CPU buffers only")
+        cache.lengths = cache.lengths + counts
+        return logits
+
+    def _run_fused(self, embeds: np.ndarray, totals: np.ndarray, last_index: np.ndarray, values: list,
+                   cache: FusedCache | None = None) -> np.ndarray:
+        """One fused decoder run: rows of `embeds` end at total lengths `totals` (GroupQueryAttention's
+        seqlens_k is each row's total - 1); keys/values written in place into `values`. With `cache`
+        (whose buffers `values` are), its binding is made once and reused: a step binds only its
+        four small inputs."""
+        session = self.sessions["decoder"]
+        binding = cache.binding if cache is not None else None
+        if binding is None:
+            binding = session.io_binding()
+            binding.bind_output("logits", "cpu")
+            for past, present, value in zip(self.past_names, self.present_names, values):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            if cache is not None:
+                cache.binding = binding
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.kv_dtype))
+        binding.bind_cpu_input("seqlens_k", (np.asarray(totals) - 1).astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(int(np.max(totals)), np.int32))
+        binding.bind_cpu_input("last_index", np.asarray(last_index, np.int64))
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT's pybind types, as in _run
+            path = self.bundle.path(self.bundle.artifact(FUSED_GRAPH, "onnx", self.precision))
+            raise BundleError(f"onnxruntime failed to run this graph ({type(exc).__name__}: {str(exc)[:500]})",
+                              path=str(path)) from None
+        return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.providers, "requested_provider": self.requested,
+                "decoder_layout": self.layout,
                 "precision": self.precision, "threads": self.threads or "default",
                 "io_binding": self.io_binding, "kv_device": self.kv_device if self.io_binding else "host",
                 "prepacked_weights": self.prepacked,

@@ -1389,7 +1389,7 @@ GGUF_MUTATORS = [
 # -- ONNX graphs: damaged, hashes re-fixed
 
 def _onnx_case(case: Case, mutate: Callable[[Case, bytes, str], bytes | None], graph: str | None = None):
-    graph = graph or case.pick(["vision", "embed", "decoder"])
+    graph = graph or case.pick(["vision", "embed", "decoder", "decoder_fused"])
     rel = case.artifact_file("onnx", graph)
     case.note(rel)
     data = mutate(case, case.read(rel), rel)
@@ -1398,10 +1398,12 @@ def _onnx_case(case: Case, mutate: Callable[[Case, bytes, str], bytes | None], g
     case.refix(rel)
     if case.culprit is None and case.expect == MUST:
         case.culprit = _name(rel)
+    # The runtime opens one of the two decoder layouts: load the one whose graph was damaged.
+    layout = "plain" if graph == "decoder" else "fused" if graph == "decoder_fused" else "auto"
     if case.chance(0.12):
         case.note("via=cli run --json")
-        return case.cli(*case.run_args(), json_out=True)
-    return case.load("onnxruntime")
+        return case.cli(*case.run_args(), "--layout", layout, json_out=True)
+    return case.load("onnxruntime", load_kwargs={"layout": layout})
 
 
 def o_truncate(case: Case, data: bytes, rel: str) -> bytes:
@@ -1422,7 +1424,8 @@ def o_flip(case: Case, data: bytes, rel: str) -> bytes:
 def o_replace(case: Case, data: bytes, rel: str) -> bytes:
     what = case.pick(["random bytes", "text", "a gguf", "another graph", "empty protobuf"], "replaced by")
     if what == "another graph":
-        other = case.pick([a for a in ("onnx/vision.onnx", "onnx/embed.onnx", "onnx/decoder.onnx") if a != rel])
+        other = case.pick([a for a in ("onnx/vision.onnx", "onnx/embed.onnx", "onnx/decoder.onnx",
+                                       "onnx/decoder_fused.onnx") if a != rel])
         case.note(other)
         return case.read(other)
     return {"random bytes": lambda: case.rng.randbytes(min(len(data), 1 << 16)), "text": lambda: b"not onnx\n",

@@ -1,0 +1,155 @@
+"""The fused decoder layout (GroupQueryAttention with rotary inside, KV buffers written in place):
+parity against the PyTorch reference on every family, batches, long contexts, and the runtime's
+choice of layout."""
+
+import numpy as np
+import pytest
+
+import edgelmm
+from edgelmm.errors import BundleError, OptionError, PromptError
+from edgelmm.testing.checkpoints import sample_images
+
+from .conftest import KINDS
+
+PROMPT = "Compare <image> and <image>: which has more shapes?"
+
+
+def _fused(bundle_dir, **kw):
+    return edgelmm.load(bundle_dir, backend="onnxruntime", provider="cpu", precision="fp32", layout="fused", **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_matches_the_reference(kind, bundle, pipelines):
+    """Prefill logits within 1e-4 of PyTorch, 16 greedy tokens identical, and the same through the
+    plain layout; describe() says which layout runs."""
+    ref, fused = pipelines(kind), _fused(bundle(kind))
+    plain = edgelmm.load(bundle(kind), backend="onnxruntime", provider="cpu", precision="fp32", layout="plain")
+    assert fused.describe()["decoder_layout"] == "fused" and plain.describe()["decoder_layout"] == "plain"
+    images = sample_images(2, seed=3)
+    prep_ref, prep_fused = ref.prepare(PROMPT, images), fused.prepare(PROMPT, images)
+    embeds = ref.merged_embeddings(prep_ref)
+    n = embeds.shape[1]
+    mask, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
+    want = ref.backend.decode(embeds, mask, pos, ref.backend.new_cache(1))
+    got = fused.backend.decode(embeds, mask, pos, fused.backend.new_cache(1))
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    tokens = {name: p.greedy_from_embeddings(p.merged_embeddings(prep), 16)[1]
+              for name, p, prep in (("ref", ref, prep_ref), ("fused", fused, prep_fused),
+                                    ("plain", plain, plain.prepare(PROMPT, images)))}
+    assert tokens["fused"] == tokens["ref"] == tokens["plain"] and len(tokens["ref"]) > 0
+
+
+def test_batch_rows_of_different_lengths_match_each_row_alone(bundle):
+    """A left-padded batch of two prompts of different lengths: each row's greedy tokens as alone."""
+    pipe = _fused(bundle("llava-siglip"))
+    requests = [(PROMPT, sample_images(2, seed=1)), ("What is in <image>?", sample_images(1, seed=2))]
+    together = pipe.generate_batch(requests, max_new_tokens=12)
+    alone = [pipe.generate(p, imgs, max_new_tokens=12) for p, imgs in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert len({np.asarray(pipe.prepare(p, imgs).input_ids).size for p, imgs in requests}) == 2  # different lengths
+
+
+def test_long_context_grows_the_cache_and_matches_plain(bundle):
+    """From 10 positions to past the cache's first capacity (256, doubled as it fills) and in prefill
+    chunks: the fused decoder's logits match the plain graph's at every checked length."""
+    from edgelmm.runtimes.onnxruntime import FUSED_INITIAL_CAPACITY
+
+    b = bundle("llava-siglip")
+    fused = _fused(b).backend
+    fused.prefill_chunk = 64
+    plain = edgelmm.load(b, backend="onnxruntime", provider="cpu", precision="fp32", layout="plain").backend
+    rng = np.random.default_rng(0)
+    total = 2 * FUSED_INITIAL_CAPACITY + 37
+    embeds = (rng.standard_normal((1, total, fused.sessions["decoder"].get_inputs()[0].shape[2])) * 0.5).astype(np.float32)
+    for n in (10, FUSED_INITIAL_CAPACITY + 5, total):
+        mask, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
+        fc = fused.new_cache(1)
+        got = fused.decode(embeds[:, :n], mask, pos, fc)
+        want = plain.decode(embeds[:, :n], mask, pos, plain.new_cache(1))
+        assert np.abs(got - want).max() <= 1e-4, (n, np.abs(got - want).max())
+        assert fc.length == n and fc.capacity >= n
+    # then one step at a time past the capacity again
+    pc, fc = plain.new_cache(1), fused.new_cache(1)
+    n = FUSED_INITIAL_CAPACITY - 2
+    plain.decode(embeds[:, :n], np.ones((1, n), np.int64), np.arange(n)[None], pc)
+    fused.decode(embeds[:, :n], np.ones((1, n), np.int64), np.arange(n)[None], fc)
+    for k in range(n, n + 5):
+        mask, pos = np.ones((1, k + 1), np.int64), np.array([[k]])
+        want, got = plain.decode(embeds[:, k:k + 1], mask, pos, pc), fused.decode(embeds[:, k:k + 1], mask, pos, fc)
+        assert np.abs(got - want).max() <= 1e-4
+    assert fc.capacity == 2 * FUSED_INITIAL_CAPACITY
+
+
+def test_layout_choice_and_errors(bundle, checkpoint, tmp_path):
+    """auto takes the fused layout where the bundle has it; positions that do not continue a row
+    are refused with a PromptError; a missing fused graph is a BundleError naming the bundle."""
+    b = bundle("idefics3")
+    assert edgelmm.load(b, backend="onnxruntime", provider="cpu", precision="fp32").describe()["decoder_layout"] == "fused"
+    with pytest.raises(OptionError, match=r"unknown decoder layout \(--layout\) 'fast'"):
+        edgelmm.load(b, layout="fast")
+    with pytest.raises(OptionError, match="ONNX Runtime's"):
+        edgelmm.load(checkpoint("idefics3"), backend="torch", layout="fused")
+    be = _fused(b).backend
+    embeds = np.zeros((1, 3, be.sessions["decoder"].get_inputs()[0].shape[2]), np.float32)
+    with pytest.raises(PromptError, match="positions 0.. in order"):
+        be.decode(embeds, np.ones((1, 3), np.int64), np.array([[5, 6, 7]]), be.new_cache(1))
+    import json
+    import shutil
+
+    copy = tmp_path / "plain-only"
+    shutil.copytree(b, copy)
+    manifest = json.loads((copy / "edgelmm.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["graph"] != "decoder_fused"]
+    (copy / "edgelmm.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no fused fp32 decoder"):
+        _fused(copy)
+    alone = tmp_path / "fused-alone"  # manifest/delete:3207812381: the plain decoder deleted, still loaded
+    shutil.copytree(b, alone)
+    m = json.loads((alone / "edgelmm.json").read_text())
+    m["artifacts"] = [a for a in m["artifacts"] if a["graph"] != "decoder"]
+    (alone / "edgelmm.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="a fused fp32 decoder without the plain fp32 decoder"):
+        edgelmm.load(alone)
+    for bad in ("4096", -1, None):  # the runtime sizes its cache by it: checked with the manifest
+        fused_copy = tmp_path / f"bad-{bad}"
+        shutil.copytree(b, fused_copy)
+        m = json.loads((fused_copy / "edgelmm.json").read_text())
+        next(a for a in m["artifacts"] if a["graph"] == "decoder_fused")["max_context"] = bad
+        (fused_copy / "edgelmm.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=r"artifacts\[\d+\]\.max_context"):
+            _fused(fused_copy)
+    assert edgelmm.load(copy, backend="onnxruntime", provider="cpu", precision="fp32").describe()["decoder_layout"] == "plain"
+
+
+def test_fused_graph_with_external_data_loads_and_matches(checkpoint, tmp_path, monkeypatch):
+    """A model over EXTERNAL_DATA_BYTES keeps its weights in decoder_fused.onnx.data (page-aligned,
+    mapped by ONNX Runtime) while shape arguments stay in the graph: the same logits as embedded."""
+    import onnxruntime as ort
+
+    from edgelmm.export import fused_decoder
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+    from edgelmm.runtimes.torch import load_hf_model
+
+    family = detect(ModelFiles.open(checkpoint("llava-siglip")))
+    parts = family.torch_parts(load_hf_model(family))
+    paths = {}
+    for name, limit in (("embedded", 1 << 40), ("external", 0)):
+        monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_BYTES", limit)
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "decoder_fused.onnx"
+        fused_decoder.build_fused_decoder(family.config, parts.decoder, parts.lm_head, paths[name])
+    data = tmp_path / "external" / "decoder_fused.onnx.data"
+    assert data.stat().st_size > 0.9 * sum(p.numel() * 4 for p in parts.decoder.parameters())
+    assert not (tmp_path / "embedded" / "decoder_fused.onnx.data").exists()
+    outs = {}
+    for name, path in paths.items():
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ins = sess.get_inputs()
+        rng = np.random.default_rng(0)
+        feeds = {"inputs_embeds": rng.standard_normal((1, 5, ins[0].shape[2])).astype(np.float32),
+                 "seqlens_k": np.array([4], np.int32), "total_sequence_length": np.array(5, np.int32),
+                 "last_index": np.array([4], np.int64)}
+        feeds.update((i.name, np.zeros((1, i.shape[1], 8, i.shape[3]), np.float32)) for i in ins[4:])
+        outs[name] = sess.run(["logits"], feeds)[0]
+    np.testing.assert_array_equal(outs["embedded"], outs["external"])
