@@ -181,8 +181,9 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
     layout: ONNX Runtime's decoder, "fused" (GroupQueryAttention, KV cache written in place: the
-    decode step does not grow with the context), "plain" (the traced graph), or "auto" (fused where
-    the bundle has it for the precision, except on the TensorRT provider).
+    decode step grows far less with the context), "plain" (the traced graph), or "auto" (fused where
+    the bundle has it for the precision and the decoder runs on the CPU provider; not yet measured
+    on a GPU, so GPU providers take plain unless asked).
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

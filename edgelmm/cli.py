@@ -138,7 +138,8 @@ def run(
                                               "best for the backend and provider that run."),
     layout: str = typer.Option("auto", help="onnxruntime only: the decoder graph, fused (KV cache written in "
                                             "place: the step does not slow down as the answer grows), plain (the "
-                                            "traced graph), or auto (fused where the bundle has it)."),
+                                            "traced graph), or auto (fused where the bundle has it and the "
+                                            "decoder runs on the CPU)."),
     max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, tokens, timings) instead of streaming."),
 ):

@@ -85,6 +85,13 @@ def test_layout_choice_and_errors(bundle, checkpoint, tmp_path):
     are refused with a PromptError; a missing fused graph is a BundleError naming the bundle."""
     b = bundle("idefics3")
     assert edgelmm.load(b, backend="onnxruntime", provider="cpu", precision="fp32").describe()["decoder_layout"] == "fused"
+    from edgelmm.bundle import open_bundle
+    from edgelmm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    opened = open_bundle(b)
+    picks = {p: OnnxRuntimeBackend._pick_layout(opened, "fp32", "auto", p) for p in ("cpu", "cuda", "tensorrt")}
+    assert picks == {"cpu": "fused", "cuda": "plain", "tensorrt": "plain"}  # GPUs: plain until measured there
+    assert OnnxRuntimeBackend._pick_layout(opened, "fp32", "fused", "cuda") == "fused"  # asked for by name
     with pytest.raises(OptionError, match=r"unknown decoder layout \(--layout\) 'fast'"):
         edgelmm.load(b, layout="fast")
     with pytest.raises(OptionError, match="ONNX Runtime's"):

@@ -291,8 +291,10 @@ class OnnxRuntimeBackend:
     @staticmethod
     def _pick_layout(bundle: Bundle, precision: str, layout: str, provider: str) -> str:
         """The decoder layout: "fused" (GroupQueryAttention, in-place KV cache) where the bundle has it
-        for this precision and the provider runs it (not TensorRT, whose parser has no contrib ops),
-        else "plain"; a layout asked for by name must be there."""
+        for this precision and the decoder runs on the CPU provider, else "plain"; a layout asked for
+        by name must be there. On GPU providers auto stays plain until the fused graph has been
+        measured there (ORT's CUDA GroupQueryAttention takes fp16 only; TensorRT's parser has no
+        contrib ops)."""
         if layout not in ("auto", "plain", "fused"):
             raise BackendUnavailable(f"unknown decoder layout {layout!r}; choose from auto, plain, fused")
         has_fused = any(a["graph"] == FUSED_GRAPH and a["format"] == "onnx" and a["precision"] == precision
@@ -301,7 +303,8 @@ class OnnxRuntimeBackend:
             raise BundleError(f"this bundle has no fused {precision} decoder (export it again with this edgelmm, "
                               "or use layout 'plain')", path=str(bundle.root))
         if layout == "auto":
-            return "fused" if has_fused and provider != "tensorrt" else "plain"
+            on_cpu = provider == "cpu" or (provider == "auto" and not nvidia_gpu_present())
+            return "fused" if has_fused and on_cpu else "plain"
         return layout
 
     def vision_feeds(self, pixel_values, pixel_attention_mask=None) -> dict[str, np.ndarray]:
