@@ -10,7 +10,7 @@ from .manifest import FUSED_DECODER
 from .families import detect
 from .memory import (PROCESS_BASE, Step, artifact_set_bytes, check_budget, checkpoint_parameters, gib, loading_overhead,
                      kv_cache_bytes, session_step)
-from .modelfiles import ModelFiles, check_model_dir
+from .modelfiles import ModelFiles, check_checkpoint_dir, check_model_dir
 from .options import check_choice, check_threads
 from .pipeline import Pipeline
 from .runtimes.onnxruntime import nvidia_gpu_present
@@ -50,6 +50,11 @@ def pick_precision(bundle: Bundle, provider: str) -> str:
     """fp16 where a GPU provider will run it; else on the CUDA provider the gated INT4 decoder, on
     CPU the smallest calibrated precision that passed its quality gate; else fp32 (on CPU fp16 is
     slower, and less exact)."""
+    return _auto_onnx_precision(bundle, provider)[0]
+
+
+def _auto_onnx_precision(bundle: Bundle, provider: str) -> tuple[str, str]:
+    """pick_precision, with the reason describe() gives."""
     from .runtimes.onnxruntime import nvidia_gpu_present
 
     have = bundle_precisions(bundle)
@@ -57,10 +62,24 @@ def pick_precision(bundle: Bundle, provider: str) -> str:
     order = ORT_CUDA_PREFERENCE if gpu and provider in ("cuda", "auto") else \
         (("fp16",) if gpu else ()) + ORT_CPU_PREFERENCE
     quality = bundle.manifest.get("quality", {})
+    where = "a GPU provider" if gpu else "the CPU"
+    failed = [p for p in order if p in have and p not in ("fp32", "fp16") and not quality.get(p, {}).get("passed")]
     for p in order:
         if p in have and (p in ("fp32", "fp16") or quality.get(p, {}).get("passed")):
-            return p
-    return have[0]
+            why = f"auto: the first of {', '.join(order)} that this bundle has for {where}"
+            if p not in ("fp32", "fp16"):
+                why += " and that passed its quality gate"
+            if failed:
+                why += f" ({', '.join(failed)} failed the gate)"
+            return p, why
+    return have[0], f"auto: the only precision this bundle has ({have[0]})" if len(have) == 1 else \
+        f"auto: none of {', '.join(order)} is usable here; took {have[0]}"
+
+
+def _auto_precision(bundle: Bundle, fmt: str, order: tuple[str, ...], what: str) -> tuple[str, str]:
+    have = bundle_precisions(bundle, fmt)
+    chosen = next(p for p in order if p in have)
+    return chosen, f"auto: the {what} of {', '.join(p for p in order if p in have)} that this bundle has"
 
 
 # TensorRT engines: the smallest built precision (the user built them to run them).
@@ -108,6 +127,7 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
     backend = bundle_backend(bundle, backend)
     if layout != "auto" and backend != "onnxruntime":
         raise OptionError(f"a decoder layout (--layout {layout}) is ONNX Runtime's; backend {backend!r} has one")
+    why = "asked for"
     if precision != "auto":
         have = bundle_precisions(bundle, BACKEND_FORMAT[backend])
         if precision not in have:
@@ -119,8 +139,7 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
         from .runtimes.llamacpp import DEFAULT_CONTEXT, LlamaCppBackend
 
         if precision == "auto":
-            have = bundle_precisions(bundle, "gguf")
-            precision = next(p for p in GGUF_PREFERENCE if p in have)
+            precision, why = _auto_precision(bundle, "gguf", GGUF_PREFERENCE, "smallest GGUF type")
         if gpu_layers == 0 or not nvidia_gpu_present():  # on a GPU its own memory is the limit
             # An out-of-range max_context is the backend's OptionError to raise, not a budget question.
             positions = min(max_context or DEFAULT_CONTEXT, files.context_length)
@@ -132,20 +151,19 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
         from .runtimes.tensorrt import TensorRTBackend
 
         if precision == "auto":
-            have = bundle_precisions(bundle, "tensorrt")
-            precision = next(p for p in TRT_PREFERENCE if p in have)
+            precision, why = _auto_precision(bundle, "tensorrt", TRT_PREFERENCE, "smallest engine precision")
         runtime = TensorRTBackend(bundle, precision=precision, max_context=max_context)
     else:
         from .runtimes.onnxruntime import OnnxRuntimeBackend, vision_chunk_for
 
         if precision == "auto":
-            precision = pick_precision(bundle, provider)
+            precision, why = _auto_onnx_precision(bundle, provider)
         if provider == "cpu" or not nvidia_gpu_present():
             _check_load_budget(bundle, "onnx", precision, max_memory)
         runtime = OnnxRuntimeBackend(bundle, provider=provider, threads=threads, precision=precision, gpu=gpu_options,
                                      vision_chunk=vision_chunk_for(family.config.get("vision_config") or {}),
                                      layout=layout)
-    return Pipeline(files, family, runtime, selection=selection)
+    return Pipeline(files, family, runtime, selection=selection, precision_reason=why)
 
 
 def _check_load_budget(bundle: Bundle, fmt: str, precision: str, budget: int | None, extra: int = 0) -> None:
@@ -190,6 +208,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     check_threads(threads)  # before a bundle's checksums are hashed or any weights load
     check_choice("decoder layout (--layout)", layout, LAYOUTS)
     check_model_dir(path)   # a typed error for a path the OS cannot even look up (is_bundle would raise)
+    if backend == "torch":
+        check_checkpoint_dir(path, "the PyTorch reference (backend 'torch')")
     if is_bundle(path):
         return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
                                    gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options,
@@ -201,6 +221,9 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
                                  f"(a checkpoint runs on 'torch'; backends: {', '.join(BACKENDS)})")
     if layout != "auto":
         raise OptionError(f"a decoder layout (--layout {layout}) is ONNX Runtime's: a checkpoint runs on PyTorch")
+    if precision not in ("auto", "fp32"):
+        raise OptionError(f"precision {precision!r} is one of a bundle's artifact sets; a checkpoint runs on the "
+                          "PyTorch reference in fp32 (export and calibrate a bundle for other precisions)")
     from .runtimes.torch import TorchBackend
 
     if device == "cpu":
@@ -209,7 +232,8 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
                                                            "instead.")],
                      max_memory, f"loading {Path(path).name}")
     return Pipeline(files, family, TorchBackend(family, threads=threads, trust_remote_code=trust_remote_code,
-                                                device=device))
+                                                device=device),
+                    precision_reason="a checkpoint: the PyTorch reference runs its weights in fp32")
 
 
 def info(path: str | Path, prompt_style: str | None = None, sizes=((224, 224), (480, 640), (1080, 1920))) -> dict:

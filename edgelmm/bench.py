@@ -350,24 +350,34 @@ def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
             "results": rows, "skipped": skipped}
 
 
-def format_table(report: dict[str, Any]) -> str:
-    head = ("| backend | precision | vision ms/img (1 / 4) | TTFT ms (2 img) | prefill tok/s | decode tok/s "
-            "| roofline | step ms by context | RSS MiB | MiB on disk |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
+TABLE_COLUMNS = ("backend", "precision", "vision ms/img (1 / 4)", "TTFT ms (2 img)", "prefill tok/s", "decode tok/s",
+                 "roofline", "step ms by context", "RSS MiB", "MiB on disk")
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row of TABLE_COLUMNS per backend x precision (a failed one: its error after the names)."""
+    rows = []
     for r in report["results"]:
         name = r["backend"] + (f" ({r['layout']})" if r.get("layout") else "")
         if "error" in r:
-            lines.append(f"| {name} | {r['precision']} | failed: {r['error']} ||||||||")
+            rows.append([name, r["precision"], f"failed: {r['error']}"] + [""] * (len(TABLE_COLUMNS) - 3))
             continue
         steps = ", ".join(f"{ms:.2f} @{n}" for n, ms in (r.get("decode_ms_at_context") or {}).items()) or "-"
-        lines.append(
-            f"| {name} | {r['precision']} | {r['vision_ms_per_image_1']['median']:.2f} / "
-            f"{r['vision_ms_per_image_4']['median']:.2f} | {r['ttft_ms']['median']:.1f} | "
-            f"{r['prefill_tokens_per_s']['median']:.0f} | {r['decode_tokens_per_s']['median']:.1f} "
-            f"(±{100 * r['decode_tokens_per_s']['spread']:.0f}%) | {100 * r['roofline_fraction']:.0f}% of "
-            f"{r['roofline_tokens_per_s']:.0f}{' (in cache)' if r['fits_in_cache'] else ''} | {steps} | "
-            f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.1f} |")
-    return head + "\n".join(lines)
+        rows.append([
+            name, r["precision"],
+            f"{r['vision_ms_per_image_1']['median']:.2f} / {r['vision_ms_per_image_4']['median']:.2f}",
+            f"{r['ttft_ms']['median']:.1f}", f"{r['prefill_tokens_per_s']['median']:.0f}",
+            f"{r['decode_tokens_per_s']['median']:.1f} (±{100 * r['decode_tokens_per_s']['spread']:.0f}%)",
+            f"{100 * r['roofline_fraction']:.0f}% of {r['roofline_tokens_per_s']:.0f}"
+            f"{' (in cache)' if r['fits_in_cache'] else ''}",
+            steps, f"{r['peak_rss_mib']:.0f}", f"{r['size_mib']:.1f}"])
+    return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as a Markdown table (README, benchmarks/results)."""
+    head = f"| {' | '.join(TABLE_COLUMNS)} |\n|{'---|' * len(TABLE_COLUMNS)}\n"
+    return head + "\n".join(f"| {' | '.join(row)} |" for row in table_rows(report))
 
 
 if __name__ == "__main__":  # the worker: one (backend, precision), JSON on the last stdout line

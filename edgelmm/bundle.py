@@ -185,6 +185,9 @@ def open_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
     root = Path(path)
     mpath = root / MANIFEST
     if not is_bundle(root):
+        if (root / "config.json").is_file():
+            raise BundleError(f"this is a Hugging Face checkpoint, not an edgelmm bundle (no {MANIFEST}); make a bundle "
+                              f"from it first: edgelmm export {root} BUNDLE", path=str(root))
         raise BundleError(f"not a bundle: no {MANIFEST}", path=str(root))
     if mpath.resolve().parent != root.resolve():
         raise BundleError("the manifest is a link to a file outside the bundle", path=str(mpath))

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from .errors import BackendUnavailable, EdgeLMMError
+from .errors import BackendUnavailable, EdgeLMMError, OptionError
 
 try:  # typer >= 0.2x runs on its own copy of click, whose exceptions are not click's
     from typer._click.exceptions import ClickException, UsageError
@@ -61,6 +61,14 @@ err = Console(stderr=True)
 _MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory this command may use, e.g. 12G or 800M (default: what "
                                                           "the machine has free). A step that would not fit is "
                                                           "refused before it starts, with what would fit.")
+
+
+# One --precision for every command that runs a bundle (run, eval, watch); `describe()` and --json say which
+# precision ran and why ("precision_reason").
+_PRECISION = typer.Option("auto", "--precision", help="Which of a bundle's artifact sets runs: ONNX fp32/fp16/int8/"
+                                                      "int4/int8-vision+int4, GGUF f32/f16/q8_0/q4_k_m (with "
+                                                      "--backend llamacpp), TensorRT engines. auto: on the CPU the "
+                                                      "smallest that passed its quality gate, on a GPU fp16.")
 
 
 @contextmanager
@@ -133,9 +141,7 @@ def run(
     raw: bool = typer.Option(False, help="Send the prompt as-is, without the model's chat template."),
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' numbers images in the text, "
                                                           "'plain' does not. Default: from the checkpoint name."),
-    precision: str = typer.Option("auto", help="Which of a bundle's artifact sets: ONNX fp32/fp16/int8/int4/"
-                                              "int8-vision+int4, GGUF f32/f16/q8_0/q4_k_m, engines. auto: the "
-                                              "best for the backend and provider that run."),
+    precision: str = _PRECISION,
     layout: str = typer.Option("auto", help="onnxruntime only: the decoder graph, fused (KV cache written in "
                                             "place: the step does not slow down as the answer grows), plain (the "
                                             "traced graph), or auto (fused where the bundle has it and the "
@@ -168,7 +174,15 @@ def run(
         _fail(exc, as_json)
 
 
-# Calibration options, shared by `export` (quantized precisions) and `calibrate`.
+# Calibration options, shared by `export` (quantized precisions) and `calibrate`. One vocabulary: --calib is
+# where the prompts come from; --calib-samples, --eval-samples (and eval's --samples) are counts.
+_CALIB = typer.Option("synthetic", "--calib", help="Where the calibration prompts come from: a Mantis-Instruct "
+                                                   "JSONL ({'images': [...], 'conversation': [...]} with <image> "
+                                                   "markers), a MIMIC-IT instruction JSON, a folder of images "
+                                                   "(grouped into multi-image sets), a video file (a frame a "
+                                                   "second, four frames per prompt), or 'synthetic' (edgelmm's "
+                                                   "generator). Prefix mantis:, mimicit:, folder: or video: to "
+                                                   "force the kind.")
 _CALIB_SAMPLES = typer.Option(64, "--calib-samples", help="How many multi-image prompts to draw from the source "
                                                           "(seeded, stratified by image count and size); about "
                                                           "one in eight is held out to measure quality.")
@@ -205,7 +219,7 @@ def _calibration_options(source, calib_samples, vision_method, int4_algorithm, b
     """The options, checked (a CalibrationOptionError or CalibrationError) before any work starts."""
     from .calib import CalibrationOptions
 
-    opts = CalibrationOptions(samples=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
+    opts = CalibrationOptions(source=source, calib_samples=calib_samples, seed=seed, vision_method=vision_method,
                               int4_algorithm=int4_algorithm, int4_block_size=block_size,
                               int4_accuracy_level=accuracy_level, lm_head=lm_head, gate=not no_gate,
                               max_accuracy_drop=max_accuracy_drop, min_vision_cosine=min_vision_cosine,
@@ -235,9 +249,7 @@ def export(
                                                               "dynamic INT8 decoder), int4 (INT4 decoder), "
                                                               "int8-vision+int4. Quantized ones are calibrated on "
                                                               "--calib and must pass the quality gate."),
-    calib: str = typer.Option("synthetic", "--calib", help="Calibration prompts for quantized precisions: a "
-                                                           "Mantis-style JSONL, a MIMIC-IT JSON, an image folder, a "
-                                                           "video, or 'synthetic' (edgelmm's generator)."),
+    calib: str = _CALIB,
     calib_samples: int = _CALIB_SAMPLES, calib_tiles: Optional[int] = _CALIB_TILES,
     vision_method: str = _VISION_METHOD, int4_algorithm: str = _INT4_ALGORITHM,
     block_size: int = _BLOCK_SIZE, accuracy_level: int = _ACCURACY_LEVEL, lm_head: str = _LM_HEAD,
@@ -281,31 +293,55 @@ def export(
         for prec, report in manifest["verify"].items():
             Console().print({"precision": prec, "verify": report["summary"], "passed": report["passed"]})
         if manifest.get("quality"):
+            # One calibration set serves every quantized precision of an export: its line once.
+            for c in {json.dumps(c, sort_keys=True): c for c in manifest.get("calibration", {}).values()}.values():
+                _print_calibration(c)
             _print_quality(manifest["quality"])
 
 
-def _print_quality(quality: dict) -> None:
+def _print_rows(title: str, columns, rows, names: int = 1) -> None:
+    """A table when it fits the terminal (80 columns when output is not one); otherwise one block
+    per row, its first `names` cells on one line and then `column: value` lines, so no backend or
+    precision name is ever cut short. Cells may carry rich markup."""
     from rich.table import Table
 
-    table = Table("precision", "vision cos", "decoder KL", "e2e KL", "tokens", "accuracy (fp32)", "MB", "gate",
-                  title="quality against the fp32 graphs (held-out prompts)")
+    out = Console()
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*row)
+    if out.measure(table, options=out.options.update(width=10_000)).maximum <= out.width:  # its unwrapped width
+        out.print(table)
+        return
+    out.print(f"[bold]{escape(title)}[/]")
+    for row in rows:
+        out.print("[bold]" + escape(" ".join(c for c in row[:names] if c)) + "[/]")
+        for column, cell in zip(columns[names:], row[names:]):
+            if cell:
+                out.print(f"  {escape(column)}: {cell}")
+
+
+def _print_calibration(c: dict) -> None:
+    err.print(f"{c['samples']} prompts from {c['source']} ({c['kind']}): {c['calibrated_on']} calibrated on, "
+              f"{c['held_out']} held out; {c['skipped']} record(s) skipped {c['skip_reasons'] or ''}",
+              markup=False, highlight=False)
+
+
+def _print_quality(quality: dict) -> None:
+    rows = []
     for prec, q in quality.items():
         acc = "n/a" if q.get("accuracy") is None else f"{q['accuracy']:.1%} ({q['accuracy_fp32']:.1%})"
-        table.add_row(prec, f"{q['vision_cosine_min']:.4f}", f"{q['decoder_kl_max']:.2e}", f"{q['logits_kl_max']:.2e}",
-                      f"{q['token_match_mean']:.3f}", acc, f"{q['size_bytes'] / 1e6:.1f}",
-                      "[green]pass[/]" if q["passed"] else "[red]FAIL[/]: " + "; ".join(q["failures"]))
-    Console().print(table)
+        rows.append([escape(prec), f"{q['vision_cosine_min']:.4f}", f"{q['decoder_kl_max']:.2e}",
+                     f"{q['logits_kl_max']:.2e}", f"{q['token_match_mean']:.3f}", acc, f"{q['size_bytes'] / 1e6:.1f}",
+                     "[green]pass[/]" if q["passed"] else "[red]FAIL[/]: " + escape("; ".join(q["failures"]))])
+    _print_rows("quality against the fp32 graphs (held-out prompts)",
+                ("precision", "vision cos", "decoder KL", "e2e KL", "tokens", "accuracy (fp32)", "MB", "gate"), rows)
 
 
 @app.command()
 def calibrate(
     bundle: Path = typer.Argument(..., help="A bundle with fp32 ONNX graphs (from `edgelmm export`)."),
-    samples: str = typer.Option("synthetic", "--samples", "-s",
-                                help="Where the calibration prompts come from: a Mantis-Instruct JSONL "
-                                     "({'images': [...], 'conversation': [...]} with <image> markers), a MIMIC-IT "
-                                     "instruction JSON, a folder of images (grouped into multi-image sets), a video "
-                                     "file (a frame a second, four frames per prompt), or 'synthetic'. Prefix "
-                                     "mantis:, mimicit:, folder: or video: to force the kind."),
+    calib: str = _CALIB,
+    old_samples: Optional[str] = typer.Option(None, "--samples", "-s", hidden=True),
     precision: str = typer.Option("int8-vision+int4", "--precision",
                                   help="Comma-separated: int8, int4, int8-vision+int4."),
     calib_samples: int = _CALIB_SAMPLES, calib_tiles: Optional[int] = _CALIB_TILES,
@@ -326,7 +362,10 @@ def calibrate(
     from .memory import parse_size
 
     try:
-        opts = _calibration_options(samples, calib_samples, vision_method, int4_algorithm, block_size,
+        if old_samples is not None:
+            raise OptionError(f"calibrate --samples {old_samples} is now --calib {old_samples} (the calibration "
+                              "source, as in export); --calib-samples and --eval-samples are counts")
+        opts = _calibration_options(calib, calib_samples, vision_method, int4_algorithm, block_size,
                                     accuracy_level, no_quality_gate, max_accuracy_drop, min_vision_cosine,
                                     eval_samples, seed, activations, image_root, calib_tiles=calib_tiles,
                                     no_sensitivity=no_sensitivity, lm_head=lm_head)
@@ -342,9 +381,7 @@ def calibrate(
         print(json.dumps({"bundle": str(result.bundle), "passed": result.passed, "failures": result.failures,
                           "quality": result.quality, "calibration": result.calibration}))
         return
-    c = result.calibration
-    err.print(f"{c['samples']} prompts from {c['source']} ({c['kind']}): {c['calibrated_on']} calibrated on, "
-              f"{c['held_out']} held out; {c['skipped']} record(s) skipped {c['skip_reasons'] or ''}")
+    _print_calibration(result.calibration)
     _print_quality(result.quality)
 
 
@@ -366,34 +403,40 @@ def verify(
     from . import api
     from .bundle import open_bundle
     from .memory import check_budget, checkpoint_parameters, loading_overhead, parse_size, release_memory, verify_steps
+    from .modelfiles import check_checkpoint_dir
     from .options import check_int
     from .verify import reference_run
     from .verify import verify as run_verify
 
     try:
         check_int("--max-new-tokens", max_new_tokens, 1)  # before the bundle's checksums or any model
+        check_checkpoint_dir(reference, "verify --reference")
         opened = open_bundle(bundle)
         backends = [backend] if backend else [b for b, f in api.BACKEND_FORMAT.items() if f in api.bundle_formats(opened)]
         checks = [(b, p, layout) for b in backends for p in api.bundle_precisions(opened, api.BACKEND_FORMAT.get(b, b))
                   if precision in (None, p)
                   for layout in (api.onnx_layouts(opened, p) if b == "onnxruntime" else [None])]
         if not checks:
+            have = "; ".join(f"{b}: {', '.join(api.bundle_precisions(opened, api.BACKEND_FORMAT.get(b, b))) or 'none'}"
+                             for b in backends)
             raise BackendUnavailable(f"nothing to verify: the bundle has no {backend or ''} {precision or ''} artifacts "
-                                     f"(formats {api.bundle_formats(opened)})")
+                                     f"(it has {have or 'no artifacts'}); --precision takes one of those")
         budget = parse_size(max_memory)
         check_budget(verify_steps(checkpoint_parameters(reference), opened, sorted({(b, p) for b, p, _ in checks}),
                                   loading_overhead(reference)), budget,
                      f"verifying {bundle.name}")
-        # The reference runs first and only its answers are kept: one model's weights in memory at a time.
-        answers = reference_run(api.load(reference, backend="torch"), max_new_tokens)
-        release_memory()
-        reports = []
-        for b, p, layout in checks:
-            # Each runtime is judged by its own limits (verify.thresholds_for): TensorRT's TF32/fp16 kernels as fp16.
-            reports.append(run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p,
-                                                              **({"layout": layout} if layout else {})),
-                                      answers, p, max_new_tokens=max_new_tokens))
+        with _progress(f"running the PyTorch reference ({reference.name})", as_json) as update:
+            # The reference runs first and only its answers are kept: one model's weights in memory at a time.
+            answers = reference_run(api.load(reference, backend="torch"), max_new_tokens)
             release_memory()
+            reports = []
+            for n, (b, p, layout) in enumerate(checks):
+                update(f"checking {b} {p}{f' ({layout} decoder)' if layout else ''}", n, len(checks))
+                # Each runtime is judged by its own limits (verify.thresholds_for): TensorRT's TF32/fp16 as fp16.
+                reports.append(run_verify(api.pipeline_for_bundle(opened, backend=b, provider=provider, precision=p,
+                                                                  **({"layout": layout} if layout else {})),
+                                          answers, p, max_new_tokens=max_new_tokens))
+                release_memory()
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
@@ -419,7 +462,9 @@ def verify(
                       f"{report['summary']['batch2_logits_max_abs']:.2e}")
             if "backend_tokenizer_match" in report["summary"]:
                 out.print(f"llama.cpp's own tokenizer agrees with the HF tokenizer on "
-                          f"{report['summary']['backend_tokenizer_match']:.0%} of the prompts")
+                          f"{report['summary']['backend_tokenizer_match']:.0%} of the prompts (not gated)")
+                if "backend_tokenizer_note" in report["summary"]:
+                    out.print(escape(report["summary"]["backend_tokenizer_note"]))
             out.print("[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]: " + "; ".join(report["failures"]))
     if not all(r["passed"] for r in reports):
         raise typer.Exit(1)
@@ -433,6 +478,7 @@ def eval_(
     backend: str = typer.Option("auto", help="Which runtime answers: auto, onnxruntime or llamacpp (bundles), torch (checkpoints)."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider for bundles: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    precision: str = _PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print the report (per task, per skill, mistakes) as JSON."),
 ):
     """Score a model on edgelmm's held-out multi-image questions (co-reference, comparison, counting
@@ -444,20 +490,23 @@ def eval_(
 
     try:
         check_samples(samples, "--samples")  # before the model loads
-        pipe = api.load(model or reference_model(), backend=backend, provider=provider, threads=threads)
+        pipe = api.load(model or reference_model(), backend=backend, provider=provider, threads=threads,
+                        precision=precision)
         with _progress("answering held-out samples", as_json) as update:
             report = evaluate(pipe, samples,
                               on_progress=lambda done, total: update("answering held-out samples", done, total))
     except EdgeLMMError as exc:
         _fail(exc, as_json)
     if as_json:
-        print(json.dumps({**report.as_dict(), "backend": pipe.backend.describe()}))
+        print(json.dumps({**report.as_dict(), "backend": pipe.describe()}))
         return
     from rich.markdown import Markdown
 
     out = Console()
     out.print(Markdown(format_table(report)))
-    out.print(f"{report.samples} samples in {report.seconds:.1f} s on {pipe.backend.describe()}")
+    d = pipe.describe()
+    out.print(f"{report.samples} samples in {report.seconds:.1f} s on {d['backend']} {d.get('precision', '')} "
+              f"({d.get('precision_reason', '')})")
 
 
 @app.command(name="build-engines")
@@ -525,9 +574,7 @@ def bench(
     """Measure every backend x precision of a bundle in one run: vision ms/image (1 and 4 images),
     time to first token of a 2-image prompt, prefill and decode tokens/s, peak memory and size, and
     decode against this machine's memory-bandwidth roofline. Each runs in its own process."""
-    from rich.markdown import Markdown
-
-    from .bench import BenchOptions, format_table
+    from .bench import TABLE_COLUMNS, BenchOptions, table_rows
     from .bench import bench as run_bench
 
     # Only a missing --backends means every backend: '' (an empty list) or 'onnxruntime,' is refused by validate().
@@ -542,7 +589,8 @@ def bench(
         return
     m = report["machine"]
     out = Console()
-    out.print(Markdown(format_table(report)))
+    _print_rows("speed and memory, per backend and precision", TABLE_COLUMNS,
+                [[escape(c) for c in row] for row in table_rows(report)], names=2)
     out.print(f"{m['cpu']} ({m['cores']} cores), {report['threads']} thread(s), median of {report['repeats']}; "
               f"memory bandwidth {report['memory_bandwidth_gb_s']} GB/s (streaming copy), last-level cache "
               f"{report['last_level_cache_mib']} MiB")
@@ -667,6 +715,7 @@ def watch(
     backend: str = typer.Option("auto", help="Runtime: auto, onnxruntime or llamacpp."),
     provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    precision: str = _PRECISION,
     quiet: bool = typer.Option(False, help="No live status line on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object on stdout (with "
                                                         "--events; on stdout it is already the last event line) "
@@ -682,8 +731,8 @@ def watch(
     from rich.live import Live
     from rich.text import Text
 
-    from . import api
-    from .apps.anomaly import AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, check_events, summary_line
+    from .apps.anomaly import (AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, check_events, load_for_watch,
+                               summary_line)
 
     try:
         config = WatchConfig(
@@ -700,14 +749,23 @@ def watch(
     except EdgeLMMError as exc:   # OptionError for an option out of range or a path, PromptError for the prompt
         _fail(exc, as_json)
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
+    if quiet or as_json:   # --json: stdout and stderr carry data and errors only, as for every command
+        status = None
+    elif err.is_terminal:
+        def status(message):
+            live.update(Text(message), refresh=True)
+    else:  # a log: the live line would print nothing, and opening a camera can take seconds per attempt
+        from .progress import line_progress
+
+        status = line_progress(err)
     try:
-        pipe = api.load(bundle, backend=backend, provider=provider, threads=threads)
+        pipe = load_for_watch(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
 
         def show(stats):
             live.update(Text(summary_line(stats)), refresh=True)
         watcher = AnomalyWatcher(pipe, config, references=[str(r) for r in reference],
                                  events=events if events is not None else sys.stdout,
-                                 on_summary=None if quiet else show)
+                                 on_summary=None if quiet else show, on_status=status)
 
         def on_signal(signum, _frame):
             if watcher.stopping.is_set():
@@ -755,6 +813,43 @@ def demo_video(
         print(json.dumps(meta))
     else:
         Console().print(meta)
+
+
+@app.command(name="demo-images")
+def demo_images(
+    out: Path = typer.Argument(..., help="The folder to write the images into (created if missing)."),
+    round_: int = typer.Option(0, "--round", help="Which held-out round: each writes another question of each kind."),
+    as_json: bool = typer.Option(False, "--json", help="Print the questions (prompt, messages, images, expected "
+                                                       "answer) as JSON."),
+):
+    """Write one held-out question of each of the nine kinds the shipped reference model answers
+    (colour or shape in image k, which image has more, same or not, counting across images, what
+    changed, which frame is abnormal, the anomaly question, in-context examples), with the
+    `edgelmm run` line that asks it and the expected answer. The model knows only these forms,
+    on 64x64 pictures of coloured shapes; other prompts or photos get meaningless answers."""
+    from .synthetic import write_samples
+
+    try:
+        samples = write_samples(out, round_=round_)
+    except (EdgeLMMError, OSError) as exc:  # OptionError for --round; OSError: the folder cannot be written
+        _fail(exc, as_json)
+    if as_json:
+        print(json.dumps(samples))
+        return
+    import shlex
+
+    out_console = Console()
+    for s in samples:
+        out_console.print(f"[bold]{s['task']}[/] ({s['skill']}), expected answer: [green]{escape(s['answer'])}[/]")
+        if s["turns"] == 1:
+            out_console.print("  edgelmm run MODEL -p " + shlex.quote(s["prompt"]) + " "
+                              + " ".join(f"-i {shlex.quote(p)}" for p in s["images"]), markup=False, highlight=False,
+                              soft_wrap=True)
+        else:
+            out_console.print(f"  {s['turns']} turns (solved examples, then the question): in Python, "
+                              "pipe.generate(messages, images) with the messages of --json", markup=False)
+    out_console.print("MODEL: the reference model (edgelmm/models/edgelmm-ref-siglip-llama) or a bundle of it, "
+                      "e.g. demo-out/bundle from `make demo`.", markup=False)
 
 
 def main() -> None:

@@ -11,15 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 DEMO_TASKS = ("colour_of", "anomaly")
 
 
 def main(out_dir: str = "demo-out") -> int:
     from rich.console import Console
 
-    from . import api
+    from . import api, synthetic
     from .export import export
     from .models import reference_model
 
@@ -33,32 +31,26 @@ def main(out_dir: str = "demo-out") -> int:
     for precision, verify in json.loads((bundle / "edgelmm.json").read_text())["verify"].items():
         console.print({"verify": precision, "summary": verify["summary"], "passed": verify["passed"]})
     correct = asked = 0
+    samples = {s["task"]: s for s in synthetic.write_samples(out / "samples")}
     for backend in ("onnxruntime", "llamacpp"):
         pipe = api.load(bundle, backend=backend)
         console.print(f"\n[bold]backend[/]: {pipe.backend.describe()}")
         for task in DEMO_TASKS:
-            correct += ask(pipe, task, out, console)
+            correct += ask(pipe, samples[task], console)
             asked += 1
-    console.print(f"\n{correct}/{asked} answered right; held-out accuracy per skill: `edgelmm eval`")
+    console.print(f"\n{correct}/{asked} answered right; held-out accuracy per skill: `edgelmm eval`. "
+                  f"One question of each of the model's nine kinds: {out / 'samples'} (`edgelmm demo-images`)")
     return 0
 
 
-def ask(pipe, task: str, out: Path, console) -> bool:
-    """One held-out sample of `task`: save its images, ask, print the answer next to the expected one."""
+def ask(pipe, sample: dict, console) -> bool:
+    """One held-out sample (synthetic.write_samples): ask, print the answer next to the expected one."""
     from . import synthetic
 
-    index = [t.name for t in synthetic.TASKS].index(task)
-    sample = synthetic.make_sample("test", index)
-    paths = []
-    for i, arr in enumerate(sample.images):
-        p = out / f"{task}-image{i + 1}.png"
-        Image.fromarray(arr).save(p)
-        paths.append(str(p))
-    prompt = sample.messages[-1]["content"]
-    console.print(f"\n[bold]prompt[/]: {prompt}\n[dim]images: {', '.join(paths)}[/]")
-    g = pipe.generate(prompt, paths, max_new_tokens=16)
-    ok = synthetic.normalise_answer(g.text) == synthetic.normalise_answer(sample.answer)
-    console.print(f"[bold]answer[/]: {g.text!r}   [dim]expected: {sample.answer!r}[/] "
+    console.print(f"\n[bold]prompt[/]: {sample['prompt']}\n[dim]images: {', '.join(sample['images'])}[/]")
+    g = pipe.generate(sample["messages"], sample["images"], max_new_tokens=16)
+    ok = synthetic.normalise_answer(g.text) == synthetic.normalise_answer(sample["answer"])
+    console.print(f"[bold]answer[/]: {g.text!r}   [dim]expected: {sample['answer']!r}[/] "
                   + ("[green]right[/]" if ok else "[red]wrong[/]"))
     console.print({k: round(v, 2) for k, v in g.timings_ms.items()})
     return ok

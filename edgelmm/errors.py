@@ -18,12 +18,14 @@ class UnsupportedModelError(CheckpointError):
 
 
 class ImageError(EdgeLMMError):
-    """An image could not be read or used. Carries the image index and source when known."""
+    """An image could not be read or used. Carries the image's position in the request (`index`,
+    0-based as in the Python list) and its source when known; the message numbers images from 1,
+    as prompts do ("image 2" is the second <image>)."""
 
     def __init__(self, message: str, *, index: int | None = None, source: str | None = None):
         where = []
         if index is not None:
-            where.append(f"image {index}")
+            where.append(f"image {index + 1}")
         if source is not None:
             where.append(repr(source))
         prefix = f"{' '.join(where)}: " if where else ""

@@ -63,6 +63,19 @@ def check_model_dir(root: str | Path) -> Path:
     return root
 
 
+def check_checkpoint_dir(root: str | Path, needed_by: str) -> Path:
+    """check_model_dir, and a CheckpointError when `root` is an edgelmm bundle (it has a manifest):
+    `needed_by` (e.g. "export", "verify --reference") reads the Hugging Face checkpoint the bundle
+    came from, not the bundle."""
+    from .bundle import is_bundle   # bundle.py imports this module
+
+    root = check_model_dir(root)
+    if is_bundle(root):
+        raise CheckpointError(f"{root}: this is an edgelmm bundle, but {needed_by} needs the Hugging Face checkpoint "
+                              "directory it was exported from (config.json, the weights, the tokenizer)")
+    return root
+
+
 def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")

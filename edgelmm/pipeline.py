@@ -87,9 +87,11 @@ def left_pad(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 class Pipeline:
-    def __init__(self, files: ModelFiles, family: Family, backend: Backend, selection: dict | None = None):
+    def __init__(self, files: ModelFiles, family: Family, backend: Backend, selection: dict | None = None,
+                 precision_reason: str | None = None):
         self.files = files
         self.selection = selection  # backend="auto": what was chosen and what was passed over, and why
+        self.precision_reason = precision_reason  # a bundle's artifact set: asked for, or why auto took it
         self.family = family
         self.backend = backend
         self.tokenizer = files.tokenizer
@@ -316,4 +318,6 @@ class Pipeline:
                "context_length": self.context_length}
         if self.selection:
             out["selection"] = self.selection
+        if self.precision_reason:
+            out["precision_reason"] = self.precision_reason
         return out

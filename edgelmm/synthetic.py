@@ -367,6 +367,31 @@ def make_split(split: str, n: int, start: int = 0, tasks: tuple[Task, ...] = TAS
     return [make_sample(split, i, tasks) for i in range(start, start + n)]
 
 
+def write_samples(out, split: str = "test", round_: int = 0) -> list[dict[str, Any]]:
+    """One sample of each of the nine tasks (round `round_` of `split`: tasks take turns, so these are
+    samples round_ * 9 ... round_ * 9 + 8), written as PNG files in the folder `out`, with what to
+    ask the reference model: the prompt (the last user turn, <image> markers included), the whole
+    message list (in_context has solved examples before it), the image paths and the expected
+    answer. `edgelmm demo-images` and `make demo` use these."""
+    from pathlib import Path
+
+    check_int("round", round_, 0)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, task in enumerate(TASKS):
+        sample = make_sample(split, round_ * len(TASKS) + k)
+        paths = []
+        for i, image in enumerate(sample.images):
+            path = folder / f"{task.name}-{i + 1}.png"
+            Image.fromarray(image).save(path)
+            paths.append(str(path))
+        written.append({"task": task.name, "skill": task.skill, "prompt": sample.messages[-1]["content"],
+                        "messages": sample.messages, "images": paths, "answer": sample.answer,
+                        "turns": sum(m["role"] == "user" for m in sample.messages)})
+    return written
+
+
 def normalise_answer(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 

@@ -97,3 +97,15 @@ def reference_bundle(tmp_path_factory):
     from edgelmm.models import reference_model
 
     return export(reference_model(), tmp_path_factory.mktemp("ref") / "bundle", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def reference_gguf_bundle(tmp_path_factory):
+    """The reference model exported to ONNX fp32 and the f32 GGUF pair, unverified (once): the fuzz
+    campaign's base bundle (its GGUF cases damage the f32 pair, the one llama.cpp then loads) and the
+    llama.cpp backend's tests. Tests that change it copy it."""
+    from edgelmm.export import export
+    from edgelmm.models import reference_model
+
+    return export(reference_model(), tmp_path_factory.mktemp("refgguf") / "bundle", formats=("onnx", "gguf"),
+                  gguf_types=("f32",), verify=False, quiet=True)

@@ -34,8 +34,9 @@ def test_corrupt_image_file_names_index_and_file(pipelines, tmp_path, png):
     good = png(sample_images(1)[0], "good.png")
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    with pytest.raises(ImageError, match=r"image 1 '.*broken\.png': cannot decode"):
+    with pytest.raises(ImageError, match=r"image 2 '.*broken\.png': cannot decode") as caught:  # numbered as in the prompt
         pipelines("idefics2").generate("<image> vs <image>", [good, bad], max_new_tokens=2)
+    assert caught.value.index == 1
 
 
 def test_truncated_image_file(tmp_path, png):
@@ -47,13 +48,13 @@ def test_truncated_image_file(tmp_path, png):
 
 
 def test_missing_image_file(tmp_path):
-    with pytest.raises(ImageError, match=r"image 2 '.*nope\.jpg': file not found"):
+    with pytest.raises(ImageError, match=r"image 3 '.*nope\.jpg': file not found"):
         load_image(tmp_path / "nope.jpg", index=2)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (1, 40, 3), (3, 80)])
 def test_tiny_images_refused(shape):
-    with pytest.raises(ImageError, match=r"image 0: .* the smallest side must be at least 4"):
+    with pytest.raises(ImageError, match=r"image 1: .* the smallest side must be at least 4"):
         load_image(np.zeros(shape, np.uint8), index=0)
 
 

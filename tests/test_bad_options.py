@@ -78,11 +78,11 @@ def test_image_files_that_are_not_images(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(50000, 50000))
     assert Image.MAX_IMAGE_PIXELS  # PIL's bomb protection stays on
-    with pytest.raises(ImageError, match=r"image 0 '.*bomb\.png': refused as a decompression bomb"):
+    with pytest.raises(ImageError, match=r"image 1 '.*bomb\.png': refused as a decompression bomb"):
         load_image(bomb, index=0)
-    with pytest.raises(ImageError, match=r"image 1 '.*': is a directory"):
+    with pytest.raises(ImageError, match=r"image 2 '.*': is a directory, not an image file"):
         load_image(tmp_path, index=1)
-    with pytest.raises(ImageError, match=r"image 2 '.*x{300}.*': cannot open \(File name too long\)"):
+    with pytest.raises(ImageError, match=r"image 3 '.*x{300}.*': cannot open \(File name too long\)"):
         load_image(tmp_path / f"{LONG}.png", index=2)
 
 
@@ -184,11 +184,16 @@ def test_calibration_options_refused_before_any_work(weightless, tmp_path, args,
     # export: the weights are missing, so reaching them would be a CheckpointError or worse
     err = cli_json_error("export", weightless, tmp_path / "out", "--precision", "int4", *args)
     assert err["error"] == error and re.search(pattern, err["message"]), err
-    # calibrate: the bundle does not exist, so opening it would be a BundleError
-    if args[0] == "--calib":
-        args = ["--samples", *args[1:]]
+    # calibrate: the bundle does not exist, so opening it would be a BundleError; the same flags
     err = cli_json_error("calibrate", tmp_path / "no-bundle", "--precision", "int4", *args)
     assert err["error"] == error and re.search(pattern, err["message"]), err
+
+
+def test_calibrate_samples_flag_names_its_new_spelling(tmp_path):
+    """--samples was calibrate's source while eval's --samples is a count: the source is --calib on
+    export and calibrate alike, and the old spelling says so instead of reading a path as a count."""
+    err = cli_json_error("calibrate", tmp_path / "no-bundle", "--samples", "frames/")
+    assert err["error"] == "OptionError" and "is now --calib frames/" in err["message"], err
 
 
 def test_calibration_options_api(tmp_path):
@@ -205,11 +210,11 @@ def test_calibration_options_api(tmp_path):
             CalibrationOptions(**bad).validate()
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(CalibrationError, match="not a known calibration source"):
-        CalibrationOptions(samples=str(tmp_path / "notes.txt")).validate()
+        CalibrationOptions(source=str(tmp_path / "notes.txt")).validate()
     with pytest.raises(CalibrationError, match="not a folder"):
-        CalibrationOptions(samples=f"folder:{tmp_path / 'notes.txt'}").validate()
+        CalibrationOptions(source=f"folder:{tmp_path / 'notes.txt'}").validate()
     with pytest.raises(CalibrationError, match="File name too long"):
-        CalibrationOptions(samples=str(tmp_path / LONG)).validate()
+        CalibrationOptions(source=str(tmp_path / LONG)).validate()
 
 
 def test_export_into_an_existing_folder_refused_before_loading(weightless, tmp_path):

@@ -11,7 +11,7 @@ FIELDS = ("vision_ms_per_image_1", "vision_ms_per_image_4", "ttft_ms", "prefill_
           "decode_tokens_per_s")
 
 
-def test_bench_smoke(bundle):
+def test_bench_smoke(bundle, capsys, monkeypatch):
     r = CliRunner().invoke(app, ["bench", str(bundle("llava-siglip")), "--repeats", "1", "--new-tokens", "3",
                                  "--json"])
     assert r.exit_code == 0, r.output
@@ -34,6 +34,16 @@ def test_bench_smoke(bundle):
     assert row["gpu_memory_mib"] is None or row["gpu_memory_mib"] >= 0
     # the worker's own peak, not its parent's (the parent held the bandwidth buffers, 512 MiB)
     assert row["peak_rss_mib"] < 400
+    # The text table at 80 columns: too wide for the ten columns, so one block per result, names whole.
+    from edgelmm.bench import TABLE_COLUMNS, table_rows
+    from edgelmm.cli import _print_rows
+
+    monkeypatch.setenv("COLUMNS", "80")
+    _print_rows("speed", TABLE_COLUMNS, table_rows(report), names=2)
+    text = capsys.readouterr().out
+    assert max(map(len, text.splitlines())) <= 80
+    assert "onnxruntime (plain) fp32" in text.splitlines() and "onnxruntime (fused) fp32" in text.splitlines()
+    assert f"  decode tok/s: {row['decode_tokens_per_s']['median']:.1f}" in text
 
 
 def test_bench_errors(bundle):

@@ -41,7 +41,7 @@ def test_ranges_streamed_tile_by_tile_equal_ranges_from_every_tile_at_once(bundl
     from onnxruntime.quantization.calibrate import (CalibrationMethod, HistogramCalibrater, MinMaxCalibrater,
                                                     create_calibrator, load_tensors_data)
 
-    from edgelmm.calib.quantize import COMPUTE_OP_TYPES, ENTROPY_OPTIONS, FeedReader, _calibrate_ranges
+    from edgelmm.calib.quantize import COMPUTE_OP_TYPES, ENTROPY_OPTIONS, FeedReader, _calibrate_ranges, entropy_threshold
 
     root = bundle("idefics3")
     src = root / "onnx/vision.onnx"
@@ -52,6 +52,8 @@ def test_ranges_streamed_tile_by_tile_equal_ranges_from_every_tile_at_once(bundl
     at_once = create_calibrator(src, list(COMPUTE_OP_TYPES), augmented_model_path=str(tmp_path / "a.onnx"),
                                 calibrate_method=kind, extra_options=ENTROPY_OPTIONS if method == "entropy" else {})
     at_once.collect_data(FeedReader(feeds))
+    if method == "entropy":  # the thresholds' search is compared with ORT's on its own below
+        at_once.collector.get_entropy_threshold = entropy_threshold
     want = at_once.compute_data()
 
     sizes, arenas = [], set()
@@ -72,6 +74,24 @@ def test_ranges_streamed_tile_by_tile_equal_ranges_from_every_tile_at_once(bundl
     for name in want.keys():
         np.testing.assert_allclose(np.ravel(got[name].range_value), np.ravel(want[name].range_value),
                                    rtol=rtol, atol=1e-6, err_msg=name)
+
+
+def test_entropy_threshold_is_onnx_runtimes(bundle):
+    """The array form of the entropy (KL) threshold search picks exactly ORT's thresholds, on the
+    histograms of real vision activations and on heavy-tailed ones with empty bins."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from edgelmm.calib.quantize import entropy_threshold
+
+    rng = np.random.default_rng(0)
+    ort = HistogramCollector("entropy", False, 512, 255, 99.99, "same")
+    values = [rng.standard_normal(4000), rng.standard_t(2, 3000) * 5, np.abs(rng.standard_normal(2000)),
+              np.concatenate([rng.standard_normal(3000), [40.0, -60.0]])]
+    for bins, x in zip((512, 768, 512, 1024), values):
+        x = x.astype(np.float32)
+        counts, edges = np.histogram(x, bins, range=(x.min(), x.max()))
+        histogram = (counts, edges.astype(np.float32), x.min(), x.max())
+        assert entropy_threshold(histogram, 255) == ort.get_entropy_threshold(histogram, 255)
 
 
 def _naive_imatrix(pipe, samples):

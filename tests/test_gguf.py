@@ -3,8 +3,6 @@ reference on the families llama.cpp can represent (llava-SigLIP, idefics3)."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -195,22 +193,6 @@ def test_refusals_and_forced_clip(checkpoint, tmp_path):
     assert "CLS" in next(a for a in manifest["artifacts"] if a["graph"] == "mmproj")["forced"]
     # The decoder itself is right: only the vision tower is damaged.
     assert report["summary"]["decoder_logits_max_abs"] <= 1e-3
-
-
-def test_cli_export_and_verify_gguf(checkpoint, tmp_path):
-    out = tmp_path / "b"
-    run = [sys.executable, "-m", "edgelmm"]
-    p = subprocess.run(run + ["export", str(checkpoint("idefics3")), str(out), "--format", "onnx,gguf",
-                              "--gguf-types", "f32", "--json"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    manifest = json.loads(p.stdout)
-    assert {(a["format"], a["graph"]) for a in manifest["artifacts"]} >= {("onnx", "decoder"), ("gguf", "llm"),
-                                                                          ("gguf", "mmproj")}
-    p = subprocess.run(run + ["verify", str(out), "-r", str(checkpoint("idefics3")), "--backend", "llamacpp",
-                              "--json"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    report = json.loads(p.stdout)
-    assert report["backend"]["backend"] == "llamacpp" and report["summary"]["token_match_min"] == 1.0
 
 
 def test_gguf_bundle_answers_without_torch(gguf_bundle, pipelines, tmp_path):

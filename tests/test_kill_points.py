@@ -2,7 +2,7 @@
 target or a complete bundle (checksums pass, and it answers exactly as the old or the new
 generation did), and the next run on the same target cleans what the killed one left.
 
-Each run is a fresh interpreter that counts the steps that change the filesystem or take long
+Each run is a fresh process (forked from a server that imported everything once) that counts the steps that change the filesystem or take long
 (os.replace/rename/unlink, mkdtemp, copies, rmtree, manifest writes, each exported graph, each quantizer, verify)
 and kills itself with SIGKILL at the k-th: a real kill at a known point, so the test does not
 depend on timing. One uncut run first lists the steps; the kill points are spread over them."""
@@ -24,55 +24,97 @@ pytestmark = pytest.mark.slow
 
 KILLS = 10
 
-DRIVER = r"""
-import json, os, shutil, signal, sys
-plan = json.loads(sys.argv[1])
-steps = []
+# One server per module imports torch, the exporter and the calibrator once (5 s of CPU a run) and
+# forks a fresh child per run; the child installs the step counter and runs the job. The parent runs
+# no torch op before it forks (one intra-op thread, none started), so each child starts clean.
+SERVER = r"""
+import json, os, shutil, signal, sys, tempfile, traceback
+import torch
+torch.set_num_threads(1)
+import edgelmm.bundle, edgelmm.calib.quantize, edgelmm.verify, edgelmm.export.onnx
+from edgelmm.calib import CalibrationOptions, calibrate
+from edgelmm.export import export
+import onnxruntime.quantization
 
-def hook(owner, name, label):
-    real = getattr(owner, name)
-    def counted(*args, **kwargs):
-        steps.append(label)
-        if len(steps) == plan["kill_at"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    setattr(owner, name, counted)
+def job(plan):
+    steps = []
 
-import edgelmm.bundle, edgelmm.calib.quantize, edgelmm.verify
-for name in ("replace", "rename", "unlink"):
-    hook(os, name, "os." + name)
-hook(shutil, "rmtree", "rmtree")
-hook(shutil, "copy2", "copy2")
-import tempfile
-hook(tempfile, "mkdtemp", "mkdtemp")
-hook(edgelmm.bundle, "write_manifest", "write_manifest")
-for name in ("quantize_vision_int8", "quantize_decoder_int4", "quantize_decoder_int8_dynamic"):
-    hook(edgelmm.calib.quantize, name, name)
-hook(edgelmm.verify, "verify", "verify")
-if plan["job"] == "export":
-    import edgelmm.export.onnx
-    hook(edgelmm.export.onnx, "_export_one", "export graph")
-    from edgelmm.export import export
-    export(plan["model"], plan["out"], quiet=True)
-else:
-    from edgelmm.calib import CalibrationOptions, calibrate
-    calibrate(plan["out"], plan["precisions"], CalibrationOptions(calib_samples=6, eval_samples=0, seed=plan["seed"]),
-              overwrite=plan["overwrite"])
-with open(plan["log"], "w") as f:
-    json.dump(steps, f)
+    def hook(owner, name, label):
+        real = getattr(owner, name)
+        def counted(*args, **kwargs):
+            steps.append(label)
+            if len(steps) == plan["kill_at"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        setattr(owner, name, counted)
+
+    for name in ("replace", "rename", "unlink"):
+        hook(os, name, "os." + name)
+    hook(shutil, "rmtree", "rmtree")
+    hook(shutil, "copy2", "copy2")
+    hook(tempfile, "mkdtemp", "mkdtemp")
+    hook(edgelmm.bundle, "write_manifest", "write_manifest")
+    for name in ("quantize_vision_int8", "quantize_decoder_int4", "quantize_decoder_int8_dynamic"):
+        hook(edgelmm.calib.quantize, name, name)
+    hook(edgelmm.verify, "verify", "verify")
+    if plan["job"] == "export":
+        hook(edgelmm.export.onnx, "_export_one", "export graph")
+        export(plan["model"], plan["out"], quiet=True)
+    else:
+        calibrate(plan["out"], plan["precisions"], CalibrationOptions(calib_samples=6, eval_samples=0,
+                                                                      seed=plan["seed"]), overwrite=plan["overwrite"])
+    with open(plan["log"], "w") as f:
+        json.dump(steps, f)
+
+replies = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)   # what a job prints goes to stderr; stdout carries one reply line per job
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            job(json.loads(line))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    replies.write(json.dumps({"signal": killed_by, "code": os.WEXITSTATUS(status) if killed_by is None else None}) + "\n")
+    replies.flush()
 """
 
 
-def _run(tmp_path, kill_at: int = -1, **plan) -> tuple[int, list[str]]:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("kill-server") / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+    proc.log = log
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=120)
+
+
+def _run(server, tmp_path, kill_at: int = -1, **plan) -> list[str]:
+    """Run one job in a fresh child of the server; killed at its `kill_at`-th step, or to the end
+    (then the steps it counted are returned)."""
     log = tmp_path / "steps.json"
     log.unlink(missing_ok=True)
-    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**plan, "kill_at": kill_at, "log": str(log)})],
-                       capture_output=True, text=True, timeout=900)
+    server.stdin.write(json.dumps({**plan, "kill_at": kill_at, "log": str(log)}) + "\n")
+    server.stdin.flush()
+    line = server.stdout.readline()
+    assert line, f"the job server died:\n{server.log.read_text()[-3000:]}"
+    reply = json.loads(line)
     if kill_at < 0:
-        assert r.returncode == 0, r.stderr[-3000:]
-        return 0, json.loads(log.read_text())
-    assert r.returncode == -signal.SIGKILL, (kill_at, r.returncode, r.stderr[-3000:])
-    return r.returncode, []
+        assert reply["code"] == 0, (reply, server.log.read_text()[-3000:])
+        return json.loads(log.read_text())
+    assert reply["signal"] == signal.SIGKILL, (kill_at, reply, server.log.read_text()[-3000:])
+    return []
 
 
 def _kill_points(steps: list[str]) -> list[int]:
@@ -101,18 +143,18 @@ def _leftovers(root) -> list[str]:
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["calibrate", "calibrate-overwrite"])
-def test_calibrate_killed_at_ten_points(reference_bundle, tmp_path, overwrite):
+def test_calibrate_killed_at_ten_points(server, reference_bundle, tmp_path, overwrite):
     base = tmp_path / "base"
     shutil.copytree(reference_bundle, base)
     plan = dict(job="calibrate", precisions=["int8-vision+int4"], overwrite=overwrite, seed=0)
     if overwrite:  # the bundle already has the precision; the killed runs recalibrate it with another seed
-        _run(tmp_path, out=str(base), **plan)
+        _run(server, tmp_path, out=str(base), **plan)
         plan["seed"] = 1
     before = _answers(base)
     before_gen = json.loads((base / MANIFEST).read_text()).get("generation", 0)
     done = tmp_path / "done"
     shutil.copytree(base, done)
-    _, steps = _run(tmp_path, out=str(done), **plan)
+    steps = _run(server, tmp_path, out=str(done), **plan)
     after = _answers(done)
     assert after.keys() == {"fp32", "int8-vision+int4"} and after["fp32"] == before["fp32"]
     assert "os.replace" in steps and "quantize_vision_int8" in steps
@@ -120,31 +162,31 @@ def test_calibrate_killed_at_ten_points(reference_bundle, tmp_path, overwrite):
     for k in _kill_points(steps):
         target = tmp_path / f"killed-{k}"
         shutil.copytree(base, target)
-        _run(tmp_path, kill_at=k, out=str(target), **plan)
+        _run(server, tmp_path, kill_at=k, out=str(target), **plan)
         gen = json.loads((target / MANIFEST).read_text()).get("generation", 0)
         expected = before if gen == before_gen else after
         assert gen in (before_gen, before_gen + 1), (k, steps[k - 1], gen)
         assert _answers(target) == expected, (k, steps[k - 1])
     # The next run on a killed target finishes or discards what the killed one left.
-    _run(tmp_path, out=str(target), **{**plan, "overwrite": True})
+    _run(server, tmp_path, out=str(target), **{**plan, "overwrite": True})
     assert _answers(target) == after and _leftovers(target) == []
 
 
-def test_export_killed_at_ten_points(checkpoint, tmp_path):
+def test_export_killed_at_ten_points(server, checkpoint, tmp_path):
     model = checkpoint("llava-siglip")
     done = tmp_path / "done" / "bundle"
-    _, steps = _run(tmp_path, job="export", model=str(model), out=str(done))
+    steps = _run(server, tmp_path, job="export", model=str(model), out=str(done))
     expected = _answers(done)
     assert steps.count("export graph") == 3 and "verify" in steps
     for k in _kill_points(steps):
         target = tmp_path / f"killed-{k}" / "bundle"
-        _run(tmp_path, kill_at=k, job="export", model=str(model), out=str(target))
+        _run(server, tmp_path, kill_at=k, job="export", model=str(model), out=str(target))
         if target.exists():
             assert _answers(target) == expected, (k, steps[k - 1])
     # A killed export leaves only a hidden work folder beside the target; the next export removes it.
     parent = target.parent
     assert [p.name for p in parent.iterdir() if not p.name.startswith(".")] in ([], ["bundle"])
     shutil.rmtree(target, ignore_errors=True)
-    _run(tmp_path, job="export", model=str(model), out=str(target))
+    _run(server, tmp_path, job="export", model=str(model), out=str(target))
     assert sorted(p.name for p in parent.iterdir()) == ["bundle"]
     assert _answers(target) == expected

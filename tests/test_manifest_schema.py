@@ -156,12 +156,8 @@ def test_bundle_is_readable_under_the_umask(reference_bundle):
 
 
 @pytest.fixture(scope="module")
-def gguf_bundle(tmp_path_factory):
-    from edgelmm.export import export
-    from edgelmm.models import reference_model
-
-    return export(reference_model(), tmp_path_factory.mktemp("refgguf") / "bundle", formats=("gguf",),
-                  gguf_types=("f16",), quiet=True, verify=False)
+def gguf_bundle(reference_gguf_bundle):
+    return reference_gguf_bundle
 
 
 PROMPTS = [("What shape is in <image>?", 0), ("Which of <image> and <image> has more shapes?", 1),
@@ -175,7 +171,7 @@ def _request(i):
 
 def test_llamacpp_pipeline_from_four_threads(gguf_bundle):
     pytest.importorskip("llama_cpp")
-    pipe = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", threads=1)
+    pipe = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f32", threads=1)
     requests = [_request(i) for i in range(10)]
     sequential = [pipe.generate(p, imgs, max_new_tokens=6).token_ids for p, imgs in requests]
     results: dict[tuple[int, int], list[int]] = {}
@@ -203,12 +199,12 @@ def test_llamacpp_batch_larger_than_one_context_is_answered_row_by_row(gguf_bund
     from edgelmm.runtimes.llamacpp import LlamaCppBackend
     from edgelmm.api import pipeline_for_bundle
 
-    pipe = pipeline_for_bundle(open_bundle(gguf_bundle), backend="llamacpp", precision="f16", threads=1)
+    pipe = pipeline_for_bundle(open_bundle(gguf_bundle), backend="llamacpp", precision="f32", threads=1)
     requests = [_request(1), _request(3)]
     lengths = [len(pipe.prepare(p, imgs).input_ids) for p, imgs in requests]
     # A context that holds each prompt alone but not both at once (the case that failed with
     # "no room left in the KV cache").
-    small = LlamaCppBackend(open_bundle(gguf_bundle), precision="f16", threads=1,
+    small = LlamaCppBackend(open_bundle(gguf_bundle), precision="f32", threads=1,
                             context_length=max(lengths) + 16)
     pipe_small = type(pipe)(pipe.files, pipe.family, small)
     assert sum(lengths) + 2 * 8 > small.n_ctx
@@ -233,14 +229,14 @@ def test_llamacpp_context_is_sized_to_what_is_asked(gguf_bundle):
     from edgelmm.runtimes.llamacpp import DEFAULT_CONTEXT
 
     model_ctx = json.loads((gguf_bundle / "config.json").read_text())["text_config"]["max_position_embeddings"]
-    default = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", threads=1)
+    default = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f32", threads=1)
     assert default.backend.n_ctx == min(model_ctx, DEFAULT_CONTEXT)
-    small = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", threads=1, max_context=64)
+    small = edgelmm.load(gguf_bundle, backend="llamacpp", precision="f32", threads=1, max_context=64)
     assert small.backend.n_ctx == 64 and small.context_length == 64
     with pytest.raises(PromptError, match=r"context window is 64"):
         small.generate("Compare <image> and <image>.", sample_images(2), max_new_tokens=4)
     with pytest.raises(OptionError, match=r"max_context must be in \[16, "):
-        edgelmm.load(gguf_bundle, backend="llamacpp", precision="f16", max_context=10 ** 9)
+        edgelmm.load(gguf_bundle, backend="llamacpp", precision="f32", max_context=10 ** 9)
 
 
 def test_onnxruntime_vision_runs_in_bounded_chunks(reference_bundle):

@@ -153,14 +153,6 @@ def test_one_reference_run_serves_several_candidates(bundle, pipelines):
         verify(candidate, answers, max_new_tokens=16)
 
 
-def test_progress_is_printed_as_lines_without_a_terminal(checkpoint, tmp_path):
-    r = cli("export", checkpoint("llava-clip"), tmp_path / "b", "--no-verify")
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = [line for line in r.stderr.splitlines() if line.startswith("[")]
-    assert any("exporting fp32 ONNX graphs" in line for line in lines)
-    assert any(line.split("] ", 1)[1].startswith("done: exporting fp32") for line in lines)
-
-
 def test_verify_bounds_its_tiles_and_names_the_cases_left_out(bundle, pipelines, monkeypatch):
     """SmolVLM's processor makes 9-17 tiles of every image: the verify prompts run while their tiles
     stay within VERIFY_TILES (the one- and two-image cases always), and the report names the rest."""

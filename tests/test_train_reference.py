@@ -61,11 +61,13 @@ def test_same_seed_same_weights(tmp_path):
         out.mkdir()
         build_tokenizer(out)
         build_model(out, seed=3)
-        log = train(out, steps=2, seed=3, batch_size=4, lr=1e-3, threads=1, log_every=1, val_samples=9,
-                    vision_steps=2, vision_batch_size=4, vision_val_images=8)
-        stage3 = focus(out, steps=2, seed=3, batch_size=4, lr=1e-3, threads=1, log_every=1, val_samples=9)
+        # One step per stage: every stage's batches, optimizer and schedule, at a third of the CPU of
+        # two (a bf16-autocast backward pass is seconds on a CPU without bf16 instructions).
+        log = train(out, steps=1, seed=3, batch_size=4, lr=1e-3, threads=1, log_every=1, val_samples=9,
+                    vision_steps=1, vision_batch_size=4, vision_val_images=8)
+        stage3 = focus(out, steps=1, seed=3, batch_size=4, lr=1e-3, threads=1, log_every=1, val_samples=9)
         stages = [e["stage"] for e in log["history"] + stage3["history"]]
-        assert stages == ["vision", "vision", "questions", "questions", "focus", "focus"]
+        assert stages == ["vision", "questions", "focus"]
         assert all(e["loss"] > 0 for e in log["history"] + stage3["history"])
         digests.append((_sha(out / "tokenizer.model"), _sha(out / "tokenizer.json"), _sha(out / "model.safetensors")))
     assert digests[0] == digests[1]

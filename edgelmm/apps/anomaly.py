@@ -242,6 +242,7 @@ class WatchReport:
     stats: dict[str, Any]
     gate: dict[str, Any]
     events: list[AnomalyEvent]
+    runtime: dict[str, Any] = field(default_factory=dict)   # backend, precision and why (Pipeline.describe)
 
     @property
     def source_lost(self) -> bool:
@@ -249,7 +250,7 @@ class WatchReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": "summary", "stop_reason": self.stop_reason, "source": self.source, **self.stats,
-                "gate": self.gate}
+                "gate": self.gate, "runtime": self.runtime}
 
 
 class SerializedBackend:
@@ -387,20 +388,24 @@ class AnomalyWatcher:
     def __init__(self, pipeline: Pipeline, config: WatchConfig | None = None, *,
                  references: Sequence[ImageInput] = (), events: str | Path | TextIO | None = None,
                  on_event: Callable[[AnomalyEvent], None] | None = None,
-                 on_summary: Callable[[dict[str, Any]], None] | None = None):
+                 on_summary: Callable[[dict[str, Any]], None] | None = None,
+                 on_status: Callable[[str], None] | None = None):
         """`references`: images of the normal scene, remembered for good (warm-up still runs unless
         config.gate.warmup_frames is 0). `events`: a JSON-lines file or stream for the events and
-        the final summary. `on_event` is called from the verifier thread with each finished event."""
+        the final summary. `on_event` is called from the verifier thread with each finished event;
+        `on_status` from the capture thread with each attempt to open or reopen the source."""
         self.config = config or WatchConfig()
         self.config.validate()
         check_events(events)
         if not getattr(pipeline.backend, "thread_safe", False):
-            pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend))
+            pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend),
+                                selection=pipeline.selection, precision_reason=pipeline.precision_reason)
         self.pipeline = pipeline
         self.gate = NormalSceneGate(self.config.gate)
         self.events_target = events
         self.on_event = on_event
         self.on_summary = on_summary
+        self.on_status = on_status
         self.stopping = threading.Event()
         self.aborted = threading.Event()
         self.stats = WatchStats()
@@ -412,6 +417,7 @@ class AnomalyWatcher:
         self._first_over: GatedFrame | None = None
         self._episode: Episode | None = None
         self._fps: float | None = None
+        self._running: tuple[CaptureThread, FrameQueue] | None = None   # while run() runs, for live_stats()
         self.references: list[GatedFrame] = []
         for i, image in enumerate(load_images(list(references))):
             feats = self.encode(image)
@@ -429,6 +435,16 @@ class AnomalyWatcher:
         """As stop(), and cancel the verifier's answers in progress (a second Ctrl-C)."""
         self.aborted.set()
         self.stop(reason)
+
+    def live_stats(self) -> dict[str, Any] | None:
+        """The counters of the run in progress (what the status line shows), from any thread; None
+        before run() opens its source and after it returns."""
+        running = self._running
+        return self.stats.snapshot(*running) if running else None
+
+    def _runtime(self) -> dict[str, Any]:
+        d = self.pipeline.describe()
+        return {k: d[k] for k in ("backend", "providers", "precision", "precision_reason", "decoder_layout") if k in d}
 
     # ---- stage 1 ----
     def encode(self, image: np.ndarray) -> np.ndarray:
@@ -524,7 +540,7 @@ class AnomalyWatcher:
         cfg = self.config
         src = parse_source(source)
         frames = FrameQueue(cfg.capture.queue_size, lossy=src.live or cfg.capture.realtime)
-        capture = CaptureThread(src, frames, cfg.capture, self.stopping)
+        capture = CaptureThread(src, frames, cfg.capture, self.stopping, on_status=self.on_status)
         capture.start()
         while not capture.opened.wait(0.05):
             pass
@@ -542,6 +558,7 @@ class AnomalyWatcher:
             raise
         verifier = Verifier(self)
         verifier.start()
+        self._running = (capture, frames)
         deadline = self.stats.started + cfg.duration_s if cfg.duration_s else None
         next_summary = time.monotonic() + cfg.summary_every_s
         reason = ""
@@ -568,26 +585,39 @@ class AnomalyWatcher:
             self.aborted.set()      # an error or KeyboardInterrupt in the loop: wind down fast
             raise
         finally:
+            self._running = None
             self.stopping.set()
             capture.join()
             frames.discard()
             verifier.finish()
             report = WatchReport(reason or "interrupted", capture.describe(),
-                                 self.stats.snapshot(capture, frames), self.gate.describe(), list(self.events))
+                                 self.stats.snapshot(capture, frames), self.gate.describe(), list(self.events),
+                                 self._runtime())
             report.stats["callback_errors"] = self._sink.callback_errors
             self._sink.write(report.as_dict())
             self._sink.close()
         return report
 
 
+def load_for_watch(bundle: str | Path, **load_options) -> Pipeline:
+    """The bundle's Pipeline (api.load's options). A checkpoint is refused: the PyTorch reference
+    would gate every frame ~10x slower than the bundle's runtimes, so export it first."""
+    from ..api import load
+    from ..bundle import is_bundle, open_bundle
+    from ..options import check_threads
+
+    check_threads(load_options.get("threads"))   # an option's error before the folder's
+    if not is_bundle(bundle):
+        open_bundle(bundle)   # raises a BundleError that says what the folder is and what to do
+    return load(bundle, **load_options)
+
+
 def watch(source: str | int | Path, bundle: str | Path, config: WatchConfig | None = None, *,
-          backend: str = "auto", provider: str = "auto", threads: int | None = None,
+          backend: str = "auto", provider: str = "auto", threads: int | None = None, precision: str = "auto",
           references: Sequence[ImageInput] = (), events: str | Path | TextIO | None = None,
           on_event: Callable[[AnomalyEvent], None] | None = None) -> WatchReport:
     """Load `bundle` and watch `source` (see AnomalyWatcher)."""
-    from ..api import load
-
-    pipeline = load(bundle, backend=backend, provider=provider, threads=threads)
+    pipeline = load_for_watch(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
     return AnomalyWatcher(pipeline, config, references=references, events=events, on_event=on_event).run(source)
 
 

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -211,8 +211,12 @@ def as_rgb(frame: Any, shape: tuple[int, ...] | None) -> np.ndarray | None:
 class CaptureThread(threading.Thread):
     """Reads `source` into `queue` until the source ends, is lost, or `stop` is set."""
 
-    def __init__(self, source: VideoSource, queue: FrameQueue, config: CaptureConfig, stop: threading.Event):
+    def __init__(self, source: VideoSource, queue: FrameQueue, config: CaptureConfig, stop: threading.Event,
+                 on_status: Callable[[str], None] | None = None):
+        """`on_status(message)` hears each attempt to open or reopen the source (from this thread):
+        a camera that is not there takes seconds per attempt, and a user should see them."""
         super().__init__(name="edgelmm-capture", daemon=True)
+        self.on_status = on_status
         self.source = source
         self.queue = queue
         self.config = config
@@ -235,13 +239,16 @@ class CaptureThread(threading.Thread):
     def _open_with_retries(self, first: bool):
         attempts = 1 + (self.config.reconnect_attempts if self.source.live else 0)
         delay = self.config.reconnect_backoff_s
+        name = f"{self.source.kind} {self.source.spec}"
         for attempt in range(attempts):
             if self.stop_event.is_set():
                 return None
+            self._status(f"{'opening' if first else 'reopening'} {name} (attempt {attempt + 1} of {attempts})")
             cap = open_capture(self.source, self.config)
             if cap is not None:
                 return cap
             if attempt + 1 < attempts:
+                self._status(f"{name} gave no frames; attempt {attempt + 2} of {attempts} in {delay:g} s")
                 if not first:
                     self.reconnects += 1
                 if self.stop_event.wait(delay):
@@ -250,6 +257,13 @@ class CaptureThread(threading.Thread):
         what = "OpenCV cannot open it (not a video, or a codec this build lacks)" if not self.source.live else \
             f"no frames after {attempts} attempt(s) to {'open' if first else 'reopen'} it"
         raise SourceError(what, source=self.source.spec)
+
+    def _status(self, message: str) -> None:
+        if self.on_status is not None:
+            try:
+                self.on_status(message)
+            except Exception:  # a display callback must not stop the capture
+                pass
 
     def run(self) -> None:
         try:

@@ -1,6 +1,6 @@
 """Calibration: quantized precisions of a bundle's ONNX graphs, measured and gated.
 
-`calibrate(bundle, samples=SRC, precisions=[...])` starts from the bundle's fp32 graphs (which
+`calibrate(bundle, precisions=[...], CalibrationOptions(source=SRC))` starts from the bundle's fp32 graphs (which
 export verified against PyTorch), draws calibration prompts from SRC, writes the quantized graphs,
 measures each precision against fp32 on held-out prompts (never calibrated on), and adds them to
 the manifest only when they pass the quality gate. It needs `onnx` and onnxruntime, not torch
@@ -45,7 +45,7 @@ SCORE_TILES = 32
 
 @dataclass
 class CalibrationOptions:
-    samples: str = "synthetic"          # the source spec (see calib.sources)
+    source: str = "synthetic"           # where the prompts come from (see calib.sources; CLI --calib)
     calib_samples: int = 64             # prompts drawn from it (some are held out to measure quality)
     calib_tiles: int = DEFAULT_CALIB_TILES  # image tiles through the vision tower: INT8 ranges, GPTQ prompts
     seed: int = 0
@@ -95,7 +95,7 @@ class CalibrationOptions:
         check_number("min vision cosine (--min-vision-cosine)", self.min_vision_cosine, -1, 1, error=bad)
         if self.eval_samples is not None:  # 0: accuracy not measured
             check_int("eval samples (--eval-samples)", self.eval_samples, 0, error=bad)
-        check_source(self.samples)
+        check_source(self.source)
         if self.image_root is not None and not os.path.isdir(self.image_root):
             raise bad(f"image root (--image-root) {self.image_root!r} is not a folder")
 
@@ -210,8 +210,8 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         check_budget(calibrate_steps(bundle.manifest, precisions, QUANTIZED_PRECISIONS), max_memory,
                      f"calibrating {root.name}")
 
-        say(f"reading calibration samples from {opts.samples}")
-        calib_set = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
+        say(f"reading calibration samples from {opts.source}")
+        calib_set = collect(opts.source, opts.calib_samples, opts.seed, image_root=opts.image_root)
         calib_samples, held_out = calib_set.split(held_out=min(16, max(2, len(calib_set.samples) // 8)))
         variants = {(g, v) for p in precisions for g, v in QUANTIZED_PRECISIONS[p].items() if v != "fp32"}
         # Everything the fp32 graphs are needed for comes first; they are released before quantizing,

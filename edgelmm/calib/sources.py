@@ -115,7 +115,7 @@ def _validate(record: Record) -> CalibSample:
             raise Skip(("missing image" if "no such file" in text or "not found" in text else "unreadable image")
                        + f" ({text})") from None
         if images[-1].shape[0] < 4 or images[-1].shape[1] < 4:
-            raise Skip(f"image {i} is smaller than 4x4 pixels")
+            raise Skip(f"image {i + 1} is smaller than 4x4 pixels")
     return CalibSample(messages, images, origin)
 
 

@@ -12,7 +12,7 @@ from ..bundle import (FORMAT_VERSION, build_versions, checkpoint_fingerprint, fi
                       staging_dir, write_manifest)
 from ..errors import BundleError, ExportError
 from ..memory import check_budget, checkpoint_parameters, export_steps, loading_overhead, release_memory
-from ..modelfiles import PROMPT_FILES
+from ..modelfiles import PROMPT_FILES, check_checkpoint_dir
 from ..progress import status
 
 FORMATS = ("onnx", "gguf", "tensorrt")
@@ -47,7 +47,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     methods, quality gate); a precision that fails the gate fails the export (QualityGateError).
 
     q4_k_m GGUFs are quantized with an importance matrix computed from the calibration prompts
-    (`calibration.samples`, default the synthetic generator) unless `gguf_imatrix` is False.
+    (`calibration.source`, default the synthetic generator) unless `gguf_imatrix` is False.
 
     `max_memory` (bytes; default what the machine has free) is checked against each step's estimated
     peak before any work: a step that cannot fit raises MemoryBudgetError naming it.
@@ -85,8 +85,8 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     # The calibration options (quantized precisions, the q4_k_m importance matrix) and the output
     # folder are checked now, not after the weights have loaded (minutes on an 8B model).
     (calibration or CalibrationOptions()).validate()
+    model_dir = check_checkpoint_dir(model_dir, "export")
     check_output_dir(Path(out_dir), overwrite)
-    model_dir = Path(model_dir)
     check_budget(export_steps(checkpoint_parameters(model_dir), formats=formats, precisions=precisions,
                               verify=verify, load_overhead=loading_overhead(model_dir)),
                  max_memory, f"exporting {model_dir.name}")
@@ -118,8 +118,8 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
 
                 opts = calibration or CalibrationOptions()
                 with status(console, "importance matrix for q4_k_m") as update:
-                    samples = collect(opts.samples, opts.calib_samples, opts.seed, image_root=opts.image_root)
-                    imatrix = compute_imatrix(family, reference.backend.model, samples.samples, opts.samples,
+                    samples = collect(opts.source, opts.calib_samples, opts.seed, image_root=opts.image_root)
+                    imatrix = compute_imatrix(family, reference.backend.model, samples.samples, opts.source,
                                               progress=update,
                                               max_tiles=min(opts.calib_tiles, IMATRIX_TILES))
             with status(console, "writing GGUF files") as update:

@@ -45,6 +45,8 @@ def _wrappers(parts: TorchParts, num_layers: int):
     import torch
     from transformers import DynamicCache
 
+    from ..runtimes.torch import cache_argument, returned_cache
+
     class Vision(torch.nn.Module):
         def forward(self, pixel_values, pixel_attention_mask=None):
             return parts.vision(pixel_values, pixel_attention_mask)
@@ -67,11 +69,11 @@ def _wrappers(parts: TorchParts, num_layers: int):
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               position_ids=position_ids, past_key_values=cache, use_cache=True)
+                               position_ids=position_ids, use_cache=True, **cache_argument(self.decoder, cache))
             # lm_head on the last position only: over every position it dominates prefill.
             logits = self.lm_head(out.last_hidden_state[:, -1, :])
             present = []
-            for layer in out.past_key_values.layers[:num_layers]:
+            for layer in returned_cache(out).layers[:num_layers]:
                 present += [layer.keys, layer.values]
             return (logits, *present)
 

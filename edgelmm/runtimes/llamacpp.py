@@ -186,8 +186,8 @@ class LlamaCppBackend:
         values = (tile * self._std + self._mean) * 255.0
         u8 = np.clip(np.rint(values), 0, 255)
         if float(np.abs(values - u8).max(initial=0.0)) > 0.05:
-            raise ImageError("llama.cpp takes 8-bit images, and these pixel values are not a normalised 8-bit "
-                             "image (preprocess with the bundle's family)", index=index)
+            raise ImageError(f"tile {index + 1}: llama.cpp takes 8-bit images, and these pixel values are not a "
+                             "normalised 8-bit image (preprocess with the bundle's family)")
         return np.ascontiguousarray(u8.astype(np.uint8).transpose(1, 2, 0))
 
     def _encode_tile(self, hwc: np.ndarray, index: int) -> np.ndarray:
@@ -201,17 +201,17 @@ class LlamaCppBackend:
             part.text, part.bitmap = None, bitmap
             parts = (ctypes.POINTER(M.mtmd_input_part) * 1)(ctypes.pointer(part))
             if M.mtmd_tokenize_from_parts(self._mctx, chunks, parts, 1, False) != 0:
-                raise ImageError(f"mtmd could not take a {w}x{h} image ({_recent_log()})", index=index)
+                raise ImageError(f"tile {index + 1}: mtmd could not take a {w}x{h} image ({_recent_log()})")
             images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
             images = [c for c in images if M.mtmd_input_chunk_get_type(c) == _MTMD_CHUNK_IMAGE]
             # The idefics3 preprocessor always emits an overview and the slices; for a tile of exactly the
             # model's size both are that tile unchanged, so one of them is encoded.
             if not 1 <= len(images) <= 2:
-                raise ImageError(f"mtmd split one {w}x{h} tile into {len(images)} images; the mmproj's "
-                                 "preprocessing size should equal its image size", index=index)
+                raise ImageError(f"tile {index + 1}: mtmd split one {w}x{h} tile into {len(images)} images; the "
+                                 "mmproj's preprocessing size should equal its image size")
             n_tokens = M.mtmd_input_chunk_get_n_tokens(images[0])
             if M.mtmd_encode_chunk(self._mctx, images[0]) != 0:
-                raise ImageError(f"mtmd failed to encode the image ({_recent_log()})", index=index)
+                raise ImageError(f"tile {index + 1}: mtmd failed to encode it ({_recent_log()})")
             out = M.mtmd_get_output_embd(self._mctx)
             return np.ctypeslib.as_array(out, shape=(n_tokens * self.hidden,)).reshape(n_tokens, self.hidden).copy()
         finally:

@@ -25,6 +25,21 @@ class TorchCache:
         return int(self.cache.get_seq_length())
 
 
+def cache_argument(decoder, cache) -> dict[str, Any]:
+    """The KV cache as the text model's forward takes it: `cache=` since transformers renamed
+    `past_key_values` (which now warns on every call), `past_key_values=` before."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def load_hf_model(family: Family, dtype: str = "float32", trust_remote_code: bool = False):
     """Load the checkpoint with from_pretrained(local dir), safetensors only, no remote code unless asked.
 
@@ -166,7 +181,7 @@ class TorchBackend:
             out = self.parts.decoder(inputs_embeds=self._t(inputs_embeds).to(self.dtype),
                                      attention_mask=self._t(attention_mask.astype(np.int64)),
                                      position_ids=self._t(position_ids.astype(np.int64)),
-                                     past_key_values=cache.cache, use_cache=True)
+                                     use_cache=True, **cache_argument(self.parts.decoder, cache.cache))
             hidden = out.last_hidden_state[:, -1:, :]
             return self.parts.lm_head(hidden)[:, -1, :].float().cpu().numpy()
 

@@ -76,28 +76,34 @@ def sha256_path(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-def build_fixtures(root: str | Path) -> Path:
-    """Export the shipped reference model to a bundle (ONNX fp32 graphs + the f32 GGUF pair) and
-    write the images and the short video the cases use. Needs torch; `ensure_fixtures` runs it in
-    its own interpreter. The exporter's own GGUF check is skipped while exporting: the validator is
-    what the campaign tests, and the base bundle is checked by the control cases instead."""
+def build_fixtures(root: str | Path, bundle: str | Path | None = None) -> Path:
+    """Export the shipped reference model to a bundle (ONNX fp32 graphs + the f32 GGUF pair), or copy
+    `bundle`, such an export made already, and write the images and the short video the cases use.
+    Exporting needs torch; `ensure_fixtures` runs it in its own interpreter. The exporter's own GGUF
+    check is skipped while exporting: the validator is what the campaign tests, and the base bundle
+    is checked by the control cases instead."""
     import numpy as np
     from PIL import Image
 
     import edgelmm.gguf_file
-    from edgelmm.export import export
     from edgelmm.models import reference_model
     from edgelmm.synthetic_video import VideoSpec, write_video
     from edgelmm.testing import sample_images
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    validate, edgelmm.gguf_file.validate_gguf = edgelmm.gguf_file.validate_gguf, lambda *a, **k: None
-    try:
-        export(reference_model(), root / "bundle", formats=("onnx", "gguf"), gguf_types=("f32",), verify=False,
-               quiet=True, overwrite=True)
-    finally:
-        edgelmm.gguf_file.validate_gguf = validate
+    if bundle is not None:
+        shutil.rmtree(root / "bundle", ignore_errors=True)
+        shutil.copytree(bundle, root / "bundle")
+    else:
+        from edgelmm.export import export
+
+        validate, edgelmm.gguf_file.validate_gguf = edgelmm.gguf_file.validate_gguf, lambda *a, **k: None
+        try:
+            export(reference_model(), root / "bundle", formats=("onnx", "gguf"), gguf_types=("f32",), verify=False,
+                   quiet=True, overwrite=True)
+        finally:
+            edgelmm.gguf_file.validate_gguf = validate
     images = root / "images"
     images.mkdir(exist_ok=True)
     good = sample_images(1, sizes=[(64, 64)])[0]
@@ -111,9 +117,12 @@ def build_fixtures(root: str | Path) -> Path:
     return root
 
 
-def ensure_fixtures(root: str | Path, python: str = sys.executable, log=print) -> Path:
-    """The fixtures under root, built (in a fresh interpreter, ~40 s on two cores) unless already there."""
+def ensure_fixtures(root: str | Path, python: str = sys.executable, log=print, bundle: str | Path | None = None) -> Path:
+    """The fixtures under root, built (in a fresh interpreter, ~40 s on two cores) unless already there;
+    from `bundle` (the reference model's ONNX fp32 + GGUF f32 export) in this one, when given."""
     root = Path(root)
+    if bundle is not None and not (root / FIXTURES_INFO).is_file():
+        build_fixtures(root, bundle)
     if not (root / FIXTURES_INFO).is_file():
         log(f"building fixtures in {root} (exporting the reference model) ...")
         t = time.time()
@@ -1657,8 +1666,8 @@ def i_image(case: Case, category: str):
     image = make(case)
     images: list[Any] = [str(case.good_png)] * n
     images[index] = str(image) if isinstance(image, Path) else image
-    case.note(f"{label} as image {index} of {n}")
-    parts = [rf"image {index}\b"]
+    case.note(f"{label} as image {index + 1} of {n}")
+    parts = [rf"image {index + 1}\b"]    # messages number images from 1, as prompts do
     if names_file and isinstance(image, (str, Path)):
         parts.append(re.escape(os.path.basename(str(image))[:40]))
     case.culprit = "".join(f"(?=.*{p})" for p in parts)
@@ -1893,9 +1902,9 @@ CLI_OPTIONS: list[tuple[str, str, list, str, bool]] = [
     ("calibrate", "--min-vision-cosine", [("nan", MUST), ("2", MUST), ("-2", MUST)], "min.vision.cosine", False),
     ("calibrate", "--eval-samples", [("-1", MUST)], "eval.samples", False),
     ("calibrate", "--precision", [("foo", MUST), ("", MUST), ("fp32", MUST)], "precision", False),
-    ("calibrate", "--samples", [(_nonexistent, MUST), (_under_file, MUST), ("video:/nonexistent.mp4", MUST),
+    ("calibrate", "--calib", [(_nonexistent, MUST), (_under_file, MUST), ("video:/nonexistent.mp4", MUST),
                                 ("mantis:/etc/passwd", MUST), ("/dev/zero", MUST)],
-     "samples|does-not-exist|fuzz-out|nonexistent|passwd|zero", False),
+     "calib|source|does-not-exist|fuzz-out|nonexistent|passwd|zero", False),
     ("calibrate", "--seed", [("-1", MUST)], "seed", False),
     ("export", "--format", [("foo", MUST), ("", MUST), ("onnx,foo", MUST)], "format", False),
     ("export", "--precision", [("foo", MUST), ("fp8", MUST)], "precision", False),
