@@ -290,13 +290,19 @@ def export(
     if as_json:
         print(json.dumps(manifest))
     else:
-        for prec, report in manifest["verify"].items():
-            Console().print({"precision": prec, "verify": report["summary"], "passed": report["passed"]})
-        if manifest.get("quality"):
-            # One calibration set serves every quantized precision of an export: its line once.
-            for c in {json.dumps(c, sort_keys=True): c for c in manifest.get("calibration", {}).values()}.values():
-                _print_calibration(c)
-            _print_quality(manifest["quality"])
+        _print_export(manifest)
+
+
+def _print_export(manifest: dict) -> None:
+    """What export made: each precision's verify summary, then where the calibration prompts came
+    from (with the records skipped) and the quality table of the quantized precisions."""
+    for prec, report in manifest["verify"].items():
+        Console().print({"precision": prec, "verify": report["summary"], "passed": report["passed"]})
+    if manifest.get("quality"):
+        # One calibration set serves every quantized precision of an export: its line once.
+        for c in {json.dumps(c, sort_keys=True): c for c in manifest.get("calibration", {}).values()}.values():
+            _print_calibration(c)
+        _print_quality(manifest["quality"])
 
 
 def _print_rows(title: str, columns, rows, names: int = 1) -> None:
@@ -322,8 +328,8 @@ def _print_rows(title: str, columns, rows, names: int = 1) -> None:
 
 def _print_calibration(c: dict) -> None:
     err.print(f"{c['samples']} prompts from {c['source']} ({c['kind']}): {c['calibrated_on']} calibrated on, "
-              f"{c['held_out']} held out; {c['skipped']} record(s) skipped {c['skip_reasons'] or ''}",
-              markup=False, highlight=False)
+              f"{c['held_out']} held out; {c['skipped']} record(s) skipped {c['skip_reasons'] or ''}".rstrip(),
+              markup=False, highlight=False, soft_wrap=True)   # one line, in a log too
 
 
 def _print_quality(quality: dict) -> None:

@@ -132,7 +132,7 @@ def tiny_bundle(bundle, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["mantis", "synthetic"])
-def test_calibrate_adds_measured_precisions(tiny_bundle, mantis_jsonl, source, tmp_path):
+def test_calibrate_adds_measured_precisions(tiny_bundle, mantis_jsonl, source, tmp_path, capsys):
     spec = str(mantis_jsonl) if source == "mantis" else "synthetic"
     r = calibrate(tiny_bundle, ["int8", "int4", "int8-vision+int4"], CalibrationOptions(source=spec, **FAST))
     m = json.loads((tiny_bundle / "edgelmm.json").read_text())
@@ -167,6 +167,16 @@ def test_calibrate_adds_measured_precisions(tiny_bundle, mantis_jsonl, source, t
     pipe = edgelmm.load(tiny_bundle, provider="cpu")
     assert pipe.backend.precision == "int8-vision+int4"
     assert pipe.generate("What is in <image>?", sample_images(1), max_new_tokens=4).token_ids
+    # What `edgelmm export --precision ... --calib SRC` prints after the verify summaries: the source's
+    # line once (with the records it skipped), then the quality of every quantized precision.
+    from edgelmm.cli import _print_export
+
+    capsys.readouterr()
+    _print_export(m)
+    err = capsys.readouterr().err
+    c = r.calibration
+    assert err.count(f"{c['samples']} prompts from {spec} ({c['kind']})") == 1
+    assert f"{c['skipped']} record(s) skipped" in err and (c["skipped"] > 0) == (source == "mantis")
 
 
 def test_calibrate_refuses_what_it_cannot_do(tiny_bundle):

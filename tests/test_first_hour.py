@@ -129,3 +129,14 @@ def test_tables_keep_names_whole_at_80_columns(capsys, monkeypatch):
     cli_module._print_rows("narrow", ("precision", "MB"), [["int8-vision+int4", "9.4"]])
     narrow = capsys.readouterr().out
     assert "int8-vision+int4" in narrow and "│" in narrow   # it fits: still a table
+
+
+@pytest.mark.parametrize("kind", ["llava-siglip", "idefics2", "idefics3"])
+def test_the_pytorch_reference_warns_of_nothing(pipelines, kind):
+    """transformers renamed past_key_values to cache: the old name warned on every decode step of
+    every command that runs the reference (export, verify, run on a checkpoint)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipelines(kind).generate("What is in <image>?", sample_images(1), max_new_tokens=3).token_ids
