@@ -320,7 +320,7 @@ def _print_rows(title: str, columns, rows, names: int = 1) -> None:
         return
     out.print(f"[bold]{escape(title)}[/]")
     for row in rows:
-        out.print("[bold]" + escape(" ".join(c for c in row[:names] if c)) + "[/]")
+        out.print("[bold]" + " ".join(c for c in row[:names] if c) + "[/]")   # cells are markup already
         for column, cell in zip(columns[names:], row[names:]):
             if cell:
                 out.print(f"  {escape(column)}: {cell}")
