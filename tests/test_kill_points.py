@@ -172,8 +172,19 @@ def test_calibrate_killed_at_ten_points(server, reference_bundle, tmp_path, over
     assert _answers(target) == after and _leftovers(target) == []
 
 
-def test_export_killed_at_ten_points(server, checkpoint, tmp_path):
-    model = checkpoint("llava-siglip")
+@pytest.fixture(scope="module")
+def one_layer_checkpoint(tmp_path_factory):
+    """A LLaVA+SigLIP checkpoint with one vision and one text layer: each late kill point re-runs the
+    whole export, and torch.export's tracing grows with the layers (8.9 s of CPU a run, 12.5 with the
+    tiny checkpoints' 3 + 2)."""
+    from edgelmm.testing.checkpoints import build_llava
+
+    return build_llava(tmp_path_factory.mktemp("one-layer") / "llava-siglip",
+                       vision_dims={"num_hidden_layers": 1}, text_dims={"num_hidden_layers": 1})
+
+
+def test_export_killed_at_ten_points(server, one_layer_checkpoint, tmp_path):
+    model = one_layer_checkpoint
     done = tmp_path / "done" / "bundle"
     steps = _run(server, tmp_path, job="export", model=str(model), out=str(done))
     expected = _answers(done)
