@@ -159,9 +159,10 @@ def test_auto_precision_per_provider(monkeypatch):
     refused = _fake_bundle({"onnx": ["fp32", "int8-vision+int4"]})
     refused.manifest["quality"] = {"int8-vision+int4": {"passed": False}}
 
+    float_only = _fake_bundle({"onnx": ["fp32", "fp16"]})   # fp16 is for GPUs: slower and less exact on a CPU
     monkeypatch.setattr(ort_backend, "nvidia_gpu_present", lambda: False)
-    assert [api.pick_precision(b, "auto") for b in (calibrated, with_fp16, refused)] == \
-        ["int8-vision+int4", "int8-vision+int4", "fp32"]
+    assert [api.pick_precision(b, "auto") for b in (calibrated, with_fp16, refused, float_only)] == \
+        ["int8-vision+int4", "int8-vision+int4", "fp32", "fp32"]
     # describe()["precision_reason"] says why: the order, the gate, and what failed it
     assert api._auto_onnx_precision(calibrated, "auto")[1] == (
         "auto: the first of int8-vision+int4, int4, int8, fp32 that this bundle has for the CPU and that passed "
@@ -170,7 +171,8 @@ def test_auto_precision_per_provider(monkeypatch):
         "auto: the first of int8-vision+int4, int4, int8, fp32 that this bundle has for the CPU "
         "(int8-vision+int4 failed the gate)")
     monkeypatch.setattr(ort_backend, "nvidia_gpu_present", lambda: True)
-    assert [api.pick_precision(b, "cuda") for b in (calibrated, with_fp16, refused)] == ["int4", "fp16", "fp32"]
+    assert [api.pick_precision(b, "cuda") for b in (calibrated, with_fp16, refused, float_only)] == \
+        ["int4", "fp16", "fp32", "fp16"]
     assert [api.pick_precision(b, "tensorrt") for b in (calibrated, with_fp16)] == ["int8-vision+int4", "fp16"]
     assert api.pick_precision(calibrated, "cpu") == "int8-vision+int4"
 
