@@ -144,3 +144,21 @@ def check_threads(threads: Any, name: str = "threads") -> None:
         check_int(name, threads, 1)
         if threads > MAX_THREADS:
             raise OptionError(f"{name} must be at most {MAX_THREADS} (4 per CPU core of this machine), got {threads}")
+
+
+THREADS_ENV = "EDGELMM_THREADS"
+
+
+def default_threads() -> int | None:
+    """The CPU threads every backend, the calibrator and the exporter's checks use when none is asked:
+    $EDGELMM_THREADS, or None (each library's own default, every core). On a machine whose cores are
+    shared (a device beside its other work, a CI runner) each library's threads spin while they wait
+    for one another: one thread costs the same work and none of the spinning."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise OptionError(f"{THREADS_ENV} must be a whole number of threads, got {raw!r}")
+    threads = int(raw)
+    check_threads(threads, THREADS_ENV)
+    return threads

@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One CPU thread for every library (torch's OpenMP before torch is imported, ONNX Runtime, llama.cpp
+# through EDGELMM_THREADS): CI shares its cores, and threads that spin while waiting for a peer that
+# another process holds cost CPU time for nothing.
+os.environ.setdefault("EDGELMM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

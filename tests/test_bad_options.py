@@ -149,6 +149,18 @@ def test_threads_must_be_an_int(checkpoint):
         edgelmm.load(checkpoint("llava-siglip"), threads=2.0)
 
 
+def test_threads_from_the_environment(reference_gguf_bundle, monkeypatch):
+    # EDGELMM_THREADS is every backend's default (the suite itself runs with 1); an asked number wins.
+    monkeypatch.setenv("EDGELMM_THREADS", "2")
+    for backend in ("onnxruntime", "llamacpp"):
+        assert edgelmm.load(reference_gguf_bundle, backend=backend).describe()["threads"] == 2, backend
+        assert edgelmm.load(reference_gguf_bundle, backend=backend, threads=1).describe()["threads"] == 1, backend
+    for bad in ("two", "0", "-1", "100000"):
+        monkeypatch.setenv("EDGELMM_THREADS", bad)
+        with pytest.raises(OptionError, match="EDGELMM_THREADS"):
+            edgelmm.load(reference_gguf_bundle, backend="onnxruntime")
+
+
 @pytest.mark.parametrize("samples", ["0", "-5"])
 def test_eval_needs_samples(tmp_path, samples):
     err = cli_json_error("eval", tmp_path / "no-model", "--samples", samples)

@@ -2,12 +2,17 @@
 target or a complete bundle (checksums pass, and it answers exactly as the old or the new
 generation did), and the next run on the same target cleans what the killed one left.
 
-Each run is a fresh process (forked from a server that imported everything once) that counts the steps that change the filesystem or take long
-(os.replace/rename/unlink, mkdtemp, copies, rmtree, manifest writes, each exported graph, each quantizer, verify)
-and kills itself with SIGKILL at the k-th: a real kill at a known point, so the test does not
-depend on timing. One uncut run first lists the steps; the kill points are spread over them."""
+Each run is a fresh process (forked from a server that imported everything once) that counts the steps
+that change the filesystem or take long (os.replace/rename/unlink, mkdtemp, copies, rmtree, manifest
+writes, each exported graph, each quantizer, verify). A SIGKILL before step k leaves the filesystem
+exactly as it is when step k begins: the job is the only thing running, and its hooks run before the
+step. So one uncut run copies what it has on disk at every step (the state a kill there leaves), and the
+ten kill points are checked on those copies; a real SIGKILL at the middle point (the process killed
+by the kernel) must leave what its copy shows, and the next run cleans it. One run instead of one per
+point: each late point re-ran the whole export or calibration (11 runs, 90 s of CPU for export)."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +41,8 @@ from edgelmm.calib import CalibrationOptions, calibrate
 from edgelmm.export import export
 import onnxruntime.quantization
 
+REAL_COPY2, REAL_COPYTREE = shutil.copy2, shutil.copytree
+
 def job(plan):
     steps = []
 
@@ -45,6 +52,9 @@ def job(plan):
             steps.append(label)
             if len(steps) == plan["kill_at"]:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if plan.get("snapshots"):  # what a kill here would leave
+                REAL_COPYTREE(plan["watch"], os.path.join(plan["snapshots"], str(len(steps))),
+                              symlinks=True, copy_function=REAL_COPY2)
             return real(*args, **kwargs)
         setattr(owner, name, counted)
 
@@ -102,7 +112,8 @@ def server(tmp_path_factory):
 
 def _run(server, tmp_path, kill_at: int = -1, **plan) -> list[str]:
     """Run one job in a fresh child of the server; killed at its `kill_at`-th step, or to the end
-    (then the steps it counted are returned)."""
+    (then the steps it counted are returned). With `snapshots` and `watch`, the folder `watch` is
+    copied to `snapshots`/k as step k begins."""
     log = tmp_path / "steps.json"
     log.unlink(missing_ok=True)
     server.stdin.write(json.dumps({**plan, "kill_at": kill_at, "log": str(log)}) + "\n")
@@ -142,6 +153,13 @@ def _leftovers(root) -> list[str]:
     return hidden + stray
 
 
+def _tree(root) -> list[str]:
+    """Every file under `root`, with the random parts of work-folder names (pid, tempfile's suffix) cut."""
+    def stable(part: str) -> str:
+        return part.split("-")[0] if part.startswith(".") else re.sub(r"-[a-z0-9_]{8}$", "-*", part)
+    return sorted("/".join(stable(x) for x in p.relative_to(root).parts) for p in root.rglob("*") if p.is_file())
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["calibrate", "calibrate-overwrite"])
 def test_calibrate_killed_at_ten_points(server, reference_bundle, tmp_path, overwrite):
     base = tmp_path / "base"
@@ -152,31 +170,35 @@ def test_calibrate_killed_at_ten_points(server, reference_bundle, tmp_path, over
         plan["seed"] = 1
     before = _answers(base)
     before_gen = json.loads((base / MANIFEST).read_text()).get("generation", 0)
-    done = tmp_path / "done"
+    done, snapshots = tmp_path / "done", tmp_path / "snapshots"
     shutil.copytree(base, done)
-    steps = _run(server, tmp_path, out=str(done), **plan)
+    steps = _run(server, tmp_path, out=str(done), snapshots=str(snapshots), watch=str(done), **plan)
     after = _answers(done)
     assert after.keys() == {"fp32", "int8-vision+int4"} and after["fp32"] == before["fp32"]
     assert "os.replace" in steps and "quantize_vision_int8" in steps
 
+    left = {}
     for k in _kill_points(steps):
-        target = tmp_path / f"killed-{k}"
-        shutil.copytree(base, target)
-        _run(server, tmp_path, kill_at=k, out=str(target), **plan)
-        gen = json.loads((target / MANIFEST).read_text()).get("generation", 0)
-        expected = before if gen == before_gen else after
+        gen = json.loads((snapshots / str(k) / MANIFEST).read_text()).get("generation", 0)
         assert gen in (before_gen, before_gen + 1), (k, steps[k - 1], gen)
-        assert _answers(target) == expected, (k, steps[k - 1])
-    # The next run on a killed target finishes or discards what the killed one left.
+        left[k] = _answers(snapshots / str(k))
+        assert left[k] == (before if gen == before_gen else after), (k, steps[k - 1])
+    # A real SIGKILL at the middle point leaves what its copy shows; the next run on it finishes or
+    # discards what the killed one left.
+    k = _kill_points(steps)[KILLS // 2]
+    target = tmp_path / "killed"
+    shutil.copytree(base, target)
+    _run(server, tmp_path, kill_at=k, out=str(target), **plan)
+    assert _tree(target) == _tree(snapshots / str(k)) and _answers(target) == left[k], (k, steps[k - 1])
     _run(server, tmp_path, out=str(target), **{**plan, "overwrite": True})
     assert _answers(target) == after and _leftovers(target) == []
 
 
 @pytest.fixture(scope="module")
 def one_layer_checkpoint(tmp_path_factory):
-    """A LLaVA+SigLIP checkpoint with one vision and one text layer: each late kill point re-runs the
-    whole export, and torch.export's tracing grows with the layers (8.9 s of CPU a run, 12.5 with the
-    tiny checkpoints' 3 + 2)."""
+    """A LLaVA+SigLIP checkpoint with one vision and one text layer: the test exports it three times,
+    and torch.export's tracing grows with the layers (8.9 s of CPU a run, 12.5 with the tiny
+    checkpoints' 3 + 2)."""
     from edgelmm.testing.checkpoints import build_llava
 
     return build_llava(tmp_path_factory.mktemp("one-layer") / "llava-siglip",
@@ -185,19 +207,25 @@ def one_layer_checkpoint(tmp_path_factory):
 
 def test_export_killed_at_ten_points(server, one_layer_checkpoint, tmp_path):
     model = one_layer_checkpoint
-    done = tmp_path / "done" / "bundle"
-    steps = _run(server, tmp_path, job="export", model=str(model), out=str(done))
+    done, snapshots = tmp_path / "done" / "bundle", tmp_path / "snapshots"
+    done.parent.mkdir()
+    steps = _run(server, tmp_path, job="export", model=str(model), out=str(done), snapshots=str(snapshots),
+                 watch=str(done.parent))
     expected = _answers(done)
     assert steps.count("export graph") == 3 and "verify" in steps
     for k in _kill_points(steps):
-        target = tmp_path / f"killed-{k}" / "bundle"
-        _run(server, tmp_path, kill_at=k, job="export", model=str(model), out=str(target))
-        if target.exists():
-            assert _answers(target) == expected, (k, steps[k - 1])
-    # A killed export leaves only a hidden work folder beside the target; the next export removes it.
-    parent = target.parent
-    assert [p.name for p in parent.iterdir() if not p.name.startswith(".")] in ([], ["bundle"])
+        # A killed export leaves the complete bundle or none, and at most a hidden work folder beside it.
+        left = snapshots / str(k)
+        assert [p.name for p in left.iterdir() if not p.name.startswith(".")] in ([], ["bundle"]), (k, steps[k - 1])
+        if (left / "bundle").exists():
+            assert _answers(left / "bundle") == expected, (k, steps[k - 1])
+    # A real SIGKILL at the middle point leaves what its copy shows; the next export removes the rest.
+    k = _kill_points(steps)[KILLS // 2]
+    target = tmp_path / "killed" / "bundle"
+    target.parent.mkdir()
+    _run(server, tmp_path, kill_at=k, job="export", model=str(model), out=str(target))
+    assert _tree(target.parent) == _tree(snapshots / str(k)), (k, steps[k - 1])
     shutil.rmtree(target, ignore_errors=True)
     _run(server, tmp_path, job="export", model=str(model), out=str(target))
-    assert sorted(p.name for p in parent.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["bundle"]
     assert _answers(target) == expected

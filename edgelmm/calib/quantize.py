@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..errors import CalibrationError
+from ..options import default_threads
 from ..verify import cosine_min
 
 VISION_METHODS = ("minmax", "entropy", "percentile")
@@ -93,11 +94,12 @@ class FeedReader:
         return len(self.feeds)
 
 
-def _session(path: Path, threads: int = 0):
+def _session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    threads = threads or default_threads()
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -115,6 +117,8 @@ def _session_without_arena(path: str):
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.enable_cpu_mem_arena = False
+    if default_threads():
+        opts.intra_op_num_threads = default_threads()
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import ExportError
 from ..families import Family
+from ..options import default_threads
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 # The mmproj type beside each LLM type. Quantized LLMs get a Q8_0 projector (the patch convolution
@@ -454,7 +455,7 @@ def quantize_with_llamacpp(src: Path, dst: Path, gguf_type: str, threads: int | 
     quiet_llamacpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPE[gguf_type]
-    params.nthread = threads or 0
+    params.nthread = threads or default_threads() or 0
     keep_alive = None
     if imatrix is not None:
         keep_alive = imatrix.as_ctypes(llama_cpp)

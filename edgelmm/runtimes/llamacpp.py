@@ -31,7 +31,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError, EdgeLMMError, ImageError, PromptError
 from ..gguf_file import TokenEmbeddings, validate_gguf
-from ..options import check_int
+from ..options import check_int, default_threads
 
 _GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
 _FLASH_ATTN_DISABLED, _FLASH_ATTN_AUTO = 0, -1
@@ -112,7 +112,7 @@ class LlamaCppBackend:
         quiet_llamacpp()
 
         self.precision = precision
-        self.threads = threads or max(1, (os.cpu_count() or 1))
+        self.threads = threads or default_threads() or max(1, (os.cpu_count() or 1))
         offload = llamacpp_gpu_offload()
         self.gpu_layers = (999 if offload else 0) if gpu_layers is None else gpu_layers
         if self.gpu_layers and not llama_cpp.llama_supports_gpu_offload():

@@ -21,7 +21,7 @@ from ..calib import QUANTIZED_PRECISIONS
 from ..errors import BackendUnavailable, BundleError, PromptError
 from ..manifest import FUSED_DECODER as FUSED_GRAPH
 from ..onnx_file import check_external_data
-from ..options import check_int, check_threads
+from ..options import check_int, check_threads, default_threads
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"auto": PROVIDER_ORDER, "tensorrt": PROVIDER_ORDER, "cuda": PROVIDER_ORDER[1:],
@@ -192,6 +192,7 @@ class OnnxRuntimeBackend:
         if provider not in PROVIDER_ALIASES:
             raise BackendUnavailable(f"unknown provider {provider!r}; choose from {', '.join(PROVIDER_ALIASES)}")
         check_threads(threads)  # ORT starts every thread when a session is created: 100000 stalls it
+        threads = threads or default_threads()
         self.ort = ort
         self.bundle = bundle
         self.precision = precision

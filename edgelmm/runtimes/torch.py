@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, CheckpointError
 from ..families import Family
+from ..options import default_threads
 
 
 VISION_CHUNK = 4  # tiles per vision-tower call
@@ -141,6 +142,7 @@ class TorchBackend:
                  trust_remote_code: bool = False, device: str = "cpu"):
         import torch
 
+        threads = threads or default_threads()
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
