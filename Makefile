@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=24"
-	$(PY) -m pip install -e ".[export,llamacpp,watch,dev]"
+	$(PY) -m pip install -e ".[export,llamacpp,watch,serve,dev]"
 	touch $(STAMP)
 
 test: install

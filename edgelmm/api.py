@@ -11,7 +11,7 @@ from .families import detect
 from .memory import (PROCESS_BASE, Step, artifact_set_bytes, check_budget, checkpoint_parameters, gib, loading_overhead,
                      kv_cache_bytes, session_step)
 from .modelfiles import ModelFiles, check_checkpoint_dir, check_model_dir
-from .options import check_choice, check_threads
+from .options import check_choice, check_int, check_threads
 from .pipeline import Pipeline
 from .runtimes.onnxruntime import nvidia_gpu_present
 
@@ -103,7 +103,8 @@ def bundle_backend(bundle: Bundle, backend: str) -> str:
 def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "auto",
                         threads: int | None = None, precision: str = "auto", *,
                         gpu_layers: int | None = None, max_context: int | None = None, gpu_options=None,
-                        max_memory: int | None = None, layout: str = "auto") -> Pipeline:
+                        max_memory: int | None = None, layout: str = "auto",
+                        max_batch: int | None = None) -> Pipeline:
     """A Pipeline over one of the bundle's artifact sets. backend="auto" with provider="auto" takes
     the first usable candidate of `runtimes.select.plan` (TensorRT engines, ONNX Runtime on the GPU,
     llama.cpp offloaded, then the CPU) and records why in describe()["selection"]. Artifacts that run
@@ -146,7 +147,7 @@ def pipeline_for_bundle(bundle: Bundle, backend: str = "auto", provider: str = "
             _check_load_budget(bundle, "gguf", precision, max_memory,
                                kv_cache_bytes(bundle.manifest["text"], positions))
         runtime = LlamaCppBackend(bundle, precision=precision, threads=threads, gpu_layers=gpu_layers,
-                                  context_length=max_context)
+                                  context_length=max_context, **({"max_batch": max_batch} if max_batch else {}))
     elif backend == "tensorrt":
         from .runtimes.tensorrt import TensorRTBackend
 
@@ -182,7 +183,8 @@ def _check_load_budget(bundle: Bundle, fmt: str, precision: str, budget: int | N
 def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", prompt_style: str | None = None,
          threads: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
          device: str = "cpu", gpu_layers: int | None = None, max_context: int | None = None,
-         gpu_options=None, max_memory: int | None = None, layout: str = "auto") -> Pipeline:
+         gpu_options=None, max_memory: int | None = None, layout: str = "auto",
+         max_batch: int | None = None) -> Pipeline:
     """Open a bundle (exported by `edgelmm export`) or a HF checkpoint directory and return a
     Pipeline over the chosen backend.
 
@@ -202,18 +204,22 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     decode step grows far less with the context), "plain" (the traced graph), or "auto" (fused where
     the bundle has it for the precision and the decoder runs on the CPU provider; not yet measured
     on a GPU, so GPU providers take plain unless asked).
+    max_batch: llamacpp only, the sequences its one context holds at once (batched generation, the
+    server's batches; default 4): larger batches are answered row by row.
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     check_threads(threads)  # before a bundle's checksums are hashed or any weights load
     check_choice("decoder layout (--layout)", layout, LAYOUTS)
+    if max_batch is not None:
+        check_int("max_batch", max_batch, 1, 256)
     check_model_dir(path)   # a typed error for a path the OS cannot even look up (is_bundle would raise)
     if backend == "torch":
         check_checkpoint_dir(path, "the PyTorch reference (backend 'torch')")
     if is_bundle(path):
         return pipeline_for_bundle(open_bundle(path), backend, provider, threads, precision,
                                    gpu_layers=gpu_layers, max_context=max_context, gpu_options=gpu_options,
-                                   max_memory=max_memory, layout=layout)
+                                   max_memory=max_memory, layout=layout, max_batch=max_batch)
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
     if backend not in ("auto", "torch"):

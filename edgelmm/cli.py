@@ -794,6 +794,72 @@ def watch(
         raise typer.Exit(3)
 
 
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="The bundle (from `edgelmm export`) to answer with."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. The default takes requests from this machine "
+                                               "only; 0.0.0.0 takes them from the network (set --api-key)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port; the ready line says which)."),
+    backend: str = typer.Option("auto", help="Runtime: auto, onnxruntime, llamacpp or tensorrt."),
+    provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    precision: str = _PRECISION,
+    max_context: Optional[int] = typer.Option(None, help="llamacpp and tensorrt: most positions the KV cache holds."),
+    max_batch: int = typer.Option(4, help="Requests decoded together (one batch, a decode step for all at once)."),
+    max_queue: int = typer.Option(64, help="Requests that may wait for a batch; more are answered 429 (busy)."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGELMM_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGELMM_API_KEY)."),
+    model_name: Optional[str] = typer.Option(None, help="The model id /v1/models lists (default: the bundle's "
+                                                        "folder name)."),
+    max_images: int = typer.Option(16, help="Most images in one request."),
+    max_image_mb: float = typer.Option(20.0, help="Most bytes of one image (its file, not its pixels), in MB."),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="Most pixels of one image (width x height); larger ones "
+                                                           "are refused before they are decoded."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens one answer may ask for (max_tokens)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Most prompt tokens, image tokens included "
+                                                               "(default: the model's context window)."),
+    allow_files: Optional[Path] = typer.Option(None, help="Take file:// image URLs under this folder (and nowhere "
+                                                          "else). Off by default."),
+    allow_remote_images: bool = typer.Option(False, help="Fetch http(s):// image URLs. Off by default: a server "
+                                                         "that fetches what a client names can be made to reach "
+                                                         "hosts the client cannot."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line when ready (url, backend, precision) "
+                                                        "and errors as JSON."),
+):
+    """Serve a bundle over HTTP with OpenAI's chat-completions API: POST /v1/chat/completions (text
+    and image_url parts, several images per request, streaming), GET /v1/models, GET /health and
+    GET /metrics (Prometheus). Concurrent requests are decoded together in batches. Ctrl-C or
+    SIGTERM finishes the requests in flight, then stops."""
+    from . import api
+    from .options import check_int
+    from .serve import Limits, Server, ServerOptions
+
+    try:
+        check_int("port", port, 0, 65535)
+        limits = Limits(max_image_bytes=int(max_image_mb * 2**20), max_image_pixels=max_image_pixels,
+                        max_images=max_images, max_output_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                        allow_files=str(allow_files) if allow_files else None, allow_remote=allow_remote_images)
+        if allow_files is not None and not allow_files.is_dir():
+            raise OptionError(f"--allow-files: {allow_files} is not a folder")
+        options = ServerOptions(max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,
+                                limits=limits).validate()
+        pipe = api.load(bundle, backend=backend, provider=provider, threads=threads, precision=precision,
+                        max_context=max_context, max_batch=max_batch)
+        server = Server(pipe, options, host=host, port=port)
+    except EdgeLMMError as exc:
+        _fail(exc, as_json)
+    info = pipe.describe()
+    ready = {"url": server.url, "model": pipe.files.root.name if model_name is None else model_name,
+             "backend": info.get("backend"), "precision": info.get("precision"), "max_batch": max_batch}
+    if as_json:
+        print(json.dumps(ready), flush=True)
+    else:
+        err.print(f"[bold]serving[/] {escape(ready['model'])} ({ready['backend']}, {ready['precision']}) at "
+                  f"{ready['url']}" + ("" if api_key or host in ("127.0.0.1", "::1", "localhost") else
+                                       "  [yellow]no --api-key: anyone who reaches this port can use it[/]"))
+    server.run()
+
+
 @app.command(name="demo-video")
 def demo_video(
     out: Path = typer.Argument(..., help="The video file to write (Motion-JPEG AVI)."),

@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class SamplingParams:
     temperature: float = 0.0       # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False       # generate max_new_tokens whatever comes (load tests, benchmarks)
 
     def validate(self) -> None:
         from .options import check_int, check_number
@@ -182,10 +183,11 @@ class Pipeline:
         logits = self.backend.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
         t2 = time.perf_counter()
         timings.update(vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, decode_ms=0.0)
+        ends = () if params.ignore_eos else self.eos_ids
         for i in range(budget):
             token = sample_token(logits[0], params, rng)
             yield token
-            if token in self.eos_ids or i == budget - 1:
+            if token in ends or i == budget - 1:
                 break
             t = time.perf_counter()
             logits = self.decode_step(token, n + i, cache)
@@ -221,11 +223,8 @@ class Pipeline:
     def generate_batch(self, requests: Sequence[tuple[PromptInput, Sequence[ImageInput] | None]], *,
                        chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int | None = None) -> list[Generation]:
-        """Answer several (prompt, images) requests in one batch: prompts are left-padded to the
-        longest, each row's positions count its own tokens only, and rows that finish early keep
-        decoding (their tokens are dropped) until every row is done. Row i samples with seed + i.
-        Where the backend's one cache cannot hold all rows (llama.cpp shares one context between
-        its sequences), the rows are answered one after another, with the same answers."""
+        """Answer several (prompt, images) requests in one batch (stream_batch): each answer is the one
+        the request gets alone. Row i samples with seed + i."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         params.validate()
         if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__"):
@@ -238,19 +237,47 @@ class Pipeline:
                 size = f" of {len(request)}" if isinstance(request, Sequence) and not isinstance(request, str) else ""
                 raise PromptError(f"request {i} must be a (prompt, images) pair, got {type(request).__name__}{size}")
         prepared = [self.prepare(prompt, images, chat=chat) for prompt, images in requests]
-        budget = min(max_new_tokens, self.context_length - max(len(p.input_ids) for p in prepared))
-        with self._exclusive:
-            t0 = time.perf_counter()
-            if self._fits_one_cache([len(p.input_ids) for p in prepared], budget):
-                outputs = self._decode_batch(prepared, params, budget)
-            else:
-                outputs = [list(self._stream_tokens(p, SamplingParams(budget, temperature, top_p,
-                                                                      None if seed is None else seed + i), {}, None))
-                           for i, p in enumerate(prepared)]
-            elapsed = (time.perf_counter() - t0) * 1e3
+        row_params = [replace(params, seed=None if seed is None else seed + i) for i in range(len(prepared))]
+        outputs: list[list[int]] = [[] for _ in prepared]
+        t0 = time.perf_counter()
+        for row, token in self.stream_batch(prepared, row_params):
+            outputs[row].append(token)
+        elapsed = (time.perf_counter() - t0) * 1e3
         return [Generation(self.decode_text(ids), ids, len(p.input_ids),
                            "stop" if ids and ids[-1] in self.eos_ids else "length", {"batch_ms": elapsed})
                 for ids, p in zip(outputs, prepared)]
+
+    def stream_batch(self, prepared: Sequence[PreparedPrompt], params: Sequence[SamplingParams],
+                     stop: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int]]:
+        """Generate for several prompts at once, each with its own sampling parameters, yielding
+        (row, token) a decode step at a time. A row ends at an EOS token, at its max_new_tokens or
+        the context's end, or once `stop(row)` is true (a cancelled request, a stop string: the
+        caller decides); the batch ends when every row has. Each row gets the tokens stream_tokens
+        gives it alone: prompts are left-padded to the longest, each row's positions count its own
+        tokens, each samples with its own generator, and a row that has ended only rides along
+        (its tokens are dropped). Where one cache cannot hold the rows together (llama.cpp shares
+        one context between its sequences), they run one after another."""
+        if len(prepared) != len(params) or not prepared:
+            raise PromptError(f"stream_batch needs one SamplingParams per prompt, got {len(params)} for {len(prepared)}")
+        for p in params:
+            p.validate()
+        stop = stop or (lambda row: False)
+        lengths = [len(p.input_ids) for p in prepared]
+        budgets = [min(p.max_new_tokens, self.context_length - n) for p, n in zip(params, lengths)]
+        with self._exclusive:
+            together = (len(prepared) > 1 and max(lengths) + max(budgets) <= self.context_length
+                        and self._fits_one_cache(lengths, max(budgets)))
+            if together:
+                yield from self._batch_steps(list(prepared), list(params), budgets, stop)
+                return
+            for row, (one, p) in enumerate(zip(prepared, params)):
+                tokens = self._stream_tokens(one, p, {}, None)
+                while not stop(row):
+                    token = next(tokens, None)
+                    if token is None:
+                        break
+                    yield row, token
+                tokens.close()
 
     def _fits_one_cache(self, lengths: list[int], budget: int) -> bool:
         """Whether rows of these prompt lengths, each generating `budget` tokens, fit one cache of the
@@ -261,28 +288,30 @@ class Pipeline:
         sequences, positions = capacity
         return len(lengths) <= sequences and sum(lengths) + len(lengths) * budget <= positions
 
-    def _decode_batch(self, prepared: list[PreparedPrompt], params: SamplingParams, budget: int) -> list[list[int]]:
+    def _batch_steps(self, prepared: list[PreparedPrompt], params: list[SamplingParams], budgets: list[int],
+                     stop: Callable[[int], bool]) -> Iterator[tuple[int, int]]:
         embeds, mask, positions = left_pad([self.merged_embeddings(p)[0] for p in prepared])
         batch = mask.shape[0]
-        seed = params.seed
-        rngs = [np.random.default_rng(None if seed is None else seed + i) for i in range(batch)]
+        rngs = [np.random.default_rng(p.seed) for p in params]
         cache = self.backend.new_cache(batch)
         logits = self.backend.decode(embeds, mask, positions, cache)
-        outputs: list[list[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
-        for step in range(budget):
-            tokens = [sample_token(logits[i], params, rngs[i]) for i in range(batch)]
+        made = [0] * batch
+        done = [stop(i) for i in range(batch)]
+        while not all(done):
+            tokens = [sample_token(logits[i], params[i], rngs[i]) if not done[i] else 0 for i in range(batch)]
             for i, token in enumerate(tokens):
-                if not done[i]:
-                    outputs[i].append(token)
-                    done[i] = token in self.eos_ids
-            if all(done) or step == budget - 1:
+                if done[i]:
+                    continue
+                yield i, token
+                made[i] += 1
+                done[i] = (token in self.eos_ids and not params[i].ignore_eos) or made[i] >= budgets[i] or stop(i)
+            done = [d or stop(i) for i, d in enumerate(done)]
+            if all(done):
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
             logits = self.backend.decode(self.backend.embed_tokens(np.asarray(tokens, np.int64)[:, None]),
                                          mask, positions, cache)
-        return outputs
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -62,7 +62,7 @@ def test_info_json(checkpoint):
 
 def test_every_command_has_help():
     commands = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
-    assert {"run", "export", "verify", "eval", "calibrate", "bench", "watch", "demo-images"} <= set(commands)
+    assert {"run", "export", "verify", "eval", "calibrate", "bench", "watch", "serve", "demo-images"} <= set(commands)
     for cmd in commands:
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, cmd
