@@ -127,6 +127,17 @@ def test_openai_client_gets_what_generate_gives(servers, pipes, backend):
     r = c.chat.completions.create(model="m", messages=messages(parts, images), max_tokens=40,
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    # Several turns: the earlier answer goes back as the assistant's message.
+    turns = [{"role": "user", "content": [{"type": "text", "text": "How many shapes in "},
+                                          {"type": "image", "image": images[0]}, {"type": "text", "text": "?"}]},
+             {"role": "assistant", "content": "3"},
+             {"role": "user", "content": [{"type": "text", "text": "And in "}, {"type": "image", "image": images[1]}]}]
+    want_turns = pipe.generate(turns, max_new_tokens=8)
+    sent = [dict(m, content=[{"type": "image_url", "image_url": {"url": data_url(p["image"])}} if p["type"] == "image"
+                             else p for p in m["content"]]) if isinstance(m["content"], list) else m for m in turns]
+    r = c.chat.completions.create(model="m", messages=sent, max_tokens=8)
+    assert r.choices[0].message.content == want_turns.text
+    assert r.usage.prompt_tokens == want_turns.prompt_tokens and r.usage.completion_tokens == len(want_turns.token_ids)
     assert [m.id for m in c.models.list().data] == [server.state.model_id]
 
 
@@ -343,3 +354,32 @@ def test_limits_are_checked_before_the_model_loads(reference_gguf_bundle):
         ServerOptions(max_batch=0).validate()
     with pytest.raises(OptionError, match="max_images"):
         ServerOptions(limits=Limits(max_images=-1)).validate()
+
+
+def test_not_ready_is_503_until_the_model_has_loaded(pipes):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(120)
+        return pipes["onnxruntime"]
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "How many shapes?"}], "max_tokens": 2}
+    with Server(slow_load, ServerOptions(), port=0) as server:
+        got, reply = raw(server, "GET", "/health")
+        assert got == 503 and reply["status"] == "loading"
+        got, reply = raw(server, "POST", "/v1/chat/completions", body)
+        assert got == 503 and reply["error"]["code"] == "model_loading"
+        release.set()
+        assert server.wait_ready(120)
+        assert raw(server, "GET", "/health")[0] == 200
+        assert raw(server, "POST", "/v1/chat/completions", body)[0] == 200
+
+    def broken_load():
+        raise edgelmm.errors.BundleError("manifest checksum mismatch: onnx/decoder.onnx")
+
+    with Server(broken_load, ServerOptions(), port=0) as server:
+        assert server.wait_ready(60)
+        got, reply = raw(server, "GET", "/health")
+        assert got == 503 and reply["status"] == "error" and "decoder.onnx" in reply["error"]
+        got, reply = raw(server, "POST", "/v1/chat/completions", body)
+        assert got == 503 and "failed to load" in reply["error"]["message"]
