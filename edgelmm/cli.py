@@ -722,6 +722,17 @@ def watch(
     provider: str = typer.Option("auto", help="ONNX Runtime provider: auto, tensorrt, cuda or cpu."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     precision: str = _PRECISION,
+    mqtt: Optional[str] = typer.Option(None, help="Also publish events to an MQTT broker: mqtt://host[:port]/prefix "
+                                                  "(mqtts:// for TLS). Events go to <prefix>/<camera>/events at QoS 1, "
+                                                  "a retained <prefix>/<camera>/status says online/offline (offline "
+                                                  "also when the process dies), the summary to .../summary. "
+                                                  "Username and password from EDGELMM_MQTT_USERNAME / _PASSWORD."),
+    camera: str = typer.Option("camera", help="This camera's name in MQTT topics and events."),
+    mqtt_buffer: int = typer.Option(1000, help="Events kept while the broker is away (resent when it is back); "
+                                               "beyond that each is dropped and counted in the summary."),
+    mqtt_thumbnails: bool = typer.Option(False, help="Put a small JPEG of the latest frame in each MQTT event."),
+    webhook: Optional[str] = typer.Option(None, help="Also POST each event and the summary as JSON to this "
+                                                     "http(s) URL (retried with backoff)."),
     quiet: bool = typer.Option(False, help="No live status line on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object on stdout (with "
                                                         "--events; on stdout it is already the last event line) "
@@ -739,6 +750,7 @@ def watch(
 
     from .apps.anomaly import (AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, check_events, load_for_watch,
                                summary_line)
+    from .options import check_int
 
     try:
         config = WatchConfig(
@@ -764,14 +776,25 @@ def watch(
         from .progress import line_progress
 
         status = line_progress(err)
+    sinks = []
     try:
+        from .apps.sinks import MqttSink, WebhookSink, check_camera_name, parse_mqtt_url
+
+        check_camera_name(camera)
+        check_int("mqtt_buffer", mqtt_buffer, 1)
+        if mqtt:
+            parse_mqtt_url(mqtt)   # before the bundle loads
+        if webhook:
+            sinks.append(WebhookSink(webhook))
         pipe = load_for_watch(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
+        if mqtt:
+            sinks.append(MqttSink(mqtt, camera, buffer=mqtt_buffer, thumbnails=mqtt_thumbnails))
 
         def show(stats):
             live.update(Text(summary_line(stats)), refresh=True)
         watcher = AnomalyWatcher(pipe, config, references=[str(r) for r in reference],
                                  events=events if events is not None else sys.stdout,
-                                 on_summary=None if quiet else show, on_status=status)
+                                 on_summary=None if quiet else show, on_status=status, sinks=sinks)
 
         def on_signal(signum, _frame):
             if watcher.stopping.is_set():
@@ -783,6 +806,8 @@ def watch(
         with live if not quiet else nullcontext():
             report = watcher.run(source)
     except EdgeLMMError as exc:
+        for sink in sinks:   # a run that never started: the MQTT status goes back to offline
+            sink.close()
         _fail(exc, as_json)
     summary = report.as_dict()
     if as_json:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import queue as queue_module
 import re
@@ -39,6 +38,7 @@ from ..prompt import IMAGE_MARKER, check_text
 from ..synthetic import ANOMALY_PROMPT
 from .capture import CaptureConfig, CaptureThread, Frame, FrameQueue, parse_source
 from .gate import GateConfig, NormalSceneGate
+from .sinks import JsonLinesSink, Sink
 
 log = logging.getLogger(__name__)
 LATENCY_WINDOW = 2048        # latencies kept for the percentiles (a bounded memory for long runs)
@@ -284,32 +284,31 @@ def check_events(events: str | Path | TextIO | None) -> None:
 
 
 class EventSink:
-    """Where events go: a JSON-lines file (appended, one flushed line per event, so a stop at any
-    moment leaves only whole lines), a text stream, and a Python callback."""
+    """Where a run's records go: the JSON-lines file or stream (`events`), the other sinks
+    (apps/sinks.py: MQTT, webhook) and a Python callback, in that order for each event. A sink or
+    callback that raises is logged and counted, and the run goes on."""
 
-    def __init__(self, events: str | Path | TextIO | None, on_event: Callable[[AnomalyEvent], None] | None):
-        self._lock = threading.Lock()
+    def __init__(self, events: str | Path | TextIO | None, on_event: Callable[[AnomalyEvent], None] | None,
+                 sinks: Sequence[Sink] = ()):
         self.on_event = on_event
         self.callback_errors = 0
-        self._owned = events is not None and not hasattr(events, "write")
-        if self._owned:
-            try:   # checked when the watcher was made (check_events); this is for what changed since
-                Path(events).parent.mkdir(parents=True, exist_ok=True)
-                self._stream: TextIO | None = open(events, "a", encoding="utf-8")
-            except OSError as exc:
-                raise OptionError(f"{EVENTS_NAME} {str(events)!r}: cannot be written "
-                                  f"({exc.strerror or type(exc).__name__})") from None
-        else:
-            self._stream = events
+        self.sink_errors = 0
+        # checked when the watcher was made (check_events); JsonLinesSink reports what changed since
+        self.sinks: list[Sink] = ([JsonLinesSink(events, EVENTS_NAME)] if events is not None else []) + list(sinks)
+
+    def _each(self, method: str, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(record)
+            except Exception:
+                self.sink_errors += 1
+                log.exception("the %s sink raised", type(sink).__name__)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._stream is not None:
-            with self._lock:
-                self._stream.write(json.dumps(record) + "\n")
-                self._stream.flush()
+        self._each("summary", record)
 
     def event(self, event: AnomalyEvent) -> None:
-        self.write(event.as_dict())
+        self._each("event", event.as_dict())
         if self.on_event:
             try:
                 self.on_event(event)
@@ -317,9 +316,16 @@ class EventSink:
                 self.callback_errors += 1
                 log.exception("the on_event callback raised")
 
+    def describe(self) -> list[dict[str, Any]]:
+        return [sink.describe() for sink in self.sinks]
+
     def close(self) -> None:
-        if self._owned and self._stream is not None:
-            self._stream.close()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                self.sink_errors += 1
+                log.exception("closing the %s sink raised", type(sink).__name__)
 
 
 @dataclass
@@ -389,11 +395,13 @@ class AnomalyWatcher:
                  references: Sequence[ImageInput] = (), events: str | Path | TextIO | None = None,
                  on_event: Callable[[AnomalyEvent], None] | None = None,
                  on_summary: Callable[[dict[str, Any]], None] | None = None,
-                 on_status: Callable[[str], None] | None = None):
+                 on_status: Callable[[str], None] | None = None, sinks: Sequence[Sink] = ()):
         """`references`: images of the normal scene, remembered for good (warm-up still runs unless
         config.gate.warmup_frames is 0). `events`: a JSON-lines file or stream for the events and
         the final summary. `on_event` is called from the verifier thread with each finished event;
-        `on_status` from the capture thread with each attempt to open or reopen the source."""
+        `on_status` from the capture thread with each attempt to open or reopen the source.
+        `sinks` (apps/sinks.py: MQTT, webhook) get every event and the summary too, and are closed
+        at the end of the run."""
         self.config = config or WatchConfig()
         self.config.validate()
         check_events(events)
@@ -403,6 +411,7 @@ class AnomalyWatcher:
         self.pipeline = pipeline
         self.gate = NormalSceneGate(self.config.gate)
         self.events_target = events
+        self.extra_sinks = list(sinks)
         self.on_event = on_event
         self.on_summary = on_summary
         self.on_status = on_status
@@ -546,11 +555,12 @@ class AnomalyWatcher:
             pass
         if capture.error is not None and capture.read == 0:
             capture.join()
+            EventSink(None, None, self.extra_sinks).close()   # an MQTT status goes back to "offline"
             raise capture.error
         self._fps = capture.fps
         self.stats = WatchStats()
         try:
-            self._sink = EventSink(self.events_target, self.on_event)
+            self._sink = EventSink(self.events_target, self.on_event, self.extra_sinks)
         except BaseException:
             self.stopping.set()   # the capture thread is running: wind it down before the error goes up
             capture.join()
@@ -594,6 +604,8 @@ class AnomalyWatcher:
                                  self.stats.snapshot(capture, frames), self.gate.describe(), list(self.events),
                                  self._runtime())
             report.stats["callback_errors"] = self._sink.callback_errors
+            report.stats["sink_errors"] = self._sink.sink_errors
+            report.stats["sinks"] = self._sink.describe()
             self._sink.write(report.as_dict())
             self._sink.close()
         return report

@@ -149,9 +149,14 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
         chat, prepared = await run_in_threadpool(prepare, body, pipe)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        def emit(event: tuple) -> None:  # from the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                job.cancelled.set()
+
         job = Job(prepared, SamplingParams(chat.max_tokens, chat.temperature, chat.top_p, chat.seed, chat.ignore_eos),
-                  emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                  stop_strings=chat.stop, images=chat.image_count, arrived=arrived)
+                  emit=emit, stop_strings=chat.stop, arrived=arrived)
         try:
             state.scheduler.submit(job)
         except QueueFull as exc:

@@ -8,7 +8,6 @@ import base64
 import binascii
 import io
 import math
-import os
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +268,3 @@ def _image_bytes(url: str, where: str, limits: Limits) -> bytes:
     raise _bad(f"{where}: unsupported image URL {scheme!r}... (want data:, file:// or http(s)://)", where,
                "invalid_image_url")
 
-
-def file_url(path: str | os.PathLike) -> str:
-    return Path(path).resolve().as_uri()

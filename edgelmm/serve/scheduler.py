@@ -37,7 +37,6 @@ class Job:
     params: SamplingParams
     emit: Callable[[tuple], None]          # called from the worker: ("text", piece) ... then ("end", ...)
     stop_strings: list[str] = field(default_factory=list)
-    images: int = 0
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -51,6 +50,7 @@ class _Row:
         self.ids: list[int] = []
         self.shown = 0
         self.stopped = False
+        self.text = ""
         self.last = None
         self.hold = max((len(s) for s in job.stop_strings), default=1) - 1
 
