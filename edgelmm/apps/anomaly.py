@@ -565,6 +565,7 @@ class AnomalyWatcher:
             self.stopping.set()   # the capture thread is running: wind it down before the error goes up
             capture.join()
             frames.discard()
+            EventSink(None, None, self.extra_sinks).close()
             raise
         verifier = Verifier(self)
         verifier.start()
