@@ -6,10 +6,14 @@
   headroom   the same video read losslessly as fast as the gate goes: the gate's own fps
   soak       10,000 frames with an anomaly every 400 frames, as fast as the gate goes: resident
              memory (RSS) after the first 1,000 frames and at the end
+  cameras    (--cameras N) N cameras in one process (watch_cameras), each a 30 fps camera: one busy
+             (an object every 60 frames) and the others quiet (one object each), one verifier for
+             all: gate fps per camera, dropped frames, and the verifier's fairness (each camera's
+             events answered, skipped, and the time from event to verdict)
   survey     (--survey N) N seeds of each kind of generated video, the anomaly at frame 150: how many
              are reported within 10 frames, with no event in the normal stretch, and verified yes
 
-    .venv/bin/python benchmarks/watch.py [--bundle DIR] [--soak-frames 10000] [--survey 30] [--json]
+    .venv/bin/python benchmarks/watch.py [--bundle DIR] [--soak-frames 10000] [--cameras 4] [--survey 30] [--json]
 """
 
 import argparse
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import edgelmm
-from edgelmm.apps.anomaly import AnomalyWatcher, CaptureConfig, WatchConfig
+from edgelmm.apps.anomaly import AnomalyWatcher, Camera, CaptureConfig, WatchConfig, percentiles, watch_cameras
 from edgelmm.export import export
 from edgelmm.models import reference_model
 from edgelmm.synthetic_video import VideoSpec, write_video
@@ -54,6 +58,27 @@ def run(pipe, video, **config):
                                       "mean_fps", "gate_ms", "verifier_ms", "detect_ms")}
 
 
+def cameras(pipe, work, n, frames=600):
+    """n realtime cameras in one process: camera 1 busy, the others quiet."""
+    cams = []
+    for i in range(n):
+        spec = (VideoSpec(seed=10 + i, frames=frames, anomaly="appear", anomaly_frame=100, anomaly_length=30,
+                          repeat_every=60) if i == 0 else
+                VideoSpec(seed=10 + i, frames=frames, anomaly="appear", anomaly_frame=150 + 100 * i))
+        cams.append(Camera(f"cam{i + 1}" + ("-busy" if i == 0 else ""), write_video(work / f"cam{i}.avi", spec)["path"]))
+    reports = watch_cameras(pipe, cams, WatchConfig(capture=CaptureConfig(realtime=True)))
+    out = {}
+    for name, r in reports.items():
+        s = r.stats
+        waits = [e.latency_ms["event_to_verdict"] for e in r.events if "event_to_verdict" in e.latency_ms]
+        out[name] = {"mean_fps": s["mean_fps"], "read": s["read"], "dropped": s["dropped"],
+                     "gate_ms": s["gate_ms"], "episodes": s["episodes"], "events": s["events"],
+                     "verified": s["verified"], "verifier_skipped": s["verifier_skipped"],
+                     "yes": sum(e.verifier.answer == "yes" for e in r.events),
+                     "event_to_verdict_ms": percentiles(waits)}
+    return out
+
+
 def survey(pipe, work, seeds):
     """Per kind of video: reported within 10 frames, videos with an event before the anomaly (or
     any event when there is none), episodes verified yes (on any check, on the first)."""
@@ -78,6 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None, help="default: export the reference model to a temp dir")
     ap.add_argument("--soak-frames", type=int, default=10_000)
+    ap.add_argument("--cameras", type=int, default=4, help="cameras in one process (0: skip)")
     ap.add_argument("--survey", type=int, default=0, help="seeds per kind of video (0: skip the survey)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -115,6 +141,8 @@ def main():
                        "gate_ms": s["gate_ms"]}
     if at_1000:
         results["soak"]["rss_growth_mib_after_1000"] = round(rss_mib() - at_1000, 1)
+    if args.cameras:
+        results["cameras"] = cameras(pipe, work, args.cameras)
     if args.survey:
         results["survey"] = survey(pipe, work, args.survey)
     if args.json:
@@ -136,6 +164,12 @@ def main():
           f"episodes for {sk['anomalies']} anomalies ({sk['yes']} verified yes); "
           f"RSS {sk['rss_mib_start']} MiB at start, "
           f"{sk['rss_mib_at_1000']} after 1,000 frames, {sk['rss_mib_end']} at the end")
+    for name, row in results.get("cameras", {}).items():
+        w = row["event_to_verdict_ms"]
+        print(f"camera {name}: {row['mean_fps']:.1f} fps, {row['dropped']}/{row['read']} dropped, gate p50 "
+              f"{row['gate_ms']['p50']} ms, {row['episodes']} episodes, {row['events']} events: {row['verified']} "
+              f"verified ({row['yes']} yes), {row['verifier_skipped']} skipped (verifier busy), event->verdict "
+              f"p50/p95 {w['p50']}/{w['p95']} ms")
     for kind, row in results.get("survey", {}).items():
         print(f"survey {kind}: {row}")
 

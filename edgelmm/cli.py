@@ -685,10 +685,20 @@ def info(
 
 @app.command()
 def watch(
-    source: str = typer.Argument(..., help="What to watch: a camera index (0 = /dev/video0), a video file, an "
-                                           "rtsp:// or http:// URL, or a GStreamer pipeline (it contains '!'; e.g. "
-                                           "'nvarguscamerasrc ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! "
-                                           "appsink' for a Jetson CSI camera)."),
+    source: Optional[str] = typer.Argument(None, help="What to watch: a camera index (0 = /dev/video0), a video "
+                                                      "file, an rtsp:// or http:// URL, or a GStreamer pipeline (it "
+                                                      "contains '!'; e.g. 'nvarguscamerasrc ! nvvidconv ! "
+                                                      "video/x-raw,format=BGRx ! videoconvert ! appsink' for a Jetson "
+                                                      "CSI camera). Several cameras: --config instead."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Watch several cameras in one process: a YAML "
+                                                                      "file listing them (name, source, references, "
+                                                                      "own gate settings; see the README). One "
+                                                                      "verifier serves them all, in turn."),
+    view: Optional[str] = typer.Option(None, help="Serve a live page at [host]:port (e.g. :8080, this machine "
+                                                  "only; 0.0.0.0:8080 for the network): each camera's latest frame "
+                                                  "with the gate's heat-map, its score against the threshold, and "
+                                                  "the events with the verifier's answers. Read-only, no internet "
+                                                  "needed."),
     bundle: Path = typer.Option(..., "--bundle", "-b", help="The bundle (from `edgelmm export`) that embeds the "
                                                             "frames and answers the verifier's question."),
     events: Optional[Path] = typer.Option(None, help="Append events as JSON lines to this file (default: stdout). "
@@ -727,7 +737,8 @@ def watch(
                                                   "a retained <prefix>/<camera>/status says online/offline (offline "
                                                   "also when the process dies), the summary to .../summary. "
                                                   "Username and password from EDGELMM_MQTT_USERNAME / _PASSWORD."),
-    camera: str = typer.Option("camera", help="This camera's name in MQTT topics and events."),
+    camera: str = typer.Option("camera", help="This camera's name in MQTT topics and the view (--config names "
+                                              "each camera)."),
     mqtt_buffer: int = typer.Option(1000, help="Events kept while the broker is away (resent when it is back); "
                                                "beyond that each is dropped and counted in the summary."),
     mqtt_thumbnails: bool = typer.Option(False, help="Put a small JPEG of the latest frame in each MQTT event."),
@@ -742,14 +753,14 @@ def watch(
     and compared with a memory of the normal scene (learned during a warm-up); when frames stay
     unusual, the LMM is asked, in the background, whether the latest frames show anything abnormal
     next to a normal one. Events are JSON lines; Ctrl-C or SIGTERM stops cleanly (a second Ctrl-C
-    also cancels an answer in progress). Exit status 3 means the source was lost."""
+    also cancels an answer in progress). Exit status 3 means a source was lost."""
     import signal
 
     from rich.live import Live
     from rich.text import Text
 
-    from .apps.anomaly import (AnomalyWatcher, CaptureConfig, GateConfig, WatchConfig, check_events, load_for_watch,
-                               summary_line)
+    from .apps.anomaly import (AnomalyWatcher, Camera, CaptureConfig, GateConfig, WatchConfig, check_events,
+                               load_for_watch, summary_line, watch_cameras)
     from .options import check_int
 
     try:
@@ -764,6 +775,18 @@ def watch(
             config.prompt = prompt
         config.validate()      # the prompt's placeholders (with --no-verify too) and the --out folder included
         check_events(events)   # before the bundle loads and the source opens
+        if (source is None) == (config_file is None):
+            raise OptionError("give what to watch: a SOURCE, or --config cameras.yaml for several cameras (not both)")
+        if config_file is not None:
+            from .apps.cameras import load_cameras
+
+            if reference:
+                raise OptionError("--reference: with --config each camera lists its own 'references'")
+            if camera != "camera":
+                raise OptionError("--camera: with --config each camera has its 'name'")
+            cameras = load_cameras(config_file, config)
+        else:
+            cameras = [Camera(camera, source, [str(r) for r in reference])]
     except EdgeLMMError as exc:   # OptionError for an option out of range or a path, PromptError for the prompt
         _fail(exc, as_json)
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
@@ -776,46 +799,80 @@ def watch(
         from .progress import line_progress
 
         status = line_progress(err)
-    sinks = []
+    sinks = []   # the single camera's, or every camera's made so far
+    live_view = None
     try:
         from .apps.sinks import MqttSink, WebhookSink, check_camera_name, parse_mqtt_url
 
-        check_camera_name(camera)
+        for c in cameras:
+            check_camera_name(c.name)
         check_int("mqtt_buffer", mqtt_buffer, 1)
         if mqtt:
             parse_mqtt_url(mqtt)   # before the bundle loads
         if webhook:
-            sinks.append(WebhookSink(webhook))
-        pipe = load_for_watch(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
-        if mqtt:
-            sinks.append(MqttSink(mqtt, camera, buffer=mqtt_buffer, thumbnails=mqtt_thumbnails))
+            WebhookSink.check_url(webhook)
+        if view is not None:
+            from .apps.view import LiveView
 
-        def show(stats):
-            live.update(Text(summary_line(stats)), refresh=True)
-        watcher = AnomalyWatcher(pipe, config, references=[str(r) for r in reference],
-                                 events=events if events is not None else sys.stdout,
-                                 on_summary=None if quiet else show, on_status=status, sinks=sinks)
+            live_view = LiveView(view).start()   # a port in use is an OptionError before the bundle loads
+        pipe = load_for_watch(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
+
+        def sinks_for(name):
+            made = ([WebhookSink(webhook)] if webhook else []) + (
+                [MqttSink(mqtt, name, buffer=mqtt_buffer, thumbnails=mqtt_thumbnails)] if mqtt else [])
+            sinks.extend(made)
+            return made
+
+        lines = {}
+
+        def show(name, stats):
+            lines[name] = summary_line(stats) if len(cameras) == 1 else f"{name:>12}  {summary_line(stats)}"
+            live.update(Text("\n".join(lines.values())), refresh=True)
+        watchers = {}
 
         def on_signal(signum, _frame):
-            if watcher.stopping.is_set():
-                watcher.abort(f"signal {signal.Signals(signum).name} (twice)")
-            else:
-                watcher.stop(f"signal {signal.Signals(signum).name}")
+            for w in watchers.values():
+                if w.stopping.is_set():
+                    w.abort(f"signal {signal.Signals(signum).name} (twice)")
+                else:
+                    w.stop(f"signal {signal.Signals(signum).name}")
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        if live_view is not None and not as_json:
+            err.print(f"live view: {live_view.url}")
         with live if not quiet else nullcontext():
-            report = watcher.run(source)
+            if config_file is None:   # one camera: its events carry no camera name, as before --config
+                c = cameras[0]
+                part = live_view.camera(c.name) if live_view is not None else None
+                watcher = AnomalyWatcher(pipe, config, references=c.references,
+                                         events=events if events is not None else sys.stdout,
+                                         on_summary=None if quiet else (lambda stats: show(c.name, stats)),
+                                         on_status=status, sinks=sinks_for(c.name) + ([part] if part else []),
+                                         on_frame=part.frame if part else None)
+                watchers[c.name] = watcher
+                reports = {c.name: watcher.run(c.source)}
+            else:
+                reports = watch_cameras(pipe, cameras, config, events=events if events is not None else sys.stdout,
+                                        sinks_for=sinks_for, on_summary=None if quiet else show,
+                                        on_watchers=watchers.update, view=live_view)
     except EdgeLMMError as exc:
         for sink in sinks:   # a run that never started: the MQTT status goes back to offline
             sink.close()
+        if live_view is not None:
+            live_view.close()
         _fail(exc, as_json)
-    summary = report.as_dict()
+    if live_view is not None:
+        live_view.close()
+    summaries = [r.as_dict() for r in reports.values()]
     if as_json:
         if events is not None:
-            print(json.dumps(summary))
+            print(json.dumps(summaries[0] if config_file is None else {"cameras": summaries}))
     else:
-        err.print(f"[bold]stopped[/]: {report.stop_reason}\n{summary_line(summary)}")
-    if report.source_lost:
+        for name, report in reports.items():
+            prefix = f"{name}: " if config_file is not None else ""
+            err.print(f"{prefix}[bold]stopped[/]: {escape(report.stop_reason)}\n{summary_line(report.as_dict())}"
+                      if report.stats else f"{prefix}[bold]stopped[/]: {escape(report.stop_reason)}")
+    if any(r.source_lost for r in reports.values()):
         raise typer.Exit(3)
 
 

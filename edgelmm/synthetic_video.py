@@ -93,17 +93,15 @@ class VideoSpec:
     def describe(self) -> dict:
         return {**asdict(self), "width": self.size, "height": self.size,
                 "anomaly_frame": self.anomaly_frame if self.anomaly != "none" else None,
-                "anomaly_starts": self.anomaly_starts()}
+                "anomaly_starts": self.anomaly_starts(), "anomaly_box": intruder_box(self)}
 
 
 def _scaled(shapes: list[synthetic.Shape], k: int) -> list[synthetic.Shape]:
     return [replace(s, x=s.x * k, y=s.y * k, r=s.r * k) for s in shapes]
 
 
-def frames(spec: VideoSpec) -> Iterator[np.ndarray]:
-    """The video's RGB uint8 frames, [size, size, 3], in order."""
-    spec.validate()
-    rng = np.random.default_rng([spec.seed, 7])
+def _plan(spec: VideoSpec, rng: np.random.Generator):
+    """What the video shows: background, shapes and their sway, the intruder, the changed light."""
     bg = synthetic.random_background(rng)
     base = synthetic.scene(rng, int(rng.integers(1, 4)))
     phases = rng.uniform(0, 2 * math.pi, (len(base), 2))
@@ -112,6 +110,25 @@ def frames(spec: VideoSpec) -> Iterator[np.ndarray]:
     new_bg = synthetic.random_background(rng)
     while abs(int(np.mean(new_bg.base)) - int(np.mean(bg.base))) < 40:   # a visible change of light
         new_bg = synthetic.random_background(rng)
+    return bg, base, phases, period, intruder, new_bg
+
+
+def intruder_box(spec: VideoSpec) -> tuple[int, int, int, int] | None:
+    """Where the object of an `appear` anomaly is, in frame pixels: (x0, y0, x1, y1); None for
+    the other anomalies (a falling object moves; a change of light is everywhere)."""
+    if spec.anomaly != "appear":
+        return None
+    shape = _plan(spec, np.random.default_rng([spec.seed, 7]))[4]
+    k = spec.scale
+    return (max(0, math.floor((shape.x - shape.r) * k)), max(0, math.floor((shape.y - shape.r) * k)),
+            min(spec.size, math.ceil((shape.x + shape.r) * k)), min(spec.size, math.ceil((shape.y + shape.r) * k)))
+
+
+def frames(spec: VideoSpec) -> Iterator[np.ndarray]:
+    """The video's RGB uint8 frames, [size, size, 3], in order."""
+    spec.validate()
+    rng = np.random.default_rng([spec.seed, 7])
+    bg, base, phases, period, intruder, new_bg = _plan(spec, rng)
     for f in range(spec.frames):
         t = 2 * math.pi * f / period
         shapes = [replace(s, x=s.x + spec.sway_px * math.sin(t + p[0]), y=s.y + spec.sway_px * math.sin(t + p[1]))

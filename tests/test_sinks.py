@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from edgelmm.apps.anomaly import AnomalyWatcher, WatchConfig
 from edgelmm.apps.sinks import MqttSink, WebhookSink, parse_mqtt_url
 from edgelmm.errors import OptionError
 from edgelmm.synthetic_video import VideoSpec, write_video
@@ -114,13 +113,6 @@ class Subscriber:
         self.client.loop_stop()
 
 
-@pytest.fixture(scope="module")
-def pipe(reference_bundle):
-    import edgelmm
-
-    return edgelmm.load(reference_bundle, threads=1)
-
-
 def test_mqtt_url_and_names_are_checked():
     assert parse_mqtt_url("mqtt://broker.local/plant/line1") == ("broker.local", 1883, False, "plant/line1")
     assert parse_mqtt_url("mqtts://b:8884") == ("b", 8884, True, "edgelmm")
@@ -133,35 +125,32 @@ def test_mqtt_url_and_names_are_checked():
 
 
 @needs_broker
-def test_a_two_camera_run_arrives_once_in_order_as_in_the_events_file(broker, pipe, tmp_path):
+def test_a_two_camera_run_arrives_once_in_order_as_in_the_events_file(broker, reference_bundle, tmp_path):
+    """`edgelmm watch --config cameras.yaml --mqtt`: two cameras in one process, one topic each."""
+    from tests.test_bad_options import cli
+
     sub = Subscriber(broker.port)
-    runs = {}
-
-    def watch(camera, seed):
-        video = write_video(tmp_path / f"{camera}.avi", VideoSpec(seed=seed, anomaly="appear", anomaly_frame=120,
-                                                                   frames=200))
-        sink = MqttSink(broker.url, camera)
-        assert sink.connected.wait(10)
-        events = tmp_path / f"{camera}.jsonl"
-        report = AnomalyWatcher(pipe, WatchConfig(), events=events, sinks=[sink]).run(video["path"])
-        runs[camera] = (events, report)
-
-    threads = [threading.Thread(target=watch, args=(c, s)) for c, s in (("cam1", 0), ("cam2", 1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    for camera, (events, report) in runs.items():
-        lines = [json.loads(x) for x in events.read_text().splitlines()]
-        written, summary = lines[:-1], lines[-1]
-        assert written and len(written) == len(report.events)
+    for camera, seed, at in (("cam1", 0, 120), ("cam2", 1, 150)):
+        write_video(tmp_path / f"{camera}.avi", VideoSpec(seed=seed, anomaly="appear", anomaly_frame=at, frames=200))
+    (tmp_path / "cameras.yaml").write_text("cameras:\n  - {name: cam1, source: cam1.avi}\n"
+                                           "  - {name: cam2, source: cam2.avi}\n")
+    code, out = cli("watch", "--config", tmp_path / "cameras.yaml", "--bundle", reference_bundle, "--mqtt", broker.url,
+                    "--events", tmp_path / "events.jsonl", "--threads", "1", "--quiet", "--json")
+    assert code == 0, out
+    lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    for camera in ("cam1", "cam2"):
+        written = [r for r in lines if r["type"] == "anomaly" and r["camera"] == camera]
+        summary = next(r for r in lines if r["type"] == "summary" and r["camera"] == camera)
+        assert written and len(written) == summary["events"]
         got = sub.wait_for(f"site/{camera}/events", lambda m: len(m) >= len(written))
-        assert [json.loads(p) for p, _ in got] == [dict(e, camera=camera) for e in written]   # once, in order
+        assert [json.loads(p) for p, _ in got] == written   # once, in order, the file's content
         status = sub.wait_for(f"site/{camera}/status", lambda m: m and m[-1][0] == "offline")
         assert [p for p, _ in status] == ["online", "offline"]
-        assert summary["sinks"][1]["published"] == len(written) and summary["sinks"][1]["dropped"] == 0
+        mqtt_sink = next(s for s in summary["sinks"] if s["sink"] == "mqtt")
+        assert mqtt_sink["published"] == len(written) and mqtt_sink["dropped"] == 0
         got_summary = json.loads(sub.wait_for(f"site/{camera}/summary", bool)[-1][0])
         assert got_summary["processed"] == summary["processed"] and got_summary["camera"] == camera
+    assert [s["camera"] for s in json.loads(out)["cameras"]] == ["cam1", "cam2"]
     sub.close()
     # A late subscriber sees the retained status and summary.
     late = Subscriber(broker.port, "late")

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import queue as queue_module
 import re
 import string
 import threading
@@ -30,14 +29,14 @@ from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
-from ..errors import ImageError, OptionError, PromptError
+from ..errors import EdgeLMMError, ImageError, OptionError, PromptError
 from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
 from ..options import check_int, check_number, check_output_dir, check_output_file
 from ..prompt import IMAGE_MARKER, check_text
 from ..synthetic import ANOMALY_PROMPT
 from .capture import CaptureConfig, CaptureThread, Frame, FrameQueue, parse_source
-from .gate import GateConfig, NormalSceneGate
+from .gate import GateConfig, GateDecision, NormalSceneGate
 from .sinks import JsonLinesSink, Sink
 
 log = logging.getLogger(__name__)
@@ -174,9 +173,13 @@ class AnomalyEvent:
     latency_ms: dict[str, float]     # gate (this frame), detect (first frame captured -> event), verifier
     snapshot: list[str] = field(default_factory=list)
     verifier: Verdict | None = None
+    camera: str | None = None        # the camera's name when a process watches several
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": "anomaly", **asdict(self)}
+        out = {"type": "anomaly", **asdict(self)}
+        if self.camera is None:
+            del out["camera"]
+        return out
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -243,14 +246,15 @@ class WatchReport:
     gate: dict[str, Any]
     events: list[AnomalyEvent]
     runtime: dict[str, Any] = field(default_factory=dict)   # backend, precision and why (Pipeline.describe)
+    camera: str | None = None                                # the camera's name when a process watches several
 
     @property
     def source_lost(self) -> bool:
         return self.stop_reason.startswith(("source lost", "capture failed"))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": "summary", "stop_reason": self.stop_reason, "source": self.source, **self.stats,
-                "gate": self.gate, "runtime": self.runtime}
+        return {"type": "summary", **({"camera": self.camera} if self.camera else {}), "stop_reason": self.stop_reason,
+                "source": self.source, **self.stats, "gate": self.gate, "runtime": self.runtime}
 
 
 class SerializedBackend:
@@ -334,41 +338,89 @@ class VerifyJob:
     episode: Episode
     shown: list[GatedFrame]          # the normal frame first, then the latest frames
     fired_at: float                  # time.monotonic() when the gate fired
+    watcher: "AnomalyWatcher"        # whose event it is (the verifier may serve several cameras)
 
 
 class Verifier(threading.Thread):
-    """Saves each event's snapshot, asks the LMM about it (unless verification is off), emits it."""
+    """Saves each event's snapshot, asks the LMM about it (unless verification is off), emits it.
+    One worker serves every camera of a process: each watcher has its own bounded lane (its
+    config.verifier_queue), and the worker takes the lanes in turn, so a busy camera cannot starve
+    a quiet one."""
 
-    def __init__(self, watcher: "AnomalyWatcher"):
+    def __init__(self):
         super().__init__(name="edgelmm-verifier", daemon=True)
-        self.watcher = watcher
-        self.jobs: queue_module.Queue[VerifyJob | None] = queue_module.Queue(maxsize=watcher.config.verifier_queue)
+        self._lanes: dict[int, deque[VerifyJob]] = {}
+        self._limits: dict[int, int] = {}
+        self._order: list[int] = []         # lanes in the order they were opened
+        self._next = 0                      # where the round-robin goes on from
+        self._busy: int | None = None       # the lane whose job is being answered
+        self._cv = threading.Condition()
+        self._closing = False
+
+    def open_lane(self, watcher: "AnomalyWatcher") -> None:
+        with self._cv:
+            key = id(watcher)
+            self._lanes[key], self._limits[key] = deque(), watcher.config.verifier_queue
+            self._order.append(key)
 
     def submit(self, job: VerifyJob) -> bool:
-        try:
-            self.jobs.put_nowait(job)
+        with self._cv:
+            lane = self._lanes[id(job.watcher)]
+            if len(lane) >= self._limits[id(job.watcher)]:
+                return False
+            lane.append(job)
+            self._cv.notify_all()
             return True
-        except queue_module.Full:
-            return False
 
-    def finish(self) -> None:
-        self.jobs.put(None)      # after whatever is queued; blocks only until the worker takes a job
+    def take(self) -> VerifyJob | None:
+        """The next job, lanes in turn (None once closed and every lane is empty). Called by the worker."""
+        with self._cv:
+            while True:
+                for i in range(len(self._order)):
+                    key = self._order[(self._next + i) % len(self._order)]
+                    if self._lanes[key]:
+                        self._next = (self._next + i + 1) % len(self._order)
+                        self._busy = key
+                        return self._lanes[key].popleft()
+                if self._closing:
+                    return None
+                self._cv.wait()
+
+    def finish_lane(self, watcher: "AnomalyWatcher") -> None:
+        """Wait until this watcher's questions are answered, then close its lane."""
+        key = id(watcher)
+        with self._cv:
+            while self._lanes[key] or self._busy == key:
+                self._cv.wait()
+            del self._lanes[key], self._limits[key]
+            self._order.remove(key)
+            self._next = 0
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the worker."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
         self.join()
 
     def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while (job := self.take()) is not None:
+            watcher = job.watcher
             try:
-                self.watcher.save_snapshot(job)
-                job.event.verifier = self.verify(job) if self.watcher.config.verify else Verdict("disabled")
+                watcher.save_snapshot(job)
+                job.event.verifier = self.verify(job) if watcher.config.verify else Verdict("disabled")
             except Exception as exc:   # a failed answer is reported in the event, never lost
                 log.exception("verifier failed")
                 job.event.verifier = Verdict(f"error: {type(exc).__name__}: {exc}")
             job.episode.answer = job.event.verifier.answer
             job.episode.awaiting = False
-            self.watcher.emit(job.event)
+            watcher.emit(job.event)
+            with self._cv:
+                self._busy = None
+                self._cv.notify_all()
 
     def verify(self, job: VerifyJob) -> Verdict:
-        w = self.watcher
+        w = job.watcher
         if w.aborted.is_set():
             return Verdict("cancelled")
         t0 = time.perf_counter()
@@ -395,26 +447,30 @@ class AnomalyWatcher:
                  references: Sequence[ImageInput] = (), events: str | Path | TextIO | None = None,
                  on_event: Callable[[AnomalyEvent], None] | None = None,
                  on_summary: Callable[[dict[str, Any]], None] | None = None,
-                 on_status: Callable[[str], None] | None = None, sinks: Sequence[Sink] = ()):
+                 on_status: Callable[[str], None] | None = None, sinks: Sequence[Sink] = (),
+                 camera: str | None = None, on_frame: Callable[[GatedFrame, GateDecision], None] | None = None):
         """`references`: images of the normal scene, remembered for good (warm-up still runs unless
         config.gate.warmup_frames is 0). `events`: a JSON-lines file or stream for the events and
         the final summary. `on_event` is called from the verifier thread with each finished event;
         `on_status` from the capture thread with each attempt to open or reopen the source.
         `sinks` (apps/sinks.py: MQTT, webhook) get every event and the summary too, and are closed
-        at the end of the run."""
+        at the end of the run. `on_frame` is called from the gate's thread with each gated frame and
+        the gate's decision (after warm-up: its per-cell scores too), for the live view."""
         self.config = config or WatchConfig()
         self.config.validate()
         check_events(events)
-        if not getattr(pipeline.backend, "thread_safe", False):
+        if not (getattr(pipeline.backend, "thread_safe", False) or isinstance(pipeline.backend, SerializedBackend)):
             pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend),
                                 selection=pipeline.selection, precision_reason=pipeline.precision_reason)
         self.pipeline = pipeline
         self.gate = NormalSceneGate(self.config.gate)
         self.events_target = events
         self.extra_sinks = list(sinks)
+        self.camera = camera
         self.on_event = on_event
         self.on_summary = on_summary
         self.on_status = on_status
+        self.on_frame = on_frame
         self.stopping = threading.Event()
         self.aborted = threading.Event()
         self.stats = WatchStats()
@@ -471,6 +527,12 @@ class AnomalyWatcher:
         self.stats.gated += 1
         gated = GatedFrame(frame, features, decision.score)
         self._latest.append(gated)
+        if self.on_frame:
+            try:
+                self.on_frame(gated, decision)
+            except Exception:   # the view must not stop the watcher
+                self._sink.callback_errors += 1
+                log.exception("the on_frame callback raised")
         if decision.normal:
             self._last_normal = gated
         if decision.over and self._first_over is None:
@@ -513,8 +575,9 @@ class AnomalyWatcher:
             stream_time_s=round(gated.frame.index / self._fps, 3) if self._fps else None,
             gate_score=round(float(gated.score), 6), threshold=round(float(threshold), 6),
             frames=[g.name for g in shown],
-            latency_ms={"gate": round(gate_ms, 3), "detect": round((now - first.frame.captured_at) * 1e3, 3)})
-        job = VerifyJob(event, episode, shown, now)
+            latency_ms={"gate": round(gate_ms, 3), "detect": round((now - first.frame.captured_at) * 1e3, 3)},
+            camera=self.camera)
+        job = VerifyJob(event, episode, shown, now, self)
         if not verifier.submit(job):
             self.stats.verifier_skipped += 1
             self.save_snapshot(job)
@@ -543,9 +606,10 @@ class AnomalyWatcher:
             self._sink.event(event)
 
     # ---- the loop ----
-    def run(self, source: str | int | Path) -> WatchReport:
+    def run(self, source: str | int | Path, verifier: Verifier | None = None) -> WatchReport:
         """Watch `source` until it ends, stop() is called, or max_frames / duration is reached.
-        Raises SourceError if the source cannot be opened at all."""
+        Raises SourceError if the source cannot be opened at all. `verifier`: one shared with other
+        cameras' watchers (watch_cameras); by default the run has its own."""
         cfg = self.config
         src = parse_source(source)
         frames = FrameQueue(cfg.capture.queue_size, lossy=src.live or cfg.capture.realtime)
@@ -567,8 +631,11 @@ class AnomalyWatcher:
             frames.discard()
             EventSink(None, None, self.extra_sinks).close()
             raise
-        verifier = Verifier(self)
-        verifier.start()
+        own_verifier = verifier is None
+        if own_verifier:
+            verifier = Verifier()
+            verifier.start()
+        verifier.open_lane(self)
         self._running = (capture, frames)
         deadline = self.stats.started + cfg.duration_s if cfg.duration_s else None
         next_summary = time.monotonic() + cfg.summary_every_s
@@ -600,10 +667,12 @@ class AnomalyWatcher:
             self.stopping.set()
             capture.join()
             frames.discard()
-            verifier.finish()
+            verifier.finish_lane(self)
+            if own_verifier:
+                verifier.close()
             report = WatchReport(reason or "interrupted", capture.describe(),
                                  self.stats.snapshot(capture, frames), self.gate.describe(), list(self.events),
-                                 self._runtime())
+                                 self._runtime(), camera=self.camera)
             report.stats["callback_errors"] = self._sink.callback_errors
             report.stats["sink_errors"] = self._sink.sink_errors
             report.stats["sinks"] = self._sink.describe()
@@ -634,5 +703,103 @@ def watch(source: str | int | Path, bundle: str | Path, config: WatchConfig | No
     return AnomalyWatcher(pipeline, config, references=references, events=events, on_event=on_event).run(source)
 
 
-__all__ = ["AnomalyEvent", "AnomalyWatcher", "GateConfig", "CaptureConfig", "Verdict", "WatchConfig",
-           "WatchReport", "parse_answer", "watch"]
+
+
+@dataclass
+class Camera:
+    """One camera of watch_cameras: its name (in events, topics and the view), its source, images
+    of its normal scene, and its own settings where they differ from the shared ones."""
+    name: str
+    source: str | int | Path
+    references: list[ImageInput] = field(default_factory=list)
+    config: WatchConfig | None = None
+
+
+class _SharedSink:
+    """One sink written by several watchers (a shared events file; JsonLinesSink writes under a
+    lock): closed once, by its owner, not by each watcher at the end of its run."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+
+    def event(self, record: dict[str, Any]) -> None:
+        self.sink.event(record)
+
+    def summary(self, record: dict[str, Any]) -> None:
+        self.sink.summary(record)
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return self.sink.describe()
+
+
+def watch_cameras(pipeline: Pipeline, cameras: Sequence[Camera], config: WatchConfig | None = None, *,
+                  events: str | Path | TextIO | None = None,
+                  sinks_for: Callable[[str], Sequence[Sink]] | None = None,
+                  on_event: Callable[[AnomalyEvent], None] | None = None,
+                  on_summary: Callable[[str, dict[str, Any]], None] | None = None,
+                  on_watchers: Callable[[dict[str, AnomalyWatcher]], None] | None = None,
+                  view=None) -> dict[str, WatchReport]:
+    """Several cameras in one process: per camera a capture thread, a gate memory and its counters
+    (an AnomalyWatcher each), and one verifier for all of them that takes their questions in turn.
+    Events carry their camera's name; each camera's summary is its own record. `events` (one file or
+    stream for all), `sinks_for(name)` (per camera: its MQTT topic), `view` (a LiveView: each camera
+    gets its part). A camera whose source cannot be opened ends with that error as its stop reason;
+    the others go on. `on_watchers` gets the watchers once made (to stop them from a signal handler)."""
+    import copy
+
+    names = [c.name for c in cameras]
+    if not cameras or len(set(names)) != len(names):
+        raise OptionError(f"cameras need distinct names, got {names}")
+    check_events(events)
+    if not (getattr(pipeline.backend, "thread_safe", False) or isinstance(pipeline.backend, SerializedBackend)):
+        # one lock for every camera's gate and the verifier, not one per watcher
+        pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend),
+                            selection=pipeline.selection, precision_reason=pipeline.precision_reason)
+    watchers: dict[str, AnomalyWatcher] = {}
+    shared = _SharedSink(JsonLinesSink(events, EVENTS_NAME)) if events is not None else None
+    try:
+        for c in cameras:
+            sinks = ([shared] if shared else []) + list(sinks_for(c.name) if sinks_for else ())
+            part = view.camera(c.name) if view is not None else None
+            watchers[c.name] = AnomalyWatcher(
+                pipeline, copy.deepcopy(c.config or config or WatchConfig()), references=c.references,
+                on_event=on_event, sinks=sinks + ([part] if part else []), camera=c.name,
+                on_summary=(lambda stats, name=c.name: on_summary(name, stats)) if on_summary else None,
+                on_frame=part.frame if part else None)
+    except BaseException:
+        if shared:
+            shared.sink.close()
+        raise
+    if on_watchers:
+        on_watchers(watchers)
+    verifier = Verifier()
+    verifier.start()
+    reports: dict[str, WatchReport] = {}
+
+    def run(camera: Camera) -> None:
+        try:
+            reports[camera.name] = watchers[camera.name].run(camera.source, verifier=verifier)
+        except EdgeLMMError as exc:   # this camera's source: the others go on
+            reports[camera.name] = WatchReport(f"capture failed: {exc}", {"source": str(camera.source)}, {}, {}, [],
+                                               camera=camera.name)
+            if shared:
+                shared.summary(reports[camera.name].as_dict())
+
+    threads = [threading.Thread(target=run, args=(c,), name=f"edgelmm-camera-{c.name}") for c in cameras]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        verifier.close()
+        if shared:
+            shared.sink.close()
+    return {c.name: reports[c.name] for c in cameras if c.name in reports}
+
+
+__all__ = ["AnomalyEvent", "AnomalyWatcher", "Camera", "GateConfig", "CaptureConfig", "Verdict", "WatchConfig",
+           "WatchReport", "parse_answer", "watch", "watch_cameras"]

@@ -281,14 +281,15 @@ class CaptureThread(threading.Thread):
     def _run(self) -> None:
         cv2 = _cv2()
         cap = self._open_with_retries(first=True)
-        self.opened.set()
         if cap is None:
+            self.opened.set()
             self.end_reason = "stopped"
             return
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and 0 < fps < 1000 else None
         count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
         self.frame_count = int(count) if count and count > 0 and not self.source.live else None
+        self.opened.set()   # after fps and frame_count: the watcher reads them once this is set
         pace = 1.0 / self.fps if self.config.realtime and self.fps else 0.0
         start = time.monotonic()
         failed = 0

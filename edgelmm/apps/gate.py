@@ -72,6 +72,8 @@ class GateDecision:
     started: bool                    # an episode starts with this frame (fire an event)
     in_episode: bool
     normal: bool                     # counted as a normal frame (learned into memory)
+    cells: np.ndarray | None = None  # per cell, its distance to the memory (the score is their max)
+    layout: dict[str, int] | None = None   # where the cells lie in the image (FeatureReducer.layout)
 
 
 class FeatureReducer:
@@ -82,6 +84,10 @@ class FeatureReducer:
         self.max_dims = max_dims
         self.seed = seed
         self._projection: np.ndarray | None = None
+        # Where the cells lie in the image, for the live view's heat-map: {"tiles", "rows", "cols"}
+        # for square token grids (cell i of a tile is at row i // cols), None for a token sequence
+        # (a resampler's latents) whose cells have no place in the image.
+        self.layout: dict[str, int] | None = None
 
     def _pool(self, cells: np.ndarray) -> np.ndarray:
         tiles, t, d = cells.shape
@@ -89,14 +95,17 @@ class FeatureReducer:
         per_tile = max(1, self.max_positions // tiles)
         if t <= per_tile:
             pooled = cells
+            self.layout = {"tiles": tiles, "rows": side, "cols": side} if side * side == t else None
         elif side * side == t:          # a square token grid: average over blocks of it
             out = max(1, math.isqrt(per_tile))
+            self.layout = {"tiles": tiles, "rows": out, "cols": out}
             edges = np.linspace(0, side, out + 1).astype(int)
             grid = cells.reshape(tiles, side, side, d)
             pooled = np.stack([grid[:, edges[i]:edges[i + 1], edges[j]:edges[j + 1]].mean(axis=(1, 2))
                                for i in range(out) for j in range(out)], axis=1)
         else:                           # a token sequence: average over equal runs of it
             edges = np.linspace(0, t, per_tile + 1).astype(int)
+            self.layout = None
             pooled = np.stack([cells[:, edges[i]:edges[i + 1]].mean(axis=1) for i in range(per_tile)], axis=1)
         return pooled.reshape(-1, d)
 
@@ -166,17 +175,26 @@ class NormalSceneGate:
         self._update_threshold()
 
     @staticmethod
-    def distance(cells: np.ndarray, *memories: np.ndarray) -> float:
-        """Over cells, the largest cosine distance to the nearest memory frame at that cell."""
+    def cell_distances(cells: np.ndarray, *memories: np.ndarray) -> np.ndarray:
+        """Per cell, the cosine distance to the nearest memory frame at that cell."""
         best = np.max([np.einsum("pd,kpd->kp", cells, m).max(axis=0) for m in memories if len(m)], axis=0)
-        return float(1.0 - best.min())
+        return 1.0 - best
 
-    def score(self, cells: np.ndarray) -> float:
-        """The frame's distance to the memory: the core, then the recent normal frames."""
+    @classmethod
+    def distance(cls, cells: np.ndarray, *memories: np.ndarray) -> float:
+        """Over cells, the largest cosine distance to the nearest memory frame at that cell."""
+        return float(cls.cell_distances(cells, *memories).max())
+
+    def cell_scores(self, cells: np.ndarray) -> np.ndarray:
+        """Per cell, the frame's distance to the memory: the core, then the recent normal frames."""
         if self._core_stack is None:
             self._core_stack = np.stack(self.core)
         recent = self._recent[: min(self._recent_count, self.config.memory_size)] if self._recent_count else None
-        return self.distance(cells, self._core_stack, *([] if recent is None else [recent]))
+        return self.cell_distances(cells, self._core_stack, *([] if recent is None else [recent]))
+
+    def score(self, cells: np.ndarray) -> float:
+        """The frame's distance to the memory (its largest cell score)."""
+        return float(self.cell_scores(cells).max())
 
     def _leave_one_out_scores(self) -> list[float]:
         core = np.stack(self.core)
@@ -204,7 +222,8 @@ class NormalSceneGate:
         self._check_shape(cells)
         if self.threshold is None:
             self._calibrate()
-        score = self.score(cells)
+        per_cell = self.cell_scores(cells)
+        score = float(per_cell.max())
         over = score > self.threshold
         started = False
         if over:
@@ -223,7 +242,8 @@ class NormalSceneGate:
             self.normal_scores.append(score)
             if self.gated % 16 == 0:
                 self._update_threshold()
-        return GateDecision(score, self.threshold, over, started, self.in_episode, normal)
+        return GateDecision(score, self.threshold, over, started, self.in_episode, normal, per_cell,
+                            self.reduce.layout)
 
     def describe(self) -> dict[str, Any]:
         recent = min(self._recent_count, self.config.memory_size)

@@ -217,14 +217,18 @@ class WebhookSink:
 
     def __init__(self, url: str, retries: int = 5, backoff_s: float = 0.5, buffer: int = 1000,
                  timeout_s: float = 10.0):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise OptionError(f"--webhook {url!r}: want an http:// or https:// URL")
+        self.check_url(url)
         self.url, self.retries, self.backoff_s, self.timeout_s = url, retries, backoff_s, timeout_s
         self.sent = self.dropped = self.rejected = self.failed = 0
         self._queue: queue.Queue = queue.Queue(buffer)
         self._thread = threading.Thread(target=self._run, name="edgelmm-webhook", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def check_url(url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OptionError(f"--webhook {url!r}: want an http:// or https:// URL")
 
     def event(self, record: dict[str, Any]) -> None:
         try:
