@@ -538,8 +538,10 @@ def build_engines(
     as_json: bool = typer.Option(False, "--json", help="Print what was built (engines, GPU, layer report) as JSON."),
 ):
     """Build TensorRT engines for this machine's GPU into a bundle, with a report of the layers that
-    fell back to a wider type, and check them against the bundle's fp32 graphs. The bundle is only
-    changed when every engine built and passed. Needs TensorRT 10 (JetPack >= 6.1 on Jetson)."""
+    run in a wider type than their graph asks for, and check them against the bundle's fp32 graphs.
+    Engines are strongly typed (the precision is the graph's: fp16 with fp32 norms and softmax, the
+    calibrated INT8 vision graph, blocked INT4 weights), so one path serves TensorRT 10.3+ (JetPack
+    6.1/6.2, 7.x) and 11 (desktop). The bundle is only changed when every engine built and passed."""
     from .export.tensorrt import EngineOptions
     from .export.tensorrt import build_engines as run_build
 
@@ -553,7 +555,9 @@ def build_engines(
     from rich.table import Table
 
     t = result["target"]
-    table = Table(title=f"TensorRT {t['tensorrt']} engines for {t['gpu']} (compute {t['compute_capability']})")
+    from .runtimes.tensorrt import describe_tensorrt
+
+    table = Table(title=f"{describe_tensorrt(t['tensorrt'])}\nengines for {t['gpu']} (compute {t['compute_capability']})")
     for col in ("precision", "graph", "file", "build s", "layers", "fell back"):
         table.add_column(col)
     for art in result["engines"]:

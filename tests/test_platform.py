@@ -401,7 +401,8 @@ def test_engine_profiles_cover_the_family(checkpoint):
         shape = [-1] + list(vis.pixel_values.shape[1:2]) + (["h", "w"] if family.variable_tile_size
                                                              else list(vis.pixel_values.shape[2:]))
         inputs = [{"name": "pixel_values", "shape": shape}]
-        lo, opt, hi = profiles("vision", inputs, family, text, opts, None)["pixel_values"]
+        [vision_profile] = profiles("vision", inputs, family, text, opts, None)
+        lo, opt, hi = vision_profile["pixel_values"]
         assert lo[0] == 1 and hi[0] == 4 * per_image and lo[0] <= opt[0] <= hi[0]
         assert all(a <= s <= c for a, s, c in zip(lo, vis.pixel_values.shape, hi))
         if kind == "llava-siglip":
@@ -410,10 +411,26 @@ def test_engine_profiles_cover_the_family(checkpoint):
             assert per_image > 1
     dec_inputs = [{"name": n} for n in ("inputs_embeds", "attention_mask", "position_ids",
                                         "past_key_values.0.key", "past_key_values.0.value")]
-    shapes = profiles("decoder", dec_inputs, family, text, opts, context_length=128)
-    assert shapes["past_key_values.0.key"] == [[1, 2, 1, 16], [1, 2, 128, 16], [1, 2, 128, 16]]
-    assert shapes["attention_mask"][0] == [1, 2] and shapes["attention_mask"][2] == [1, 129]
-    assert shapes["inputs_embeds"][2] == [1, 128, 64]
+    decode, prefill = profiles("decoder", dec_inputs, family, text, opts, context_length=128)
+    # decode steps: one token at a time over a cache up to the context
+    assert decode["inputs_embeds"] == [[1, 1, 64], [1, 1, 64], [1, 1, 64]]
+    assert decode["position_ids"][2] == [1, 1]
+    assert decode["past_key_values.0.key"] == [[1, 2, 1, 16], [1, 2, 128, 16], [1, 2, 128, 16]]
+    assert decode["attention_mask"][0] == [1, 2] and decode["attention_mask"][2] == [1, 129]
+    # prefill: a whole prompt at once, tuned for a prompt over the empty cache (its one hidden slot)
+    assert prefill["inputs_embeds"] == [[1, 1, 64], [1, 128, 64], [1, 128, 64]]
+    assert prefill["past_key_values.0.key"][1] == [1, 2, 1, 16] and prefill["position_ids"][2] == [1, 128]
+    assert prefill["attention_mask"][1] == [1, 129]
+    # the runtime takes the first profile that fits: decode for one token, prefill for a prompt
+    from edgelmm.runtimes.tensorrt import pick_profile
+
+    def step(seq, past, batch=1):
+        return {"inputs_embeds": (batch, seq, 64), "attention_mask": (batch, past + seq), "position_ids": (batch, seq),
+                "past_key_values.0.key": (batch, 2, past, 16)}
+    assert pick_profile([decode, prefill], step(1, 40)) == 0
+    assert pick_profile([decode, prefill], step(37, 1)) == 1
+    assert pick_profile([decode, prefill], step(5, 40)) == 1        # a second turn's prompt after an answer
+    assert pick_profile([decode, prefill], step(1, 200)) is None    # past the context: a PromptError at run time
 
 
 def test_engine_layer_report_reads_the_inspector_format():
@@ -429,6 +446,46 @@ def test_engine_layer_report_reads_the_inspector_format():
     assert report["layers"] == 3 and report["by_output_type"] == {"int8": 1, "fp32": 1, "fp16": 1}
     assert report["fell_back"] == [{"layer": "gemm_fc", "type": "CaskGemmMatrixMultiply", "runs_in": "fp32"}]
     assert engine_layer_report(json.dumps(info), "fp16")["fell_back"][0]["layer"] == "gemm_fc"
+    assert report["inspector_layout"] == "10.x" and [t["name"] for t in report["io"]] == ["x", "y"]
+
+
+def test_engine_layer_report_reads_the_tensorrt_11_layout():
+    """TensorRT 11's inspector: "Bindings" became "I/O Tensors" (objects with IOMode and DataType, as
+    in NVIDIA's migration guide's example) and each tensor's "Format/Datatype" split in two."""
+    from edgelmm.runtimes.tensorrt import engine_layer_report
+
+    info = {
+        "Layers": [
+            {"Name": "qkv", "LayerType": "CaskGemmMatrixMultiply",
+             "Outputs": [{"Name": "qkv_out", "Dimensions": [1, 8, 96], "Format": "Row major linear", "Datatype": "Half"}]},
+            {"Name": "lm_head", "LayerType": "CaskGemmMatrixMultiply",
+             "Outputs": [{"Name": "logits", "Dimensions": [1, 640], "Format": "Row major linear", "DataType": "Float"}]},
+            {"Name": "norm", "LayerType": "Normalization",
+             "Outputs": [{"Name": "n", "Format": "Row major linear", "Datatype": "Float"}]}],
+        "I/O Tensors": [
+            {"Name": "inputs_embeds", "IOMode": "Input", "DataType": "Half", "Dimensions": [-1, -1, 256],
+             "Location": "Device", "IsShapeInferenceIO": False,
+             "ProfileInfo": [{"MinShape": [1, 1, 256], "OptShape": [1, 1, 256], "MaxShape": [1, 1, 256],
+                              "Format": "Row major linear FP16 format (kLINEAR)"}]},
+            {"Name": "logits", "IOMode": "Output", "DataType": "Float", "Dimensions": [-1, 640], "Location": "Device",
+             "IsShapeInferenceIO": False}]}
+    report = engine_layer_report(json.dumps(info), "fp16")
+    assert report["inspector_layout"] == "11.x" and report["layers"] == 3
+    assert report["by_output_type"] == {"fp16": 1, "fp32": 2}
+    assert report["fell_back"] == [{"layer": "lm_head", "type": "CaskGemmMatrixMultiply", "runs_in": "fp32"}]
+    assert report["io"] == [{"name": "inputs_embeds", "mode": "input", "dtype": "fp16"},
+                            {"name": "logits", "mode": "output", "dtype": "fp32"}]
+
+
+def test_tensorrt_versions_are_named_with_their_platform():
+    from edgelmm.runtimes.tensorrt import MIN_TENSORRT, describe_tensorrt, tensorrt_version
+
+    assert "JetPack 6.1 / 6.2 (CUDA 12.6)" in describe_tensorrt("10.3.0")
+    assert "Jetson Thor" in describe_tensorrt("10.13.3.9")
+    assert "pip install tensorrt" in describe_tensorrt("11.4.0.106") and "JetPack 7.2.2" in describe_tensorrt("11.4.0")
+    assert describe_tensorrt("8.6.2") == "TensorRT 8.6.2"
+    assert tensorrt_version("10.3.0") == MIN_TENSORRT and tensorrt_version("10.2.0") < MIN_TENSORRT
+    assert tensorrt_version("11.4.0.106") > MIN_TENSORRT
 
 
 def test_ort_tensorrt_provider_options(reference_bundle, tmp_path):

@@ -1,10 +1,15 @@
 """TensorRT engines from a bundle's ONNX graphs, built on the device that will run them (engines are
-tied to the GPU and the TensorRT version). Needs TensorRT 10 and a GPU; not torch or transformers.
+tied to the GPU and the TensorRT version). Needs TensorRT 10.3+ or 11 and a GPU; not torch or
+transformers.
 
-Per engine: the ONNX parser, one optimization profile (tiles for vision; batch, sequence and past
-length for the decoder), FP16, INT8 from the calibrated QDQ vision graph (explicit quantization),
-INT4 weight-only from a blocked QDQ decoder graph made here, a timing cache shared by every build on
-this GPU, and a report of the compute layers that fell back to a wider type than asked for.
+One path for both versions: strongly typed networks (TensorRT 11 has no other kind; 10.x is asked
+for it with NetworkDefinitionCreationFlag.STRONGLY_TYPED), so no precision builder flag is set on
+either and an engine's precision is the graph's own types (export/engine_graphs.py: fp16 graphs with
+fp32 kept where needed, the calibrated s8 QDQ vision graph, blocked INT4 DequantizeLinear weights).
+Per engine: the ONNX parser, optimization profiles (tiles for vision; for the decoder one for
+decode steps and one for prefill, so long prompts do not run through decode-shaped kernels), a
+timing cache shared by every build on this GPU, and a report of the compute layers that run in a
+wider type than the graph asks for.
 """
 
 from __future__ import annotations
@@ -19,19 +24,11 @@ import numpy as np
 
 from ..bundle import update_bundle
 from ..errors import ExportError
+from .engine_graphs import ENGINE_VARIANTS, VARIANT_COMPUTE, graph_io, make_engine_graph
 
-# precision -> per graph: (which ONNX source, TensorRT builder flags)
-ENGINE_PRECISIONS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
-    "fp32": {"vision": ("fp32", ()), "embed": ("fp32", ()), "decoder": ("fp32", ())},
-    "fp16": {"vision": ("fp32", ("fp16",)), "embed": ("fp32", ("fp16",)), "decoder": ("fp32", ("fp16",))},
-    "int8-vision": {"vision": ("int8", ("fp16", "int8")), "embed": ("fp32", ("fp16",)),
-                    "decoder": ("fp32", ("fp16",))},
-    "int4": {"vision": ("fp32", ("fp16",)), "embed": ("fp32", ("fp16",)), "decoder": ("int4-qdq", ("fp16",))},
-    "int8-vision+int4": {"vision": ("int8", ("fp16", "int8")), "embed": ("fp32", ("fp16",)),
-                         "decoder": ("int4-qdq", ("fp16",))},
-}
-# What the engine layer report counts as "the type asked for" per flags.
-_WANTED = {(): "fp32", ("fp16",): "fp16", ("fp16", "int8"): "int8"}
+# precision -> per graph, the variant of the graph its engine is built from (fp32, fp16, int8, int4)
+ENGINE_PRECISIONS = ENGINE_VARIANTS
+PREFILL_OPT_TOKENS = 256      # the prefill profile's optimal prompt length
 # Image sizes whose tiles the vision profile must cover (camera frames up to 1080p).
 _PROFILE_IMAGE_SIZES = ((224, 224), (480, 640), (720, 1280), (1080, 1920), (64, 48), (40, 56))
 
@@ -70,13 +67,15 @@ def tile_range(family) -> tuple[int, tuple[int, int], tuple[int, int]]:
 
 
 def profiles(graph: str, inputs: list[dict], family, text: dict, opts: EngineOptions,
-             context_length: int | None) -> dict[str, list[list[int]]]:
-    """name -> [min, opt, max] shapes for one engine. Static dims are kept; the dynamic ones come
-    from the options (images, context, batch) and the family's tiling."""
+             context_length: int | None) -> list[dict[str, list[list[int]]]]:
+    """The engine's optimization profiles, each name -> [min, opt, max] shapes. Static dims are kept;
+    the dynamic ones come from the options (images, context, batch) and the family's tiling. The
+    decoder has two: decode steps (one new token; listed first, the runtime takes the first that
+    fits) and prefill (up to the whole context at once)."""
     B = opts.max_batch
     ctx = min(opts.max_context, context_length or opts.max_context)
-    out = {}
     if graph == "vision":
+        out = {}
         per_image, (h0, w0), (h1, w1) = tile_range(family)
         tiles = max(1, opts.max_images * per_image)
         for inp in inputs:
@@ -91,18 +90,22 @@ def profiles(graph: str, inputs: list[dict], family, text: dict, opts: EngineOpt
                     spatial = axis - (len(shape) - 2)  # 0 = H, 1 = W
                     lo.append((h0, w0)[spatial]), opt.append((h1, w1)[spatial]), hi.append((h1, w1)[spatial])
             out[inp["name"]] = [lo, opt, hi]
-        return out
+        return [out]
     if graph == "embed":
-        return {"input_ids": [[1, 1], [1, 1], [B, ctx]]}
+        return [{"input_ids": [[1, 1], [1, 1], [B, ctx]]}]
     kv, hd, D = text["num_kv_heads"], text["head_dim"], text["hidden_size"]
     opt_past = min(512, ctx)
-    out = {"inputs_embeds": [[1, 1, D], [1, 1, D], [B, ctx, D]],
-           # one hidden slot in front of the cache (see runtimes/tensorrt.py): past is never empty
-           "attention_mask": [[1, 2], [1, opt_past + 1], [B, ctx + 1]],
-           "position_ids": [[1, 1], [1, 1], [B, ctx]]}
-    for inp in inputs[3:]:
-        out[inp["name"]] = [[1, kv, 1, hd], [1, kv, opt_past, hd], [B, kv, ctx, hd]]
-    return out
+    opt_prompt = min(PREFILL_OPT_TOKENS, ctx)
+
+    def decoder(seq_hi: int, seq_opt: int, past_opt: int) -> dict[str, list[list[int]]]:
+        out = {"inputs_embeds": [[1, 1, D], [1, seq_opt, D], [B, seq_hi, D]],
+               # one hidden slot in front of the cache (see runtimes/tensorrt.py): past is never empty
+               "attention_mask": [[1, 2], [1, past_opt + seq_opt], [B, ctx + 1]],
+               "position_ids": [[1, 1], [1, seq_opt], [B, seq_hi]]}
+        for inp in inputs[3:]:
+            out[inp["name"]] = [[1, kv, 1, hd], [1, kv, past_opt, hd], [B, kv, ctx, hd]]
+        return out
+    return [decoder(1, 1, opt_past), decoder(ctx, opt_prompt, 1)]
 
 
 def default_timing_cache(target: dict[str, Any]) -> Path:
@@ -110,14 +113,16 @@ def default_timing_cache(target: dict[str, Any]) -> Path:
     return Path(os.environ.get("EDGELMM_CACHE", Path.home() / ".cache" / "edgelmm")) / "tensorrt" / name
 
 
-def build_engine(trt, onnx_path: Path, engine_path: Path, shapes: dict[str, list[list[int]]], flags: Sequence[str],
+def build_engine(trt, onnx_path: Path, engine_path: Path, shapes: list[dict[str, list[list[int]]]], wanted: str,
                  opts: EngineOptions, timing_cache: Path) -> dict[str, Any]:
-    """Parse, configure, build and serialise one engine; returns its build record for the manifest."""
-    from ..runtimes.tensorrt import engine_layer_report, trt_logger
+    """Parse, configure, build and serialise one engine from a strongly typed graph (no precision
+    flags: the graph's types are the engine's); returns its build record for the manifest. `wanted`
+    is what its compute layers should run in, for the layer report."""
+    from ..runtimes.tensorrt import engine_layer_report, strongly_typed_network, trt_logger
 
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
@@ -127,14 +132,13 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, shapes: dict[str, list
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # for the layer precision report
     if opts.optimization_level is not None:
         config.builder_optimization_level = opts.optimization_level
-    for flag in flags:
-        config.set_flag({"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8}[flag])
-    profile = builder.create_optimization_profile()
     names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for name, (lo, opt, hi) in shapes.items():
-        if name in names:
-            profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for profile_shapes in shapes:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile_shapes.items():
+            if name in names:
+                profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     start = time.perf_counter()
@@ -149,10 +153,9 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, shapes: dict[str, list
     os.replace(tmp, timing_cache)
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     inspector = engine.create_engine_inspector()
-    layers = engine_layer_report(inspector.get_engine_information(trt.LayerInformationFormat.JSON),
-                                 _WANTED.get(tuple(flags), "fp16"))
-    return {"flags": list(flags), "profile": shapes, "build_seconds": round(seconds, 1),
-            "workspace_mib": opts.workspace_mib, "layers": layers}
+    layers = engine_layer_report(inspector.get_engine_information(trt.LayerInformationFormat.JSON), wanted)
+    return {"strongly_typed": True, "profiles": shapes, "build_seconds": round(seconds, 1),
+            "workspace_mib": opts.workspace_mib, "layers": layers, "size_bytes": engine_path.stat().st_size}
 
 
 def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, *,
@@ -162,7 +165,6 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
     interrupted build leaves the bundle as it was. Each engine is then checked against the bundle's
     fp32 ONNX graphs on ONNX Runtime's CPU provider (no PyTorch needed on the device)."""
     from ..api import pipeline_for_bundle
-    from ..calib.quantize import quantize_decoder_int4_qdq
     from ..families import detect
     from ..modelfiles import ModelFiles
     from ..runtimes.select import current_engine_target
@@ -186,7 +188,7 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
         present = [p for p in opts.precisions if p in have]
         if present and not opts.overwrite:
             raise ExportError(f"{root}: already has {present} engines; pass --overwrite to rebuild them")
-        needs_int8 = any(ENGINE_PRECISIONS[p]["vision"][0] == "int8" for p in opts.precisions)
+        needs_int8 = any(ENGINE_PRECISIONS[p]["vision"] == "int8" for p in opts.precisions)
         int8_vision = next((a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["graph"] == "vision"
                             and a["file"].endswith("vision.int8.onnx")), None)
         if needs_int8:
@@ -205,35 +207,37 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
         files = ModelFiles.open(root)
         family = detect(files, prompt_style=bundle.manifest.get("prompt_style"))
         work = txn.work
-        sources = {"fp32": {g: bundle.path(a) for g, a in fp32.items()}}
-        if int8_vision is not None:
-            sources["int8"] = {"vision": bundle.path(int8_vision)}
-        if any(ENGINE_PRECISIONS[p]["decoder"][0] == "int4-qdq" for p in opts.precisions):
-            say(f"INT4 weight-only QDQ decoder (block {opts.int4_block_size})")
-            qdq = work / "decoder.int4-qdq.onnx"
-            int4 = quantize_decoder_int4_qdq(sources["fp32"]["decoder"], qdq, block_size=opts.int4_block_size)
-            sources["int4-qdq"] = {"decoder": qdq}
-        built: dict[tuple[str, tuple], dict[str, Any]] = {}   # (source file, flags) -> engine, built once
+        (work / "graphs").mkdir(exist_ok=True)
+        graphs: dict[tuple[str, str], dict[str, Any]] = {}   # (graph, variant) -> its typed graph, made once
+        built: dict[tuple[str, str], dict[str, Any]] = {}    # (graph, variant) -> its engine, built once
         artifacts = []
         for precision in opts.precisions:
-            for graph, (variant, flags) in ENGINE_PRECISIONS[precision].items():
-                src = sources[variant][graph]
-                key = (str(src), tuple(flags))
+            for graph, variant in ENGINE_PRECISIONS[precision].items():
+                key = (graph, variant)
+                if key not in graphs:
+                    say(f"{variant} {graph} graph for a strongly typed network")
+                    graphs[key] = make_engine_graph(
+                        variant, graph, bundle.path(fp32[graph]), work / "graphs" / f"{graph}.{variant}.onnx",
+                        int8_src=bundle.path(int8_vision) if int8_vision else None,
+                        int4_block_size=opts.int4_block_size)
                 if key not in built:
                     # A name no generation of the manifest uses: the engines it lists stay untouched.
-                    out = txn.new_file(f"tensorrt/{graph}.{variant}{''.join('.' + f for f in flags)}.engine")
-                    say(f"building the {graph} engine ({variant} graph, flags {list(flags) or ['fp32']})")
+                    out = txn.new_file(f"tensorrt/{graph}.{variant}.engine")
+                    say(f"building the {graph} engine ({variant} graph)")
                     shapes = profiles(graph, fp32[graph]["inputs"], family, bundle.manifest["text"], opts,
                                       files.context_length)
-                    record = build_engine(trt, src, out, shapes, flags, opts, timing_cache)
-                    built[key] = {"path": out, "record": record}
+                    record = build_engine(trt, graphs[key]["file"], out, shapes, VARIANT_COMPUTE[variant], opts,
+                                          timing_cache)
+                    inputs, outputs = graph_io(graphs[key]["file"])
+                    built[key] = {"path": out, "record": record, "inputs": inputs, "outputs": outputs}
                 out, record = built[key]["path"], built[key]["record"]
-                engine = {"target": target, "source": variant, "tensorrt_version": target["tensorrt"], **record}
-                if variant == "int4-qdq":
-                    engine["int4"] = int4
+                typed = {k: v for k, v in graphs[key].items() if k != "file"}
+                engine = {"target": target, "source": variant, "tensorrt_version": target["tensorrt"], "graph": typed,
+                          **record}
                 artifacts.append({"graph": graph, "format": "tensorrt", "precision": precision, "path": out,
-                                  "inputs": fp32[graph]["inputs"], "outputs": fp32[graph]["outputs"],
-                                  "engine": engine})
+                                  "inputs": built[key]["inputs"], "outputs": built[key]["outputs"], "engine": engine})
+        for leftover in (work / "graphs").glob("*"):   # the typed graphs are not part of the bundle
+            leftover.unlink()
 
         # Each engine is hashed once, in the work dir: moving it into tensorrt/ does not change it.
         hashed = {b["path"]: txn.entries(b["path"])[0] for b in built.values()}

@@ -221,6 +221,10 @@ class OnnxRuntimeBackend:
                 opts.inter_op_num_threads = 1
             if not prepack:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
+            # Signed QDQ stays signed: ONNX Runtime's x86 rewrite of s8 Q/DQ to u8 leaves an opset-21
+            # QuantizeLinear with output_dtype INT8 beside a UINT8 zero point, and the session fails
+            # to load (the TensorRT graphs are opset 21). u8-calibrated graphs are not affected.
+            opts.add_session_config_entry("session.qdqisint8allowed", "1")
             return opts
 
         self.threads = threads

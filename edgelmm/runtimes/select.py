@@ -35,11 +35,13 @@ L4T_TO_JETPACK = {
     "32.7.1": "4.6.1", "32.7.2": "4.6.2", "32.7.3": "4.6.3", "32.7.4": "4.6.4", "32.7.5": "4.6.5",
     "32.7.6": "4.6.6", "35.1.0": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1", "35.4.1": "5.1.2",
     "35.5.0": "5.1.3", "35.6.0": "5.1.4", "35.6.1": "5.1.5", "36.2.0": "6.0 DP", "36.3.0": "6.0",
-    "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1", "38.2.0": "7.0",
+    "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1", "38.2.0": "7.0", "38.4.0": "7.1", "39.2.0": "7.2",
 }
-# What each JetPack line ships (CUDA, TensorRT): the TensorRT backend needs TensorRT 10 (JetPack >= 6.1).
+# What each JetPack line ships (CUDA, TensorRT): the TensorRT backend needs TensorRT 10.3+ (JetPack >= 6.1).
+# TensorRT 11 reaches Jetson only from 11.4.1, on JetPack 7.2.2+ (AGX Orin and Thor), never JetPack 6.
 JETPACK_STACK = {"4.6": ("10.2", "8.2"), "5.0": ("11.4", "8.4"), "5.1": ("11.4", "8.5"), "6.0": ("12.2", "8.6"),
-                 "6.1": ("12.6", "10.3"), "6.2": ("12.6", "10.3"), "7.0": ("13.0", "10.13")}
+                 "6.1": ("12.6", "10.3"), "6.2": ("12.6", "10.3"), "7.0": ("13.0", "10.13"), "7.1": ("13.0", "10.13"),
+                 "7.2": ("13.2", "10.16")}
 
 
 @dataclass
@@ -186,12 +188,14 @@ HINTS = {
                                "on JetPack 6); PyPI's aarch64 wheel is CPU-only"),
     "onnxruntime-gpu:desktop": ("pip install onnxruntime-gpu (CUDA 12/13 builds) and make sure the CUDA and cuDNN "
                                 "libraries it was built for are installed (pip install nvidia-cudnn-cu12 ...)"),
-    "ort-tensorrt": ("ONNX Runtime's TensorRT provider needs the TensorRT libraries (libnvinfer) on the library path: "
-                     "JetPack has them; on a desktop pip install tensorrt-cu12 and add its lib dir to LD_LIBRARY_PATH"),
+    "ort-tensorrt": ("ONNX Runtime's TensorRT provider needs TensorRT 10's libraries (libnvinfer.so.10) on the library "
+                     "path: JetPack 6.1+ has them; on a desktop pip install 'tensorrt-cu12>=10.3,<11' and add its lib "
+                     "dir to LD_LIBRARY_PATH (onnxruntime-gpu 1.31 is built against TensorRT 10)"),
     "tensorrt:jetson": ("TensorRT comes with JetPack: sudo apt install nvidia-jetpack (or python3-libnvinfer); in a "
-                        "venv, create it with --system-site-packages to see it. edgelmm's engines need TensorRT 10 "
-                        "(JetPack >= 6.1)"),
-    "tensorrt:desktop": "pip install tensorrt-cu12 (TensorRT 10, from NVIDIA's index via the PyPI shim)",
+                        "venv, create it with --system-site-packages to see it. edgelmm's engines need TensorRT 10.3+ "
+                        "(JetPack 6.1/6.2: 10.3; JetPack 7: 10.13+)"),
+    "tensorrt:desktop": ("pip install 'edgelmm[tensorrt]' (TensorRT 11, CUDA 13 drivers r580+) or "
+                         "'edgelmm[tensorrt-cu12]' (CUDA 12 drivers); both come from NVIDIA's index via the PyPI shim"),
     "llamacpp": "pip install llama-cpp-python",
     "llamacpp-gpu": ('rebuild llama-cpp-python with CUDA: CMAKE_ARGS="-DGGML_CUDA=on" pip install '
                      "--force-reinstall --no-cache-dir --no-binary llama-cpp-python llama-cpp-python (on Jetson add "
@@ -263,14 +267,19 @@ def probe_tensorrt(plat: Platform) -> Probe:
     except ImportError as exc:
         return Probe("tensorrt", False, False, detail=f"not importable ({exc})"
                      + ("" if plat.has_gpu else "; it needs an NVIDIA GPU anyway"), hint=hint)
+    from .tensorrt import MIN_TENSORRT, describe_tensorrt, tensorrt_version
+
     version = trt.__version__
-    if int(version.split(".")[0]) < 10:
-        return Probe("tensorrt", True, False, version, "edgelmm's engines need TensorRT 10", hint)
+    if tensorrt_version(version) < MIN_TENSORRT:
+        return Probe("tensorrt", True, False, version, f"{describe_tensorrt(version)}; edgelmm's engines need "
+                     "TensorRT 10.3 or newer", hint)
     if not plat.has_gpu:
         return Probe("tensorrt", True, False, version, "importable, but this machine has no NVIDIA GPU")
     from .tensorrt import run_probe_engine
 
-    return _run_probe("tensorrt", version, run_probe_engine, hint)
+    probe = _run_probe("tensorrt", version, run_probe_engine, hint)
+    probe.detail = f"{describe_tensorrt(version)}; {probe.detail}" if probe.detail else describe_tensorrt(version)
+    return probe
 
 
 def probe_llamacpp(plat: Platform) -> list[Probe]:

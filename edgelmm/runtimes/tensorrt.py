@@ -1,7 +1,10 @@
 """The TensorRT backend over a bundle's engines (built on this device by `edgelmm build-engines`).
 
-Written against the TensorRT 10 Python API (name-based tensors, `execute_async_v3`). Device memory
-and streams come from the CUDA driver through ctypes (runtimes/cuda.py): no PyTorch, no cuda-python.
+Written against the Python API that TensorRT 10.3 (JetPack 6.1/6.2) and 11.x (desktop pip) share:
+name-based tensors, `execute_async_v3`, strongly typed networks, optimization profiles switched
+with `set_optimization_profile_async`; nothing that 11 removed (tests/test_tensorrt_api.py reads
+this code's syntax tree to keep it so). Device memory and streams come from the CUDA driver through
+ctypes (runtimes/cuda.py): no PyTorch, no cuda-python.
 
 The KV cache stays on the GPU: each layer's keys and values live in two preallocated buffers of the
 engine's largest context; a step reads `past` from one and writes `present` into the other, and
@@ -30,18 +33,51 @@ class EngineMismatch(BackendUnavailable):
     """The bundle's engines were built for another GPU or TensorRT version: run `build-engines` here."""
 
 
+MIN_TENSORRT = (10, 3)   # JetPack 6.1's; strongly typed networks and everything used here exist from it on
+
+# TensorRT release line -> where it comes from (NVIDIA's JetPack tables and TensorRT install pages).
+TENSORRT_SOURCES = {
+    (10, 3): "JetPack 6.1 / 6.2 (CUDA 12.6), or the desktop wheel tensorrt-cu12==10.3",
+    (10, 13): "JetPack 7.0 / 7.1 on Jetson Thor (CUDA 13.0), or the desktop wheels (tensorrt-cu12 / tensorrt-cu13)",
+    (10, 16): "JetPack 7.2 (CUDA 13.2)",
+    (11, 0): "the desktop wheels: `pip install tensorrt` (CUDA 13) or `tensorrt-cu12` (CUDA 12); on Jetson only "
+             "from 11.4.1 on JetPack 7.2.2+ (AGX Orin, Thor)",
+}
+
+
+def tensorrt_version(version: str) -> tuple[int, int]:
+    parts = (version.split(".") + ["0"])[:2]
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+
+
+def describe_tensorrt(version: str) -> str:
+    """'TensorRT 10.3.0: JetPack 6.1 / 6.2 (CUDA 12.6), ...': which TensorRT this is and where it comes from."""
+    major, minor = tensorrt_version(version)
+    line = max((k for k in TENSORRT_SOURCES if k <= (major, minor)), default=None)
+    if line is None or line[0] != major:
+        return f"TensorRT {version}"
+    return f"TensorRT {version}: {TENSORRT_SOURCES[line]}"
+
+
 def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailable(
-            f"TensorRT is not installed ({exc}): on Jetson it comes with JetPack (python3-libnvinfer; make the venv "
-            "with --system-site-packages), on a desktop `pip install tensorrt-cu12`. Or run the bundle's ONNX "
-            "graphs with backend='onnxruntime'") from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: edgelmm's engines need TensorRT 10 "
-                                 "(JetPack >= 6.1); use backend='onnxruntime' with the CUDA provider instead")
+            f"TensorRT is not installed ({exc}): on Jetson it comes with JetPack 6.1+ (python3-libnvinfer; make the "
+            "venv with --system-site-packages); on a desktop `pip install tensorrt` (CUDA 13) or `pip install "
+            "tensorrt-cu12` (CUDA 12). Or run the bundle's ONNX graphs with backend='onnxruntime'") from None
+    if tensorrt_version(trt.__version__) < MIN_TENSORRT:
+        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: edgelmm's engines need TensorRT 10.3 or "
+                                 "newer (JetPack >= 6.1); use backend='onnxruntime' with the CUDA provider instead")
     return trt
+
+
+def strongly_typed_network(trt, builder):
+    """A network whose types come from the graph: TensorRT 11's only kind (the flag is kept there,
+    ignored), asked for on 10.x. The flag's bit moved between versions (1 on 10.x, 0 on 11.x), so
+    it is read from the enum, never written as a number."""
+    return builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
 
 
 _LOGGERS: dict[str, Any] = {}
@@ -70,7 +106,7 @@ def run_probe_engine() -> tuple[bool, str]:
     cuda.use_device(0)
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = strongly_typed_network(trt, builder)
     x = network.add_input("x", trt.float32, (-1, 4))
     network.mark_output(network.add_elementwise(x, x, trt.ElementWiseOperation.SUM).get_output(0))
     config = builder.create_builder_config()
@@ -88,6 +124,14 @@ def run_probe_engine() -> tuple[bool, str]:
     return ok, f"built and ran a probe engine on {cuda.gpu(0).name}" + ("" if ok else " (wrong answer)")
 
 
+def pick_profile(profiles: list[dict[str, list]], shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The first optimization profile whose [min, opt, max] ranges take every shape (None: none does)."""
+    def takes(ranges, shape) -> bool:
+        lo, _opt, hi = ranges
+        return len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+    return next((k for k, p in enumerate(profiles) if all(takes(p[n], s) for n, s in shapes.items())), None)
+
+
 class EngineRunner:
     """One engine, its execution context, and a grow-only device buffer per I/O tensor."""
 
@@ -98,23 +142,38 @@ class EngineRunner:
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        self.profile = {n: [tuple(s) for s in engine.get_tensor_profile_shape(n, 0)] for n in self.inputs}
+        # One or more optimization profiles (the decoder: decode steps first, then prefill); a call
+        # runs on the first whose ranges take all of its input shapes.
+        self.profiles = [{n: [tuple(s) for s in engine.get_tensor_profile_shape(n, k)] for n in self.inputs}
+                         for k in range(engine.num_optimization_profiles)]
+        self.active = 0
         self.buffers = {n: DeviceBuffer(cuda) for n in names}
 
     def bounds(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        lo, _opt, hi = self.profile[name]
-        return lo, hi
+        """The smallest and largest shape of `name` over all profiles."""
+        los = [p[name][0] for p in self.profiles]
+        his = [p[name][2] for p in self.profiles]
+        return tuple(map(min, zip(*los))), tuple(map(max, zip(*his)))
 
     def fits(self, name: str, shape: tuple[int, ...]) -> bool:
+        return pick_profile(self.profiles, {name: shape}) is not None
+
+    def _choose_profile(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        k = pick_profile(self.profiles, shapes)
+        if k is not None:
+            if k != self.active:
+                if not self.context.set_optimization_profile_async(k, self.stream):
+                    raise BundleError(f"TensorRT refused optimization profile {k}", path=self.label)
+                self.active = k
+            return
+        outside = [(n, s) for n, s in shapes.items() if not self.fits(n, s)]
+        name, shape = outside[0] if outside else next(iter(shapes.items()))   # else: no one profile takes all
         lo, hi = self.bounds(name)
-        return len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+        raise PromptError(f"{self.label} engine: input {name} of shape {list(shape)} is outside the engine's "
+                          f"profiles ({list(lo)} .. {list(hi)}); rebuild with `edgelmm build-engines` and larger "
+                          "--max-images / --max-context")
 
     def _set_input(self, name: str, shape: tuple[int, ...], ptr: int) -> None:
-        if not self.fits(name, shape):
-            lo, hi = self.bounds(name)
-            raise PromptError(f"{self.label} engine: input {name} of shape {list(shape)} is outside the engine's "
-                              f"profile ({list(lo)} .. {list(hi)}); rebuild with `edgelmm build-engines` and larger "
-                              "--max-images / --max-context")
         if not self.context.set_input_shape(name, shape):
             raise BundleError(f"TensorRT refused shape {list(shape)} for {name}", path=self.label)
         self.context.set_tensor_address(name, ptr)
@@ -124,6 +183,8 @@ class EngineRunner:
         """Host inputs are copied in; device inputs/outputs are (pointer, shape)/pointer the caller owns.
         Returns every output not in `device_outputs`, on the host."""
         device_outputs = device_outputs or {}
+        self._choose_profile({**{n: tuple(np.shape(a)) for n, a in host_inputs.items()},
+                              **{n: tuple(shape) for n, (_ptr, shape) in (device_inputs or {}).items()}})
         for name, array in host_inputs.items():
             array = np.ascontiguousarray(array, self.dtypes[name])
             ptr = self.buffers[name].reserve(array.nbytes)
@@ -266,13 +327,16 @@ class TensorRTBackend:
         return {"backend": self.name, "precision": self.precision, "device": self.target["gpu"],
                 "compute_capability": self.target["compute_capability"], "tensorrt": self.target["tensorrt"],
                 "kv_device": "cuda", "kv_dtype": str(self.kv_dtype), "max_context": self.max_slots - 1,
-                "engine_flags": {g: e.get("flags") for g, e in engines.items()}}
+                "engine_graphs": {g: e.get("source") for g, e in engines.items()},
+                "decoder_profiles": len(self.runners["decoder"].profiles)}
 
 
 def engine_layer_report(engine_info_json: str, wanted: str) -> dict[str, Any]:
     """From the engine inspector's JSON (ProfilingVerbosity.DETAILED), count layers by the data type of
-    their outputs and list the compute layers that run in a wider type than `wanted` (fp16 or int8):
-    the layers that fell back to higher precision."""
+    their outputs and list the compute layers that run in a wider type than `wanted` (fp32, fp16 or
+    int8): the layers that fell back to higher precision. Reads both layouts: TensorRT 10's (a
+    "Format/Datatype" string per tensor, "Bindings" a list of names) and 11's ("Format" and
+    "Datatype" apart, "I/O Tensors" a list of objects with their DataType)."""
     info = json.loads(engine_info_json)
     layers = [layer for layer in info.get("Layers", []) if isinstance(layer, dict)]
     by_type: dict[str, int] = {}
@@ -280,20 +344,43 @@ def engine_layer_report(engine_info_json: str, wanted: str) -> dict[str, Any]:
     rank = {"int4": 0, "int8": 1, "fp8": 1, "fp16": 2, "bf16": 2, "fp32": 3}
     compute = ("convolution", "matrixmultiply", "gemm", "myelin", "fully", "conv")
     for layer in layers:
-        fmt = " ".join(str(o.get("Format/Datatype", "")) for o in layer.get("Outputs", []))
-        kind = _dtype_of(fmt)
+        kind = _widest(_tensor_dtype(o) for o in layer.get("Outputs", []) if isinstance(o, dict))
         by_type[kind] = by_type.get(kind, 0) + 1
         ltype = str(layer.get("LayerType", "")).lower()
         if any(c in ltype for c in compute) and kind in rank and rank[kind] > rank.get(wanted, 3):
             fell_back.append({"layer": layer.get("Name", "?"), "type": layer.get("LayerType"), "runs_in": kind})
-    return {"layers": len(layers), "by_output_type": by_type, "wanted": wanted, "fell_back": fell_back}
+    if "I/O Tensors" in info:      # TensorRT 11
+        io = [{"name": t.get("Name"), "mode": str(t.get("IOMode", "")).lower() or None,
+               "dtype": _dtype_of(str(_key(t, "datatype") or ""))} for t in info["I/O Tensors"] if isinstance(t, dict)]
+        layout = "11.x"
+    else:                           # TensorRT 10: names only
+        io = [{"name": n, "mode": None, "dtype": None} for n in info.get("Bindings", []) if isinstance(n, str)]
+        layout = "10.x"
+    return {"layers": len(layers), "by_output_type": by_type, "wanted": wanted, "fell_back": fell_back, "io": io,
+            "inspector_layout": layout}
+
+
+def _key(d: dict, name: str):
+    """d's value for `name`, whatever the key's case ("Datatype" / "DataType")."""
+    return next((v for k, v in d.items() if isinstance(k, str) and k.lower() == name), None)
+
+
+def _tensor_dtype(tensor: dict) -> str:
+    text = _key(tensor, "format/datatype") or _key(tensor, "datatype") or ""
+    return _dtype_of(str(text))
+
+
+def _widest(kinds) -> str:
+    order = ["unknown", "bool", "int4", "int8", "fp8", "int32", "int64", "bf16", "fp16", "fp32"]
+    kinds = list(kinds)
+    return max(kinds, key=order.index) if kinds else "unknown"
 
 
 def _dtype_of(fmt: str) -> str:
     f = fmt.lower()
-    for key, name in (("int4", "int4"), ("int8", "int8"), ("fp8", "fp8"), ("bf16", "bf16"), ("half", "fp16"),
-                      ("fp16", "fp16"), ("fp32", "fp32"), ("float", "fp32"), ("int64", "int64"), ("int32", "int32"),
-                      ("bool", "bool")):
+    for key, name in (("int4", "int4"), ("int8", "int8"), ("fp8", "fp8"), ("bf16", "bf16"), ("bfloat", "bf16"),
+                      ("half", "fp16"), ("fp16", "fp16"), ("fp32", "fp32"), ("float", "fp32"), ("int64", "int64"),
+                      ("int32", "int32"), ("bool", "bool")):
         if key in f:
             return name
     return "unknown"
