@@ -392,7 +392,7 @@ def write_images(workdir: Path, hw: tuple[int, int]) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    from edgelmm.testing.checkpoints import sample_images
+    from edgelmm.images import sample_images
 
     d = workdir / "images"
     d.mkdir(parents=True, exist_ok=True)

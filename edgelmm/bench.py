@@ -31,12 +31,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .api import BACKEND_FORMAT
+from .runtimes.registry import BACKENDS as REGISTRY
 from .bundle import open_bundle
 from .errors import BackendUnavailable, EdgeLMMError, OptionError
 from .manifest import FUSED_DECODER
 
-BACKEND_ORDER = ("tensorrt", "onnxruntime", "llamacpp")
+BACKEND_ORDER = tuple(REGISTRY)    # the registry's order: TensorRT, ONNX Runtime, llama.cpp
 
 
 def prompt_for(images: int) -> str:
@@ -134,7 +134,7 @@ def bench_images(n: int, size: tuple[int, int]) -> list[np.ndarray]:
 def decode_weight_bytes(bundle, backend: str, precision: str, layout: str | None = None) -> int:
     """Bytes of weights one decode step reads: the decoder (lm_head included), not the embedding
     table (one row of it per token), unless the output layer reuses it (tied embeddings)."""
-    arts = [a for a in bundle.manifest["artifacts"] if a["precision"] == precision]
+    arts = bundle.artifacts(precision=precision)
     if backend == "llamacpp":
         import gguf
 
@@ -144,29 +144,29 @@ def decode_weight_bytes(bundle, backend: str, precision: str, layout: str | None
         tied = "output.weight" not in sizes
         return sum(n for name, n in sizes.items() if name != "token_embd.weight" or tied)
     graph = FUSED_DECODER if layout == "fused" else "decoder"
-    dec = next(a for a in arts if a["format"] == BACKEND_FORMAT[backend] and a["graph"] == graph)
+    dec = next(a for a in arts if a["format"] == REGISTRY[backend].format and a["graph"] == graph)
     return sum(e["size"] for e in dec["files"])
 
 
 def artifact_bytes(bundle, backend: str, precision: str) -> int:
     from .memory import artifact_set_bytes
 
-    return artifact_set_bytes(bundle.manifest, BACKEND_FORMAT[backend], precision)
+    return artifact_set_bytes(bundle.manifest, REGISTRY[backend].format, precision)
 
 
 def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str, str | None]], list[str]]:
     """(backend, precision, ONNX decoder layout or None) to run, and why others were left out."""
-    from .api import bundle_formats, bundle_precisions, onnx_layouts
+    from .loading import onnx_layouts
     from .runtimes.select import probe
 
-    formats = bundle_formats(bundle)
+    formats = bundle.formats()
     wanted = list(options.backends or BACKEND_ORDER)
     unknown = [b for b in wanted if b not in BACKEND_ORDER]
     if unknown:
         raise BackendUnavailable(f"unknown backend(s) {unknown} for bench; choose from {', '.join(BACKEND_ORDER)}")
     out, skipped = [], []
     for backend in wanted:
-        fmt = BACKEND_FORMAT[backend]
+        fmt = REGISTRY[backend].format
         if fmt not in formats:
             if options.backends:
                 skipped.append(f"{backend}: the bundle has no {fmt} artifacts")
@@ -174,7 +174,7 @@ def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str, str | N
         if backend != "onnxruntime" and not probe(backend).runs:  # ONNX Runtime always has its CPU provider
             skipped.append(f"{backend}: {probe(backend).detail}")
             continue
-        for p in bundle_precisions(bundle, fmt):
+        for p in bundle.precisions(fmt):
             out += [(backend, p, layout) for layout in onnx_layouts(bundle, p)] if backend == "onnxruntime" \
                 else [(backend, p, None)]
     return out, skipped
@@ -183,7 +183,7 @@ def configs(bundle, options: BenchOptions) -> tuple[list[tuple[str, str, str | N
 def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions,
             layout: str | None = None) -> dict[str, Any]:
     """One (backend, precision[, layout]) in this process (the worker side of `bench`)."""
-    from .api import pipeline_for_bundle
+    from .loading import pipeline_for_bundle
 
     bundle = open_bundle(bundle_dir)
     provider = "cpu" if backend == "onnxruntime" else "auto"

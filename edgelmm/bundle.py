@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import BundleError
-from .manifest import check_regular_file, parse_manifest, validate_manifest
+from .manifest import MANIFEST, check_regular_file, is_bundle, parse_manifest, validate_manifest
 from .modelfiles import PROMPT_FILES
 
-MANIFEST = "edgelmm.json"
 FORMAT_VERSION = 1
 
 
@@ -148,27 +147,39 @@ def staging_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def select_artifacts(manifest: dict[str, Any], *, graph: str | None = None, format: str | None = None,
+                     precision: str | None = None) -> list[dict[str, Any]]:
+    """The manifest's artifacts whose graph, format and precision are the ones given (None: any), in
+    manifest order. The one way to look artifacts up, for a Bundle and for a manifest being written."""
+    return [a for a in manifest["artifacts"] if (graph is None or a["graph"] == graph)
+            and (format is None or a["format"] == format) and (precision is None or a["precision"] == precision)]
+
+
 @dataclass
 class Bundle:
     root: Path
     manifest: dict[str, Any]
 
+    def artifacts(self, *, graph: str | None = None, format: str | None = None,
+                  precision: str | None = None) -> list[dict[str, Any]]:
+        """The artifacts matching every field given (select_artifacts)."""
+        return select_artifacts(self.manifest, graph=graph, format=format, precision=precision)
+
+    def precisions(self, format: str = "onnx") -> list[str]:
+        return sorted({a["precision"] for a in self.artifacts(format=format)})
+
+    def formats(self) -> list[str]:
+        return sorted({a["format"] for a in self.artifacts()})
+
     def artifact(self, graph: str, fmt: str, precision: str) -> dict[str, Any]:
-        for a in self.manifest["artifacts"]:
-            if a["graph"] == graph and a["format"] == fmt and a["precision"] == precision:
-                return a
-        have = sorted({(a["format"], a["precision"]) for a in self.manifest["artifacts"]})
+        found = self.artifacts(graph=graph, format=fmt, precision=precision)
+        if found:
+            return found[0]
+        have = sorted({(a["format"], a["precision"]) for a in self.artifacts()})
         raise BundleError(f"no {fmt}/{precision} {graph} graph in this bundle (it has {have})", path=str(self.root))
 
     def path(self, artifact: dict[str, Any]) -> Path:
         return self.root / artifact["file"]
-
-
-def is_bundle(path: str | Path) -> bool:
-    try:
-        return (Path(path) / MANIFEST).is_file()
-    except OSError:  # a name too long for the filesystem: not a bundle (the caller says what it is)
-        return False
 
 
 def _family_names() -> tuple[str, ...]:

@@ -218,3 +218,21 @@ def pad_stack(tiles: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         out[i, :, : t.shape[1], : t.shape[2]] = t
         mask[i, : t.shape[1], : t.shape[2]] = 1
     return out, mask
+
+
+def sample_images(n: int, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
+    """n RGB uint8 images of different sizes (HxW) for checks (verify's prompts, the exporter's
+    example inputs, tests), with some structure (gradients and blocks) rather than pure noise, so
+    that resampling filters matter."""
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [(40, 56), (64, 48), (30, 90), (72, 72), (50, 33)]
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+        y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        img[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3)
+        img = np.clip(img + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)
+        out.append(img)
+    return out

@@ -17,6 +17,24 @@ from typing import Any
 
 from .errors import BundleError
 
+MANIFEST = "edgelmm.json"      # a bundle is a folder with this file
+# ONNX precision -> the variant of each graph it runs (file names: vision.int8.onnx, decoder.int4.onnx
+# ...); calibration writes them, the runtimes and the memory estimates read them.
+QUANTIZED_PRECISIONS: dict[str, dict[str, str]] = {
+    "int8": {"vision": "int8", "embed": "fp32", "decoder": "int8"},
+    "int4": {"vision": "fp32", "embed": "fp32", "decoder": "int4"},
+    "int8-vision+int4": {"vision": "int8", "embed": "fp32", "decoder": "int4"},
+}
+
+
+def is_bundle(path) -> bool:
+    """Whether `path` is an edgelmm bundle (a folder with a manifest); False for a path the
+    filesystem cannot even look up (a name too long): the caller says what it is."""
+    try:
+        return (Path(path) / MANIFEST).is_file()
+    except OSError:
+        return False
+
 # Larger than any manifest edgelmm writes (a few hundred KB with every report) by far; a manifest
 # of gigabytes is refused before it is read into memory.
 MAX_MANIFEST_BYTES = 64 << 20

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import CheckpointError, MemoryBudgetError, OptionError
+from .bundle import select_artifacts
 from .manifest import FUSED_DECODER
 
 GiB = 1024 ** 3
@@ -218,8 +219,8 @@ def calibrate_steps(manifest: dict, precisions: Iterable[str], graphs: dict[str,
     alone on its graph, then each new precision's sessions alone. `graphs` maps a precision to the
     variant of each graph it uses (calib.QUANTIZED_PRECISIONS)."""
     def graph_bytes(graph: str) -> int:
-        return sum(f["size"] for art in manifest["artifacts"] if art["format"] == "onnx"
-                   and art["precision"] == "fp32" and art["graph"] == graph for f in art["files"])
+        return sum(f["size"] for art in select_artifacts(manifest, graph=graph, format="onnx", precision="fp32")
+                   for f in art["files"])
 
     fp32 = artifact_set_bytes(manifest, "onnx", "fp32")
     steps = [session_step("the fp32 ONNX Runtime reference", fp32, hint="Calibrate on a larger machine (or on the "
@@ -249,8 +250,22 @@ def kv_cache_bytes(text: dict, positions: int, bytes_per_value: int = 2) -> int:
 def artifact_set_bytes(manifest: dict, fmt: str, precision: str) -> int:
     """Bytes on disk of one artifact set as a runtime loads it (an mmproj shared by several GGUF
     types counted once; of a plain and a fused ONNX decoder, one: a session loads one layout)."""
-    arts = [a for a in manifest["artifacts"] if a["format"] == fmt and a["precision"] == precision]
+    arts = select_artifacts(manifest, format=fmt, precision=precision)
     if {"decoder", FUSED_DECODER} <= {a["graph"] for a in arts}:
         arts = [a for a in arts if a["graph"] != FUSED_DECODER]
     files = {f["file"]: f["size"] for art in arts for f in art["files"]}
     return sum(files.values())
+
+
+def check_load_budget(bundle, fmt: str, precision: str, budget: int | None, extra: int = 0) -> None:
+    """Refuse an artifact set that cannot fit in `budget` (bytes; default what is free), naming the
+    bundle's smaller sets that would. `extra`: memory the backend adds (a llama.cpp KV cache)."""
+    def need(f: str, p: str, more: int = 0) -> int:
+        return session_step("", artifact_set_bytes(bundle.manifest, f, p), more).need
+
+    wanted = need(fmt, precision, extra)
+    smaller = [f"{f} {p} (~{gib(need(f, p))})" for f in ("onnx", "gguf") for p in bundle.precisions(f)
+               if (f, p) != (fmt, precision) and need(f, p) < wanted]
+    hint = (f"Smaller sets in this bundle: {', '.join(smaller)}." if smaller else
+            "Calibrate a smaller precision (edgelmm calibrate --precision int4) or export a q4_k_m GGUF.")
+    check_budget([Step(f"the {precision} {fmt} artifact set", wanted, hint)], budget, f"loading {bundle.root.name}")

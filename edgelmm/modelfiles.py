@@ -67,7 +67,7 @@ def check_checkpoint_dir(root: str | Path, needed_by: str) -> Path:
     """check_model_dir, and a CheckpointError when `root` is an edgelmm bundle (it has a manifest):
     `needed_by` (e.g. "export", "verify --reference") reads the Hugging Face checkpoint the bundle
     came from, not the bundle."""
-    from .bundle import is_bundle   # bundle.py imports this module
+    from .manifest import is_bundle
 
     root = check_model_dir(root)
     if is_bundle(root):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .pipeline import Pipeline, left_pad
+from .runtimes.registry import BACKENDS, TENSORRT_LIMITS as _TENSORRT_LIMITS
 
 THRESHOLDS: dict[str, dict[str, float]] = {
     # ONNX graph sets
@@ -37,20 +38,17 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 }
 
 
-# TensorRT computes in TF32 or fp16 whatever the graph's precision (engines, and ONNX Runtime's
-# TensorRT provider with fp16 allowed), so it is judged as fp16; its quantized engines on the vision cosine.
-TENSORRT_LIMITS = {"fp32": "fp16", "fp16": "fp16", "int8-vision": "int8", "int4": "int8", "int8-vision+int4": "int8"}
+# TensorRT computes in TF32 or fp16 whatever the graph's precision, so it is judged as fp16; its
+# quantized engines on the vision cosine (the table lives with the backends: runtimes/registry.py).
+TENSORRT_LIMITS = _TENSORRT_LIMITS
 
 
 def thresholds_for(candidate: Pipeline, precision: str) -> dict[str, float]:
     """The limits a candidate is judged by: its precision's, unless its runtime computes below it."""
     about = candidate.backend.describe()
-    if about["backend"] == "tensorrt":
-        return THRESHOLDS[TENSORRT_LIMITS[precision]]
-    if about["backend"] == "onnxruntime" and about.get("providers", [""])[0] == "TensorrtExecutionProvider" \
-            and str(about.get("provider_options", {}).get("trt_fp16_enable", "0")).lower() in ("1", "true"):
-        return THRESHOLDS[TENSORRT_LIMITS.get(precision, precision)]
-    return THRESHOLDS.get(precision, THRESHOLDS["fp32"])
+    spec = BACKENDS.get(about["backend"])     # the PyTorch reference is judged by its precision
+    key = spec.limits(about, precision) if spec else precision
+    return THRESHOLDS.get(key, THRESHOLDS["fp32"])
 
 
 @dataclass
@@ -133,7 +131,7 @@ class ReferenceRun:
 
 
 def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun:
-    from .testing.checkpoints import sample_images
+    from .images import sample_images
 
     cases, skipped, tiles = [], [], 0
     for i, case in enumerate(CASES):
@@ -159,7 +157,7 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
            thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """Judge `candidate` against the reference (a Pipeline, or a ReferenceRun computed earlier with
     the same max_new_tokens, so that several candidates share one reference pass)."""
-    from .testing.checkpoints import sample_images
+    from .images import sample_images
 
     if not isinstance(reference, ReferenceRun):
         reference = reference_run(reference, max_new_tokens)

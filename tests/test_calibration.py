@@ -16,7 +16,7 @@ from edgelmm.bundle import open_bundle
 from edgelmm.calib import CalibrationOptions, calibrate, collect
 from edgelmm.calib.sources import stratified
 from edgelmm.errors import CalibrationError, QualityGateError
-from edgelmm.testing.checkpoints import sample_images
+from edgelmm.images import sample_images
 
 from .conftest import optimized_op_types, run_without_torch
 

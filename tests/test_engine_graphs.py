@@ -112,7 +112,7 @@ def test_left_padded_fp16_batch_stays_finite(bundle, tmp_path):
     only masked keys gives numbers, not NaN, so the batch's other row is untouched."""
     root, _ = engine_graph_set(bundle("llava-siglip"), tmp_path, "fp16")
     pipe = edgelmm.load(root, backend="onnxruntime", provider="cpu", precision="trt-fp16")
-    from edgelmm.testing.checkpoints import sample_images
+    from edgelmm.images import sample_images
 
     images = sample_images(2, seed=3, sizes=[(48, 64), (30, 90)])
     prompts = ["Describe <image>.", "What is in <image>? Answer in a few words, please, and be brief."]

@@ -7,7 +7,7 @@ import pytest
 
 import edgelmm
 from edgelmm.errors import BundleError, OptionError, PromptError
-from edgelmm.testing.checkpoints import sample_images
+from edgelmm.images import sample_images
 
 from .conftest import KINDS
 

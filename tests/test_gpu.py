@@ -79,7 +79,7 @@ def test_tensorrt_engines_build_load_and_match(bundle, tmp_path):
 def _images(tmp_path):
     from PIL import Image
 
-    from edgelmm.testing.checkpoints import sample_images
+    from edgelmm.images import sample_images
 
     out = []
     for i, img in enumerate(sample_images(2, seed=7)):

@@ -311,7 +311,7 @@ def test_hidden_first_cache_slot_changes_nothing(reference_bundle):
     import edgelmm
 
     pipe = edgelmm.load(reference_bundle, backend="onnxruntime", provider="cpu", precision="fp32")
-    from edgelmm.testing.checkpoints import sample_images
+    from edgelmm.images import sample_images
 
     prep = pipe.prepare("Compare <image> with <image>. What changed?", sample_images(2, seed=3))
     embeds = pipe.merged_embeddings(prep)

@@ -12,7 +12,7 @@ import edgelmm
 from edgelmm.families import detect
 from edgelmm.modelfiles import ModelFiles
 from edgelmm.prompt import parse_prompt, render_chat
-from edgelmm.testing.checkpoints import sample_images
+from edgelmm.images import sample_images
 for d in {[str(checkpoint(k)) for k in ("llava-siglip", "idefics2", "idefics3")]!r}:
     files = ModelFiles.open(d)
     fam = detect(files)

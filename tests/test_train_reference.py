@@ -15,7 +15,7 @@ def _sha(path):
 
 def test_patch_labels_mark_the_patch_of_each_shape_centre():
     from edgelmm import synthetic
-    from edgelmm.testing.train_reference import patch_labels
+    from tools.train_reference import patch_labels
 
     objs = [synthetic.Shape("square", "blue", x=40.0, y=10.0, r=7.0),
             synthetic.Shape("circle", "red", x=63.9, y=63.9, r=6.0)]
@@ -40,7 +40,7 @@ def test_labelled_scenes_are_seeded_and_split_apart():
 
 
 def test_focus_batches_put_the_focus_tasks_first_and_keep_the_mixture():
-    from edgelmm.testing.train_reference import FOCUS_TASKS, focus_sample
+    from tools.train_reference import FOCUS_TASKS, focus_sample
 
     batch = [focus_sample(seed=0, index=32 + k, batch_size=32) for k in range(32)]
     assert [s.task for s in batch[:16]] == list(FOCUS_TASKS) * (16 // len(FOCUS_TASKS))
@@ -53,7 +53,7 @@ def test_focus_batches_put_the_focus_tasks_first_and_keep_the_mixture():
 
 @pytest.mark.slow
 def test_same_seed_same_weights(tmp_path):
-    from edgelmm.testing.train_reference import build_model, build_tokenizer, focus, train
+    from tools.train_reference import build_model, build_tokenizer, focus, train
 
     digests = []
     for run in ("a", "b"):

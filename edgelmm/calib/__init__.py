@@ -21,18 +21,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..bundle import Bundle, graph_file, update_bundle
+from ..bundle import Bundle, graph_file, select_artifacts, update_bundle
 from ..errors import CalibrationError, QualityGateError
 from ..manifest import FUSED_DECODER as FUSED_GRAPH
+from ..manifest import QUANTIZED_PRECISIONS
 from ..memory import calibrate_steps, check_budget, release_memory
 from .sources import CalibSample, CalibSet, collect
 
-# precision -> the variant of each graph it runs (file names: vision.int8.onnx, decoder.int4.onnx ...)
-QUANTIZED_PRECISIONS: dict[str, dict[str, str]] = {
-    "int8": {"vision": "int8", "embed": "fp32", "decoder": "int8"},
-    "int4": {"vision": "fp32", "embed": "fp32", "decoder": "int4"},
-    "int8-vision+int4": {"vision": "int8", "embed": "fp32", "decoder": "int4"},
-}
 # The most image tiles calibration runs through the vision tower for INT8 ranges and GPTQ prompts
 # (and export's importance matrix). A tile costs a full vision-tower pass: ~210 GFLOP for SmolVLM's
 # 512-px SigLIP, whose processor makes up to 17 tiles of every image (the synthetic 64-px images
@@ -188,7 +183,7 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
     interrupted or refused calibration leaves the bundle exactly as it was. Each step's memory is
     checked against `max_memory` (bytes; default what is free) before any work starts."""
     (options or CalibrationOptions()).validate()  # every option, before the bundle is hashed or read
-    from ..api import pipeline_for_bundle
+    from ..loading import pipeline_for_bundle
     from .quantize import quantize_decoder_int4, quantize_decoder_int8_dynamic, quantize_vision_int8
 
     opts = options or CalibrationOptions()
@@ -200,7 +195,7 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
     root = Path(bundle_dir)
     with update_bundle(root, verify_checksums=verify_checksums) as txn:
         bundle = txn.bundle
-        have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "onnx"}
+        have = set(bundle.precisions("onnx"))
         if "fp32" not in have:
             raise CalibrationError(f"{root}: calibration starts from the fp32 ONNX graphs and this bundle has none "
                                    "(export with --format onnx --precision fp32)")
@@ -231,8 +226,8 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         new_files: dict[str, Path] = {}   # bundle name (onnx/vision.int8.onnx) -> where it is written
         details: dict[str, dict[str, Any]] = {}
         src = {g: bundle.path(bundle.artifact(g, "onnx", "fp32")) for g in ("vision", "decoder")}
-        fused_src = next((bundle.path(a) for a in bundle.manifest["artifacts"] if a["graph"] == FUSED_GRAPH
-                          and a["format"] == "onnx" and a["precision"] == "fp32"), None)
+        fused_src = next((bundle.path(a) for a in bundle.artifacts(graph=FUSED_GRAPH, format="onnx",
+                                                                    precision="fp32")), None)
         if ("vision", "int8") in variants:
             out = new_files["onnx/" + graph_file("vision", "int8")] = txn.new_file("onnx/" + graph_file("vision", "int8"))
             inputs = [i["name"] for i in bundle.artifact("vision", "onnx", "fp32")["inputs"]]
@@ -328,7 +323,7 @@ def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str],
     fp32 graphs are shared with the fp32 set."""
     out = {**manifest, "artifacts": [a for a in manifest["artifacts"]
                                      if not (a["format"] == "onnx" and a["precision"] in precisions)]}
-    fp32 = {a["graph"]: a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
+    fp32 = {a["graph"]: a for a in select_artifacts(manifest, format="onnx", precision="fp32")}
     for p in precisions:
         for graph, variant in QUANTIZED_PRECISIONS[p].items():
             base = fp32[graph]
@@ -347,14 +342,13 @@ def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str],
 
 
 def _has_graph(manifest: dict[str, Any], graph: str, precision: str) -> bool:
-    return any(a["graph"] == graph and a["format"] == "onnx" and a["precision"] == precision
-               for a in manifest["artifacts"])
+    return bool(select_artifacts(manifest, graph=graph, format="onnx", precision=precision))
 
 
 def precision_size(manifest: dict[str, Any], precision: str) -> int:
     """Bytes on disk of one ONNX precision's graph set (a file shared by two graphs counts once)."""
-    files = {e["file"]: e["size"] for a in manifest["artifacts"]
-             if a["format"] == "onnx" and a["precision"] == precision for e in a["files"]}
+    files = {e["file"]: e["size"] for a in select_artifacts(manifest, format="onnx", precision=precision)
+             for e in a["files"]}
     return sum(files.values())
 
 

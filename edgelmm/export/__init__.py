@@ -54,7 +54,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
 
     "tensorrt" builds engines (`engine_precisions`) for this machine's GPU from the ONNX graphs (added
     to the formats) once they are verified, as `build-engines` does on a device."""
-    from ..api import load, onnx_layouts, pipeline_for_bundle
+    from ..families import detect
+    from ..loading import checkpoint_pipeline, onnx_layouts, pipeline_for_bundle
+    from ..modelfiles import ModelFiles
     from ..calib import QUANTIZED_PRECISIONS, CalibrationOptions, calibrate
     from ..export.gguf import GGUF_TYPES, export_gguf, finish_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
@@ -92,7 +94,8 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                  max_memory, f"exporting {model_dir.name}")
     console = Console(stderr=True, quiet=quiet)
     with status(console, f"loading {model_dir.name}"):
-        reference = load(model_dir, backend="torch", prompt_style=prompt_style)
+        files = ModelFiles.open(model_dir)
+        reference = checkpoint_pipeline(model_dir, files, detect(files, prompt_style=prompt_style))
     files, family = reference.files, reference.family
     forced_gguf = False
     if "gguf" in formats:  # refuse before any minutes are spent on other formats

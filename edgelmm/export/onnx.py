@@ -273,7 +273,7 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
 
 
 def example_vision_inputs(family: Family):
-    from ..testing.checkpoints import sample_images
+    from ..images import sample_images
 
     return family.preprocess(sample_images(2, seed=0, sizes=[(40, 56), (64, 48)]))
 

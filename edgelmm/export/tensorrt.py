@@ -164,10 +164,10 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
     hidden directory inside it and the manifest is replaced in one rename at the end, so a failed or
     interrupted build leaves the bundle as it was. Each engine is then checked against the bundle's
     fp32 ONNX graphs on ONNX Runtime's CPU provider (no PyTorch needed on the device)."""
-    from ..api import pipeline_for_bundle
+    from ..loading import pipeline_for_bundle
     from ..families import detect
     from ..modelfiles import ModelFiles
-    from ..runtimes.select import current_engine_target
+    from ..runtimes.tensorrt import current_engine_target
     from ..runtimes.tensorrt import import_tensorrt
     from ..verify import verify as run_verify
 
@@ -180,17 +180,17 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
     root = Path(bundle_dir)
     with update_bundle(root) as txn:
         bundle = txn.bundle
-        fp32 = {a["graph"]: a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"}
+        fp32 = {a["graph"]: a for a in bundle.artifacts(format="onnx", precision="fp32")}
         if len(fp32) < 3:
             raise ExportError(f"{root}: engines are built from the bundle's fp32 ONNX graphs and it has none "
                               "(export with --format onnx)")
-        have = {a["precision"] for a in bundle.manifest["artifacts"] if a["format"] == "tensorrt"}
+        have = set(bundle.precisions("tensorrt"))
         present = [p for p in opts.precisions if p in have]
         if present and not opts.overwrite:
             raise ExportError(f"{root}: already has {present} engines; pass --overwrite to rebuild them")
         needs_int8 = any(ENGINE_PRECISIONS[p]["vision"] == "int8" for p in opts.precisions)
-        int8_vision = next((a for a in bundle.manifest["artifacts"] if a["format"] == "onnx" and a["graph"] == "vision"
-                            and a["file"].endswith("vision.int8.onnx")), None)
+        int8_vision = next((a for a in bundle.artifacts(graph="vision", format="onnx")
+                            if a["file"].endswith("vision.int8.onnx")), None)
         if needs_int8:
             if int8_vision is None:
                 raise ExportError(f"{root}: INT8 vision engines are built from the calibrated QDQ vision graph; run "

@@ -3,7 +3,7 @@
 REFERENCE_MODEL is edgelmm's own trained reference model (see its README.md, the model card): a
 small LLaVA (SigLIP + Llama) trained on `edgelmm.synthetic` multi-image tasks. It is the default
 model of `make demo`, `edgelmm eval` and `edgelmm watch`, and the yardstick for quantization and
-backends. Retrain it with `python -m edgelmm.testing.train_reference`.
+backends. Retrain it with `python tools/train_reference.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ REFERENCE_MODEL = Path(__file__).parent / "edgelmm-ref-siglip-llama"
 def reference_model() -> Path:
     if not (REFERENCE_MODEL / "config.json").is_file():
         raise CheckpointError(f"{REFERENCE_MODEL}: the shipped reference model is missing (a partial checkout?); "
-                              "retrain it with `python -m edgelmm.testing.train_reference`")
+                              "retrain it with `python tools/train_reference.py`")
     return REFERENCE_MODEL
 
 

@@ -432,3 +432,22 @@ def run_probe_model(gpu_layers: int = 0) -> tuple[bool, str]:
             if ctx:
                 llama_cpp.llama_free(ctx)
             llama_cpp.llama_model_free(model)
+
+
+def open_bundle_backend(bundle: Bundle, family, files, request) -> tuple["LlamaCppBackend", str, str]:
+    """The registry's opener (runtimes/registry.py): the backend over the bundle's GGUF pair."""
+    from ..memory import check_load_budget, kv_cache_bytes
+    from .onnxruntime import nvidia_gpu_present
+    from .registry import BACKENDS, auto_precision
+
+    precision, why = (request.precision, "asked for") if request.precision != "auto" else \
+        auto_precision(bundle, "gguf", BACKENDS["llamacpp"].preference, "smallest GGUF type")
+    if request.gpu_layers == 0 or not nvidia_gpu_present():   # on a GPU its own memory is the limit
+        # An out-of-range max_context is the backend's OptionError to raise, not a budget question.
+        positions = min(request.max_context or DEFAULT_CONTEXT, files.context_length)
+        check_load_budget(bundle, "gguf", precision, request.max_memory,
+                          kv_cache_bytes(bundle.manifest["text"], positions))
+    runtime = LlamaCppBackend(bundle, precision=precision, threads=request.threads, gpu_layers=request.gpu_layers,
+                              context_length=request.max_context,
+                              **({"max_batch": request.max_batch} if request.max_batch else {}))
+    return runtime, precision, why

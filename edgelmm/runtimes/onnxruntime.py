@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..calib import QUANTIZED_PRECISIONS
 from ..errors import BackendUnavailable, BundleError, PromptError
-from ..manifest import FUSED_DECODER as FUSED_GRAPH
+from ..manifest import FUSED_DECODER as FUSED_GRAPH, QUANTIZED_PRECISIONS
 from ..onnx_file import check_external_data
 from ..options import check_int, check_threads, default_threads
 
@@ -302,8 +301,7 @@ class OnnxRuntimeBackend:
         contrib ops)."""
         if layout not in ("auto", "plain", "fused"):
             raise BackendUnavailable(f"unknown decoder layout {layout!r}; choose from auto, plain, fused")
-        has_fused = any(a["graph"] == FUSED_GRAPH and a["format"] == "onnx" and a["precision"] == precision
-                        for a in bundle.manifest["artifacts"])
+        has_fused = bool(bundle.artifacts(graph=FUSED_GRAPH, format="onnx", precision=precision))
         if layout == "fused" and not has_fused:
             raise BundleError(f"this bundle has no fused {precision} decoder (export it again with this edgelmm, "
                               "or use layout 'plain')", path=str(bundle.root))
@@ -484,3 +482,48 @@ class OnnxRuntimeBackend:
                 "provider_options": (self.sessions["decoder"].get_provider_options().get(self.providers[0], {})
                                      if self.kv_device == "cuda" else {}),
                 "onnxruntime": self.ort.__version__}
+
+
+# ONNX Runtime's CUDA provider: fp16, then the INT4 decoder (MatMulNBits has CUDA kernels), never the
+# INT8 QDQ vision graph, which it runs as extra Quantize/Dequantize kernels (H100: 2.0 ms/image vs
+# 1.15 in fp32). The TensorRT provider fuses QDQ, so it keeps the CPU order (registry) after fp16.
+CUDA_PREFERENCE = ("fp16", "int4", "fp32")
+
+
+def auto_onnx_precision(bundle: Bundle, provider: str) -> tuple[str, str]:
+    """precision="auto" and the reason describe() gives: fp16 where a GPU provider will run it; else
+    on the CUDA provider the gated INT4 decoder, on the CPU the smallest calibrated precision that
+    passed its quality gate; else fp32 (on CPU fp16 is slower, and less exact)."""
+    from .registry import BACKENDS
+
+    have = bundle.precisions("onnx")
+    gpu = provider != "cpu" and nvidia_gpu_present()
+    cpu_order = BACKENDS["onnxruntime"].preference
+    order = CUDA_PREFERENCE if gpu and provider in ("cuda", "auto") else (("fp16",) if gpu else ()) + cpu_order
+    quality = bundle.manifest.get("quality", {})
+    where = "a GPU provider" if gpu else "the CPU"
+    failed = [p for p in order if p in have and p not in ("fp32", "fp16") and not quality.get(p, {}).get("passed")]
+    for p in order:
+        if p in have and (p in ("fp32", "fp16") or quality.get(p, {}).get("passed")):
+            why = f"auto: the first of {', '.join(order)} that this bundle has for {where}"
+            if p not in ("fp32", "fp16"):
+                why += " and that passed its quality gate"
+            if failed:
+                why += f" ({', '.join(failed)} failed the gate)"
+            return p, why
+    return have[0], f"auto: the only precision this bundle has ({have[0]})" if len(have) == 1 else \
+        f"auto: none of {', '.join(order)} is usable here; took {have[0]}"
+
+
+def open_bundle_backend(bundle: Bundle, family, files, request) -> tuple["OnnxRuntimeBackend", str, str]:
+    """The registry's opener (runtimes/registry.py): the backend over the bundle's ONNX set."""
+    from ..memory import check_load_budget
+
+    precision, why = (request.precision, "asked for") if request.precision != "auto" else \
+        auto_onnx_precision(bundle, request.provider)
+    if request.provider == "cpu" or not nvidia_gpu_present():
+        check_load_budget(bundle, "onnx", precision, request.max_memory)
+    runtime = OnnxRuntimeBackend(bundle, provider=request.provider, threads=request.threads, precision=precision,
+                                 gpu=request.gpu_options, layout=request.layout,
+                                 vision_chunk=vision_chunk_for(family.config.get("vision_config") or {}))
+    return runtime, precision, why

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from .onnxruntime import tensorrt_libraries_load
+from .tensorrt import current_engine_target, engine_incompatibility  # engines vs this machine
 
 log = logging.getLogger("edgelmm.select")
 
@@ -393,12 +394,12 @@ def iter_plan(bundle, plat: Platform | None = None, probe_fn=None, engine_target
     """The backends that could run `bundle` here, best first, each probed only when reached (so a
     caller that stops at the first usable one probes no more). A GPU candidate is only probed on a
     machine with an NVIDIA GPU. `probe_fn(name) -> Probe` (default `probe`) and `engine_target` (this machine's GPU and
-    TensorRT, see `engine_target()`) are replaceable, to test the ordering for other machines."""
-    from ..api import TRT_PREFERENCE, bundle_formats, bundle_precisions
+    TensorRT, see `tensorrt.current_engine_target()`) are replaceable, to test the ordering for other machines."""
+    from .registry import BACKENDS
 
     plat = plat or this_platform()
     probe_fn = probe_fn or probe
-    formats = bundle_formats(bundle)
+    formats = bundle.formats()
 
     def candidate(backend, provider, precision, needs_gpu, probe_name, missing=None):
         if missing:
@@ -410,7 +411,7 @@ def iter_plan(bundle, plat: Platform | None = None, probe_fn=None, engine_target
 
     # 1. TensorRT engines built for this GPU.
     if "tensorrt" in formats:
-        precision = _best(bundle_precisions(bundle, "tensorrt"), TRT_PREFERENCE)
+        precision = _best(bundle.precisions("tensorrt"), BACKENDS["tensorrt"].preference)
         mismatch = (engine_mismatch(bundle, precision, engine_target)
                     if plat.has_gpu and probe_fn("tensorrt").runs else None)
         yield candidate("tensorrt", None, precision, True, "tensorrt", mismatch)
@@ -452,40 +453,14 @@ def choose(bundle, plat: Platform | None = None, probe_fn=None,
                              "; ".join(f"{c.label()}: {c.reason}" for c in chain))
 
 
-# --- TensorRT engines are tied to a GPU and a TensorRT version ---------------------------------------
-
-def engine_target(trt_version: str, gpu: dict[str, Any]) -> dict[str, Any]:
-    return {"gpu": gpu["name"], "compute_capability": gpu["compute_capability"], "tensorrt": trt_version}
-
-
-def engine_incompatibility(built_for: dict[str, Any], here: dict[str, Any]) -> str | None:
-    """Why an engine built for `built_for` cannot load `here` (None when it can). TensorRT engines
-    need the same TensorRT version and the same compute capability (built without hardware
-    compatibility); the same capability on another GPU model loads, possibly slower."""
-    problems = []
-    if built_for.get("tensorrt") != here.get("tensorrt"):
-        problems.append(f"TensorRT {built_for.get('tensorrt')} built it, this machine has {here.get('tensorrt')}")
-    if built_for.get("compute_capability") != here.get("compute_capability"):
-        problems.append(f"built for {built_for.get('gpu')} (compute {built_for.get('compute_capability')}), this is "
-                        f"{here.get('gpu')} (compute {here.get('compute_capability')})")
-    return "; ".join(problems) or None
-
-
-def current_engine_target(device_index: int = 0) -> dict[str, Any]:
-    import tensorrt as trt
-
-    from .cuda import CudaDriver
-
-    return engine_target(trt.__version__, CudaDriver.get().gpu(device_index).as_dict())
 
 
 def engine_mismatch(bundle, precision: str | None, here: dict[str, Any] | None = None) -> str | None:
     if precision is None:
         return "no engines"
     here = here or current_engine_target()
-    for art in bundle.manifest["artifacts"]:
-        if art["format"] == "tensorrt" and art["precision"] == precision:
-            why = engine_incompatibility(art["engine"]["target"], here)
-            if why:
-                return f"engines do not fit this machine: {why}; run `edgelmm build-engines {bundle.root}` here"
+    for art in bundle.artifacts(format="tensorrt", precision=precision):
+        why = engine_incompatibility(art["engine"]["target"], here)
+        if why:
+            return f"engines do not fit this machine: {why}; run `edgelmm build-engines {bundle.root}` here"
     return None

@@ -29,6 +29,30 @@ from .cuda import CudaDriver, DeviceBuffer
 GRAPHS = ("vision", "embed", "decoder")
 
 
+# Engines are tied to a GPU (compute capability) and a TensorRT version.
+def engine_target(trt_version: str, gpu: dict[str, Any]) -> dict[str, Any]:
+    return {"gpu": gpu["name"], "compute_capability": gpu["compute_capability"], "tensorrt": trt_version}
+
+
+def engine_incompatibility(built_for: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """Why an engine built for `built_for` cannot load `here` (None when it can). TensorRT engines
+    need the same TensorRT version and the same compute capability (built without hardware
+    compatibility); the same capability on another GPU model loads, possibly slower."""
+    problems = []
+    if built_for.get("tensorrt") != here.get("tensorrt"):
+        problems.append(f"TensorRT {built_for.get('tensorrt')} built it, this machine has {here.get('tensorrt')}")
+    if built_for.get("compute_capability") != here.get("compute_capability"):
+        problems.append(f"built for {built_for.get('gpu')} (compute {built_for.get('compute_capability')}), this is "
+                        f"{here.get('gpu')} (compute {here.get('compute_capability')})")
+    return "; ".join(problems) or None
+
+
+def current_engine_target(device_index: int = 0) -> dict[str, Any]:
+    import tensorrt as trt
+
+    return engine_target(trt.__version__, CudaDriver.get().gpu(device_index).as_dict())
+
+
 class EngineMismatch(BackendUnavailable):
     """The bundle's engines were built for another GPU or TensorRT version: run `build-engines` here."""
 
@@ -250,8 +274,6 @@ class TensorRTBackend:
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device_index: int = 0,
                  max_context: int | None = None):
-        from .select import current_engine_target, engine_incompatibility
-
         trt = import_tensorrt()
         self.trt, self.bundle, self.precision, self.device_index = trt, bundle, precision, device_index
         self.cuda = CudaDriver.get()
@@ -384,3 +406,12 @@ def _dtype_of(fmt: str) -> str:
         if key in f:
             return name
     return "unknown"
+
+
+def open_bundle_backend(bundle: Bundle, family, files, request) -> tuple["TensorRTBackend", str, str]:
+    """The registry's opener (runtimes/registry.py): the backend over the bundle's engines."""
+    from .registry import BACKENDS, auto_precision
+
+    precision, why = (request.precision, "asked for") if request.precision != "auto" else \
+        auto_precision(bundle, "tensorrt", BACKENDS["tensorrt"].preference, "smallest engine precision")
+    return TensorRTBackend(bundle, precision=precision, max_context=request.max_context), precision, why

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 _CORPUS = [
     "What colour is the shape in image 2? The shape is red.",
@@ -304,21 +303,4 @@ def build_tiny_checkpoint(kind: str, root: str | Path) -> Path:
     tmp.mkdir(parents=True)
     FAMILY_BUILDERS[kind](tmp)
     tmp.rename(out)
-    return out
-
-
-def sample_images(n: int, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
-    """n RGB uint8 test images of different sizes (HxW), with some structure (gradients and blocks)
-    rather than pure noise, so that resampling filters matter."""
-    rng = np.random.default_rng(seed)
-    sizes = sizes or [(40, 56), (64, 48), (30, 90), (72, 72), (50, 33)]
-    out = []
-    for i in range(n):
-        h, w = sizes[i % len(sizes)]
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
-        y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        img[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3)
-        img = np.clip(img + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)
-        out.append(img)
     return out

@@ -2,8 +2,9 @@
 Llama text model with a llama-style sentencepiece tokenizer) that has really learned the
 multi-image skills of `edgelmm.synthetic`.
 
-    python -m edgelmm.testing.train_reference OUT_DIR [--vision-steps 2500] [--steps 5000]
-                                                      [--focus-steps 1500] [--seed 0]
+    python tools/train_reference.py OUT_DIR [--vision-steps 2500] [--steps 5000] [--focus-steps 1500] [--seed 0]
+
+(It lives outside the package: the wheel ships the trained model, not its training.)
 
 Stage 1 pre-trains the vision tower on labelled scenes (which shape of which colour sits in each
 patch, how many of each shape); stage 2 trains the whole model on the multi-image questions;
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import synthetic
+from edgelmm import synthetic
 
 # Sizes: hidden and FFN widths are multiples of 256 so GGUF k-quants apply to every matrix.
 TEXT_DIMS = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -51,7 +52,7 @@ CHAT_TEMPLATE = (
 
 def _corpus(n: int = 3000) -> list[str]:
     """Prompt and answer text as the model will see it (images as numbered markers)."""
-    from ..prompt import parse_prompt, render_chat
+    from edgelmm.prompt import parse_prompt, render_chat
 
     lines = []
     for i in range(n):
@@ -76,7 +77,7 @@ def build_tokenizer(out: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-    from .checkpoints import _save_tokenizer
+    from edgelmm.testing.checkpoints import _save_tokenizer
 
     model = io.BytesIO()  # written by us, so no output path ends up inside the model's trainer spec
     spm.SentencePieceTrainer.train(
@@ -142,9 +143,9 @@ class Batcher:
     the loss covers the answer tokens and the end-of-sequence token only."""
 
     def __init__(self, model_dir: Path):
-        from ..families import detect
-        from ..modelfiles import ModelFiles
-        from ..pipeline import Pipeline
+        from edgelmm.families import detect
+        from edgelmm.modelfiles import ModelFiles
+        from edgelmm.pipeline import Pipeline
 
         files = ModelFiles.open(model_dir)
         self.pipe = Pipeline(files, detect(files), backend=None)  # prepare() needs no backend
@@ -435,8 +436,8 @@ CI_SUBSET = 180         # the first 180 of them, what the test suite re-checks
 
 def evaluate_and_card(model_dir: Path, threads: int) -> dict:
     """Score the saved model on the held-out set and write eval_results.json and the model card."""
-    from ..api import load
-    from ..evaluate import evaluate, format_table
+    from edgelmm.api import load
+    from edgelmm.evaluate import evaluate, format_table
 
     report = evaluate(load(model_dir, backend="torch", threads=threads), TEST_SAMPLES)
     log = json.loads((model_dir / "training_log.json").read_text())
@@ -561,7 +562,7 @@ reproducible. Nine tasks in turn:
 
 ## Training
 ```
-python -m edgelmm.testing.train_reference edgelmm/models/edgelmm-ref-siglip-llama --vision-steps {vision_steps} --steps {steps} --focus-steps {focus_steps} --seed {seed}
+python tools/train_reference.py edgelmm/models/edgelmm-ref-siglip-llama --vision-steps {vision_steps} --steps {steps} --focus-steps {focus_steps} --seed {seed}
 ```
 Three stages, all AdamW (betas 0.9/0.98, weight decay 0.05 on matrices, warm-up then cosine) with
 bf16 autocast on CPU:
