@@ -763,9 +763,8 @@ def watch(
     from rich.live import Live
     from rich.text import Text
 
-    from .apps.anomaly import (AnomalyWatcher, Camera, CaptureConfig, GateConfig, WatchConfig, check_events,
-                               load_for_watch, summary_line, watch_cameras)
-    from .options import check_int
+    from .apps.anomaly import Camera, CaptureConfig, GateConfig, WatchConfig, load_for_watch, summary_line
+    from .apps.runner import WatchOutputs, WatchRun
 
     try:
         config = WatchConfig(
@@ -778,7 +777,6 @@ def watch(
         if prompt is not None:
             config.prompt = prompt
         config.validate()      # the prompt's placeholders (with --no-verify too) and the --out folder included
-        check_events(events)   # before the bundle loads and the source opens
         if (source is None) == (config_file is None):
             raise OptionError("give what to watch: a SOURCE, or --config cameras.yaml for several cameras (not both)")
         if config_file is not None:
@@ -791,6 +789,10 @@ def watch(
             cameras = load_cameras(config_file, config)
         else:
             cameras = [Camera(camera, source, [str(r) for r in reference])]
+        outputs = WatchOutputs(events=events if events is not None else sys.stdout, mqtt=mqtt, mqtt_buffer=mqtt_buffer,
+                               mqtt_thumbnails=mqtt_thumbnails, webhook=webhook, view=view)
+        # every option checked and the view listening before the bundle loads and a source opens
+        run = WatchRun(cameras, config, outputs, several=config_file is not None)
     except EdgeLMMError as exc:   # OptionError for an option out of range or a path, PromptError for the prompt
         _fail(exc, as_json)
     live = Live(Text("starting"), console=err, transient=True, auto_refresh=False)
@@ -803,70 +805,23 @@ def watch(
         from .progress import line_progress
 
         status = line_progress(err)
-    sinks = []   # the single camera's, or every camera's made so far
-    live_view = None
+    lines = {}
+
+    def show(name, stats):
+        lines[name] = summary_line(stats) if len(cameras) == 1 else f"{name:>12}  {summary_line(stats)}"
+        live.update(Text("\n".join(lines.values())), refresh=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: run.stop(f"signal {signal.Signals(signum).name}"))
+    if run.view is not None and not as_json:
+        err.print(f"live view: {run.view.url}")
     try:
-        from .apps.sinks import MqttSink, WebhookSink, check_camera_name, parse_mqtt_url
-
-        for c in cameras:
-            check_camera_name(c.name)
-        check_int("mqtt_buffer", mqtt_buffer, 1)
-        if mqtt:
-            parse_mqtt_url(mqtt)   # before the bundle loads
-        if webhook:
-            WebhookSink.check_url(webhook)
-        if view is not None:
-            from .apps.view import LiveView
-
-            live_view = LiveView(view).start()   # a port in use is an OptionError before the bundle loads
         pipe = load_for_watch(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
-
-        def sinks_for(name):
-            made = ([WebhookSink(webhook)] if webhook else []) + (
-                [MqttSink(mqtt, name, buffer=mqtt_buffer, thumbnails=mqtt_thumbnails)] if mqtt else [])
-            sinks.extend(made)
-            return made
-
-        lines = {}
-
-        def show(name, stats):
-            lines[name] = summary_line(stats) if len(cameras) == 1 else f"{name:>12}  {summary_line(stats)}"
-            live.update(Text("\n".join(lines.values())), refresh=True)
-        watchers = {}
-
-        def on_signal(signum, _frame):
-            for w in watchers.values():
-                if w.stopping.is_set():
-                    w.abort(f"signal {signal.Signals(signum).name} (twice)")
-                else:
-                    w.stop(f"signal {signal.Signals(signum).name}")
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        if live_view is not None and not as_json:
-            err.print(f"live view: {live_view.url}")
         with live if not quiet else nullcontext():
-            if config_file is None:   # one camera: its events carry no camera name, as before --config
-                c = cameras[0]
-                part = live_view.camera(c.name) if live_view is not None else None
-                watcher = AnomalyWatcher(pipe, config, references=c.references,
-                                         events=events if events is not None else sys.stdout,
-                                         on_summary=None if quiet else (lambda stats: show(c.name, stats)),
-                                         on_status=status, sinks=sinks_for(c.name) + ([part] if part else []),
-                                         on_frame=part.frame if part else None)
-                watchers[c.name] = watcher
-                reports = {c.name: watcher.run(c.source)}
-            else:
-                reports = watch_cameras(pipe, cameras, config, events=events if events is not None else sys.stdout,
-                                        sinks_for=sinks_for, on_summary=None if quiet else show,
-                                        on_watchers=watchers.update, view=live_view)
+            reports = run.run(pipe, on_summary=None if quiet else show, on_status=status)
     except EdgeLMMError as exc:
-        for sink in sinks:   # a run that never started: the MQTT status goes back to offline
-            sink.close()
-        if live_view is not None:
-            live_view.close()
         _fail(exc, as_json)
-    if live_view is not None:
-        live_view.close()
+    finally:
+        run.close()
     summaries = [r.as_dict() for r in reports.values()]
     if as_json:
         if events is not None:

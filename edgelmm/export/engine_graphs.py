@@ -72,167 +72,185 @@ def make_fp16(src: str | Path, dst: str | Path, graph: str) -> dict[str, Any]:
     """Write the fp16 engine graph of `src` (an fp32 graph, plain or QDQ) to `dst`; returns a record
     of what runs in fp32 and the casts added."""
     import onnx
-    from onnx import TensorProto, helper
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=False)
-    g = model.graph
     _fold_int32_dequantize(model, src.parent)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         # fp16 scales need opset 19+ Q/DQ (13-18 dequantize to float32 only). 19-21 changed the ops
         # used here by adding types (float8, int4) and block sizes, not by changing their meaning.
         for opset in model.opset_import:
             if opset.domain in ("", "ai.onnx") and opset.version < QDQ_OPSET:
                 opset.version = QDQ_OPSET
-    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-    elem = {"fp32": FLOAT, "fp16": HALF}
+    typing = _Fp16Pass(model, graph)
+    typing.decide()
+    typing.rewrite()
+    _write_initializers(model, src.parent, dst, typing.fp16_copies)
+    return {"graph": graph, "io": dict(ENGINE_IO.get(graph, {})), "fp32_ops": dict(sorted(typing.kept_fp32.items())),
+            "casts": len(typing.casts), "clips": sum(1 for t, _ in typing.casts if t in typing.exact)}
 
-    # Graph outputs get a final Cast to their declared type: the producer writes `<name>__compute`.
-    outputs = {o.name: _io_type(graph, o.name) for o in g.output}
-    renamed = {name: f"{name}__compute" for name, kind in outputs.items() if kind}
-    for node in g.node:
-        node.input[:] = [renamed.get(i, i) for i in node.input]
-        node.output[:] = [renamed.get(o, o) for o in node.output]
 
-    types = _tensor_types(model, renamed)
-    consts = {init.name for init in g.initializer}
-    consts |= {n.output[0] for n in g.node if n.op_type == "Constant"}
-    prec: dict[str, str] = {}     # float activation -> the type it is computed in
-    exact: set[str] = set()       # fp32 activations computed from integers or constants
-    for inp in g.input:
-        if types.get(inp.name) == FLOAT:
-            prec[inp.name] = _io_type(graph, inp.name) or "fp32"
-            inp.type.tensor_type.elem_type = elem[prec[inp.name]]
+class _Fp16Pass:
+    """One graph's fp16 typing: `decide` gives every node the type it computes in (fp16, or fp32
+    for FP32_OPS and values computed from integers), `rewrite` puts each node's float inputs in its
+    type (a Cast, clipped where the value may be out of fp16's range, or an fp16 copy of a weight)
+    and the graph outputs in their declared types."""
 
-    initializers = {init.name for init in g.initializer}
-    for node in g.node:   # a Constant is a constant computed in fp32, cast where it is read
-        if node.op_type == "Constant" and types.get(node.output[0]) == FLOAT:
-            prec[node.output[0]] = "fp32"
-            exact.add(node.output[0])
-    decided: dict[int, str | None] = {}
-    kept_fp32: dict[str, int] = defaultdict(int)
-    for index, node in enumerate(g.node):
-        if node.op_type == "Constant":
-            continue
-        float_ins = [i for i in node.input if i and types.get(i) == FLOAT]
-        act_ins = [i for i in float_ins if i not in consts]
+    def __init__(self, model, graph: str):
+        from onnx import TensorProto
+
+        self.model, self.g, self.graph = model, model.graph, graph
+        self.FLOAT = TensorProto.FLOAT
+        self.elem = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+        # Graph outputs get a final Cast to their declared type: the producer writes `<name>__compute`.
+        self.declared = {o.name: _io_type(graph, o.name) for o in self.g.output}
+        self.renamed = {name: f"{name}__compute" for name, kind in self.declared.items() if kind}
+        for node in self.g.node:
+            node.input[:] = [self.renamed.get(i, i) for i in node.input]
+            node.output[:] = [self.renamed.get(o, o) for o in node.output]
+        self.types = _tensor_types(model, self.renamed)
+        self.initializers = {init.name for init in self.g.initializer}
+        self.consts = set(self.initializers) | {n.output[0] for n in self.g.node if n.op_type == "Constant"}
+        self.prec: dict[str, str] = {}      # float tensor -> the type it is computed in
+        self.exact: set[str] = set()        # fp32 tensors computed from integers or constants
+        self.decided: dict[int, str | None] = {}
+        self.kept_fp32: dict[str, int] = defaultdict(int)
+        self.casts: dict[tuple[str, str], str] = {}
+        self.fp16_copies: set[str] = set()
+        self.clip_bounds: dict[str, Any] = {}
+        self.new_nodes: list = []
+
+    def _is_float(self, name: str) -> bool:
+        return bool(name) and self.types.get(name) == self.FLOAT
+
+    # ---- which type each node computes in ----
+    def decide(self) -> None:
+        for inp in self.g.input:
+            if self._is_float(inp.name):
+                self.prec[inp.name] = _io_type(self.graph, inp.name) or "fp32"
+                inp.type.tensor_type.elem_type = self.elem[self.prec[inp.name]]
+        for node in self.g.node:   # a Constant is a constant computed in fp32, cast where it is read
+            if node.op_type == "Constant" and self._is_float(node.output[0]):
+                self.prec[node.output[0]] = "fp32"
+                self.exact.add(node.output[0])
+        for index, node in enumerate(self.g.node):
+            if node.op_type == "Constant":
+                continue
+            p, exact, folded = self._decide(node)
+            self.decided[index] = p
+            if p == "fp32" and not folded:
+                self.kept_fp32[node.op_type] += 1
+            for o in node.output:
+                if self._is_float(o):
+                    self.prec[o] = p or "fp32"
+                    if exact:
+                        self.exact.add(o)
+
+    def _decide(self, node) -> tuple[str | None, bool, bool]:
+        """(type the node computes in or None, whether its outputs are exact fp32 values, folded)."""
         op = node.op_type
-        folded = bool(node.input) and all(i in consts or i == "" for i in node.input) and op != "DequantizeLinear"
-        origin_exact = False
-        if folded:
-            p, origin_exact = "fp32", True   # TensorRT folds it; cast (clipped) to what each consumer needs
-            consts.update(node.output)
-        elif op in FP32_OPS:
-            p = "fp32"
-        elif op == "DequantizeLinear":
-            p = "fp16"
-        elif op == "QuantizeLinear":
-            p = prec.get(node.input[0], "fp16")
-        elif op == "Cast":
+        float_ins = [i for i in node.input if self._is_float(i)]
+        act_ins = [i for i in float_ins if i not in self.consts]
+        if node.input and all(i in self.consts or i == "" for i in node.input) and op != "DequantizeLinear":
+            self.consts.update(node.output)   # TensorRT folds it; cast (clipped) to what each consumer needs
+            return "fp32", True, True
+        if op in FP32_OPS:
+            return "fp32", False, False
+        if op == "DequantizeLinear":
+            return "fp16", False, False
+        if op == "QuantizeLinear":
+            return self.prec.get(node.input[0], "fp16"), False, False
+        if op == "Cast":
             to = next(a.i for a in node.attribute if a.name == "to")
-            if to != FLOAT:
-                p = None                 # float -> int/bool: takes its input as it is
-            elif float_ins:
-                p = prec.get(node.input[0], "fp32")
-                origin_exact = node.input[0] in exact
-            else:
-                p, origin_exact = "fp32", True   # integers -> float: positions, masks
-        elif act_ins:
-            if all(prec.get(i) == "fp32" for i in act_ins):
-                all_exact = all(i in exact for i in act_ins)
+            if to != self.FLOAT:
+                return None, False, False            # float -> int/bool: takes its input as it is
+            if float_ins:
+                return self.prec.get(node.input[0], "fp32"), node.input[0] in self.exact, False
+            return "fp32", True, False               # integers -> float: positions, masks
+        if act_ins:
+            if all(self.prec.get(i) == "fp32" for i in act_ins):
+                all_exact = all(i in self.exact for i in act_ins)
                 p = "fp32" if op not in COMPUTE_OPS or all_exact else "fp16"
-                origin_exact = all_exact and p == "fp32"
-            else:
-                p = "fp16"
-        elif float_ins or any(types.get(o) == FLOAT for o in node.output):
-            p = "fp16"                   # a table gather, a Where between constants, ...
-        else:
-            p = None
-        decided[index] = p
-        if p == "fp32" and not folded:
-            kept_fp32[op] += 1
-        for o in node.output:
-            if types.get(o) == FLOAT:
-                prec[o] = p or "fp32"
-                if origin_exact:
-                    exact.add(o)
+                return p, all_exact and p == "fp32", False
+            return "fp16", False, False
+        if float_ins or any(self._is_float(o) for o in node.output):
+            return "fp16", False, False              # a table gather, a Where between constants, ...
+        return None, False, False
 
-    # Rewrite: each node's float inputs in its type (a Cast, or a converted copy of a constant).
-    new_nodes, casts, fp16_copies = [], {}, set()
-    clip_bounds = {}
+    # ---- the rewritten graph ----
+    def _clip_bound(self, value: float) -> str:
+        from onnx import helper
 
-    def clip_bound(value: float) -> str:
         name = f"edgelmm_fp16_bound_{'max' if value > 0 else 'min'}"
-        if name not in clip_bounds:
-            clip_bounds[name] = helper.make_tensor(name, FLOAT, [], [value])
+        if name not in self.clip_bounds:
+            self.clip_bounds[name] = helper.make_tensor(name, self.FLOAT, [], [value])
         return name
 
-    def cast_to(tensor: str, want: str) -> str:
+    def _cast_to(self, tensor: str, want: str) -> str:
+        from onnx import helper
+
         key = (tensor, want)
-        if key not in casts:
-            out = f"{tensor}__{want}"
-            source = tensor
-            if want == "fp16" and tensor in exact:   # may be out of fp16's range (mask minimum)
-                clipped = f"{tensor}__clipped"
-                new_nodes.append(helper.make_node("Clip", [tensor, clip_bound(-FP16_MAX), clip_bound(FP16_MAX)],
-                                                  [clipped], name=f"{clipped}_clip"))
-                source = clipped
-            new_nodes.append(helper.make_node("Cast", [source], [out], to=elem[want], name=f"{out}_cast"))
-            casts[key] = out
-        return casts[key]
+        if key not in self.casts:
+            out, source = f"{tensor}__{want}", tensor
+            if want == "fp16" and tensor in self.exact:   # may be out of fp16's range (mask minimum)
+                source = f"{tensor}__clipped"
+                self.new_nodes.append(helper.make_node(
+                    "Clip", [tensor, self._clip_bound(-FP16_MAX), self._clip_bound(FP16_MAX)], [source],
+                    name=f"{source}_clip"))
+            self.new_nodes.append(helper.make_node("Cast", [source], [out], to=self.elem[want], name=f"{out}_cast"))
+            self.casts[key] = out
+        return self.casts[key]
 
-    for index, node in enumerate(g.node):
-        p = decided.get(index)
-        if node.op_type == "Constant":
-            new_nodes.append(node)
-            continue
-        if p is not None:
-            fixed = FIXED_INPUTS.get(node.op_type, set())
-            for k, name in enumerate(node.input):
-                if not name or types.get(name) != FLOAT or k in fixed:
-                    continue
-                if name in initializers:     # a weight: stored in the type that reads it
-                    if p == "fp16":
-                        fp16_copies.add(name)
-                        node.input[k] = f"{name}__fp16"
-                elif prec.get(name, "fp32") != p:
-                    node.input[k] = cast_to(name, p)
-            if node.op_type == "Cast" and any(a.name == "to" and a.i == FLOAT for a in node.attribute):
-                for a in node.attribute:
-                    if a.name == "to":
-                        a.i = elem[p]
-            if node.op_type == "ConstantOfShape" and p == "fp16":
-                for a in node.attribute:
-                    if a.name == "value" and a.t.data_type == FLOAT:
-                        value = np.clip(onnx.numpy_helper.to_array(a.t), -FP16_MAX, FP16_MAX).astype(np.float16)
-                        a.t.CopyFrom(onnx.numpy_helper.from_array(value, a.t.name))
-        new_nodes.append(node)
+    def rewrite(self) -> None:
+        for index, node in enumerate(self.g.node):
+            p = self.decided.get(index)
+            if node.op_type != "Constant" and p is not None:
+                self._retype(node, p)
+            self.new_nodes.append(node)
+        self._outputs()
+        del self.g.node[:]
+        self.g.node.extend(self.new_nodes)
+        self.g.initializer.extend(self.clip_bounds.values())
+        del self.g.value_info[:]
 
-    # Graph outputs: cast from the compute type to the declared one.
-    for o in g.output:
-        if o.name in renamed:
-            inner, want = renamed[o.name], outputs[o.name]
-            have = prec.get(inner, "fp32")
-            if have == want:
-                new_nodes.append(helper.make_node("Identity", [inner], [o.name], name=f"{o.name}_out"))
-            else:
-                src_name = inner
-                if want == "fp16" and inner in exact:
-                    src_name = cast_to(inner, "fp16")
-                    new_nodes.append(helper.make_node("Identity", [src_name], [o.name], name=f"{o.name}_out"))
+    def _retype(self, node, p: str) -> None:
+        import onnx
+
+        fixed = FIXED_INPUTS.get(node.op_type, set())
+        for k, name in enumerate(node.input):
+            if not self._is_float(name) or k in fixed:
+                continue
+            if name in self.initializers:     # a weight: stored in the type that reads it
+                if p == "fp16":
+                    self.fp16_copies.add(name)
+                    node.input[k] = f"{name}__fp16"
+            elif self.prec.get(name, "fp32") != p:
+                node.input[k] = self._cast_to(name, p)
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == self.FLOAT:
+                a.i = self.elem[p]
+            elif node.op_type == "ConstantOfShape" and p == "fp16" and a.name == "value" and a.t.data_type == self.FLOAT:
+                value = np.clip(onnx.numpy_helper.to_array(a.t), -FP16_MAX, FP16_MAX).astype(np.float16)
+                a.t.CopyFrom(onnx.numpy_helper.from_array(value, a.t.name))
+
+    def _outputs(self) -> None:
+        """Graph outputs: from the type they were computed in to the declared one."""
+        from onnx import helper
+
+        for o in self.g.output:
+            if o.name in self.renamed:
+                inner, want = self.renamed[o.name], self.declared[o.name]
+                if self.prec.get(inner, "fp32") == want:
+                    self.new_nodes.append(helper.make_node("Identity", [inner], [o.name], name=f"{o.name}_out"))
+                elif want == "fp16" and inner in self.exact:
+                    self.new_nodes.append(helper.make_node("Identity", [self._cast_to(inner, "fp16")], [o.name],
+                                                           name=f"{o.name}_out"))
                 else:
-                    new_nodes.append(helper.make_node("Cast", [inner], [o.name], to=elem[want], name=f"{o.name}_out"))
-            o.type.tensor_type.elem_type = elem[want]
-        elif types.get(o.name) == FLOAT:
-            o.type.tensor_type.elem_type = elem[prec.get(o.name, "fp32")]
-
-    del g.node[:]
-    g.node.extend(new_nodes)
-    g.initializer.extend(clip_bounds.values())
-    del g.value_info[:]
-    _write_initializers(model, src.parent, dst, fp16_copies)
-    return {"graph": graph, "io": {k: v for k, v in ENGINE_IO.get(graph, {}).items()},
-            "fp32_ops": dict(sorted(kept_fp32.items())), "casts": len(casts), "clips": sum(1 for t, _ in casts if t in exact)}
+                    self.new_nodes.append(helper.make_node("Cast", [inner], [o.name], to=self.elem[want],
+                                                           name=f"{o.name}_out"))
+                o.type.tensor_type.elem_type = self.elem[want]
+            elif self._is_float(o.name):
+                o.type.tensor_type.elem_type = self.elem[self.prec.get(o.name, "fp32")]
 
 
 def _fold_int32_dequantize(model, src_dir: Path) -> int:

@@ -56,26 +56,20 @@ class GGUFSupport:
 
 
 def gguf_support(family: Family) -> GGUFSupport:
-    """Can llama.cpp represent this model (LLM + mmproj)?"""
+    """Can llama.cpp represent this model (LLM + mmproj)? The text model's limits are llama.cpp's
+    llama graph's; the vision side's are the family's (Family.gguf_refusal, Family.gguf_plan)."""
     text = family.config.get("text_config") or {}
-    if family.name == "idefics2":
-        return GGUFSupport(False, "llama.cpp has no projector for Idefics2 (its perceiver resampler); "
-                                  "export ONNX instead (--format onnx)")
+    refusal = family.gguf_refusal()
+    if refusal is not None and not refusal.forceable:
+        return GGUFSupport(False, refusal.reason)
+    if family.gguf_plan() is None:
+        return GGUFSupport(False, f"llama.cpp has no projector for the {family.name} family here")
     if text.get("model_type", "llama") not in ("llama",):
         return GGUFSupport(False, f"text model type {text.get('model_type')!r} has no GGUF writer here (llama only)")
     if text.get("attention_bias") or text.get("mlp_bias"):
         return GGUFSupport(False, "the text model has attention/MLP biases, which llama.cpp's llama graph does not load")
-    if family.name == "llava":
-        vtype = (family.config.get("vision_config") or {}).get("model_type", "")
-        if "siglip" not in vtype:
-            return GGUFSupport(False, "a CLIP vision tower has a CLS token, and llama.cpp's llava graph places it "
-                                      "after the patches instead of before them, which shifts every position "
-                                      "embedding and gives wrong image features (cosine ~0.6 vs PyTorch). "
-                                      "Pass --force to write it anyway; `edgelmm verify` will show the damage",
-                               forceable=True)
-        if family.strategy == "default":
-            return GGUFSupport(False, "vision_feature_select_strategy 'default' drops the first patch of a SigLIP "
-                                      "tower (it has no CLS token); llama.cpp keeps every patch")
+    if refusal is not None:
+        return GGUFSupport(False, refusal.reason, forceable=True)
     return GGUFSupport(True)
 
 
@@ -397,40 +391,30 @@ def write_mmproj_gguf(family: Family, model, path: Path, wtype: str) -> dict[str
     writer.add_name(f"{Path(family.files.root).name} vision")
     writer.add_file_type(LLAMA_FTYPE[wtype])
     sink = _TensorSink(writer, wtype)
-    if family.name == "llava":
-        tower = model.model.vision_tower
-        tower = getattr(tower, "vision_model", tower)  # transformers 4 nests the transformer one level down
-        text_hidden = (family.config.get("text_config") or {})["hidden_size"]
-        _common_vision_keys(writer, vcfg, family.norm, text_hidden, "mlp", use_gelu)
-        layer = family.config.get("vision_feature_layer", -2)
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        # llama.cpp numbers feature layers as HF's hidden_states index (0 = the encoder's input).
-        feature_layers = [l if l >= 0 else n_layers + 1 + l for l in layers]
-        writer.add_array("clip.vision.feature_layer", feature_layers)
-        _vision_encoder_tensors(sink, tower, n_layers)  # clip.cpp loads every block
-        proj = model.model.multi_modal_projector
-        sink.add("mm.0.weight", _np(proj.linear_1.weight))
-        sink.add("mm.0.bias", _np(proj.linear_1.bias))
-        sink.add("mm.2.weight", _np(proj.linear_2.weight))
-        sink.add("mm.2.bias", _np(proj.linear_2.bias))
-        info = {"projector": "mlp", "feature_layers": feature_layers}
-    elif family.name == "idefics3":
-        tower = model.model.vision_model
-        text_hidden = (family.config.get("text_config") or {})["hidden_size"]
-        _common_vision_keys(writer, vcfg, family.norm, text_hidden, "idefics3", use_gelu)
-        writer.add_uint32("clip.vision.projector.scale_factor", int(family.config.get("scale_factor", 2)))
-        # edgelmm splits images into tiles itself (exactly as the HF processor) and hands llama.cpp one
-        # tile per bitmap; a preprocessing size equal to the tile size keeps mtmd from splitting again.
-        writer.add_uint32("clip.vision.preproc_image_size", vcfg["image_size"])
-        _vision_encoder_tensors(sink, tower, n_layers)
-        sink.add("v.post_ln.weight", _np(tower.post_layernorm.weight))
-        sink.add("v.post_ln.bias", _np(tower.post_layernorm.bias))
-        sink.add("mm.model.fc.weight", _np(model.model.connector.modality_projection.proj.weight))
-        info = {"projector": "idefics3", "scale_factor": int(family.config.get("scale_factor", 2))}
-    else:
+    plan = family.gguf_plan()
+    if plan is None:
         raise ExportError(f"no mmproj writer for the {family.name} family")
+    tower = _attribute(model, plan.tower)
+    tower = getattr(tower, "vision_model", tower)  # transformers 4 nests the transformer one level down
+    text_hidden = (family.config.get("text_config") or {})["hidden_size"]
+    _common_vision_keys(writer, vcfg, family.norm, text_hidden, plan.projector, use_gelu)
+    for key, value in plan.keys:
+        if isinstance(value, (list, tuple)):
+            writer.add_array(key, list(value))
+        else:
+            writer.add_uint32(key, int(value))
+    _vision_encoder_tensors(sink, tower, n_layers)  # clip.cpp loads every block
+    for name, path in plan.tensors:
+        sink.add(name, _np(_attribute(model, path)))
+    info = {"projector": plan.projector, **{key.rsplit(".", 1)[-1]: value for key, value in plan.keys}}
     _finish(writer)
     return info
+
+
+def _attribute(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _finish(writer) -> None:

@@ -29,6 +29,25 @@ class VisionInputs:
         return len(self.tiles_per_image)
 
 
+@dataclass(frozen=True)
+class GGUFPlan:
+    """How a family's vision side becomes a llama.cpp mmproj ("clip") GGUF, as data: the projector
+    type llama.cpp knows it by, where the vision transformer sits in the HF model, the family's own
+    tensors (llama.cpp name -> attribute path from the model; the encoder blocks' names are shared
+    by every SigLIP/CLIP tower and written by export/gguf.py), and extra metadata keys."""
+    projector: str                            # clip.projector_type: "mlp", "idefics3"
+    tower: str                                # attribute path of the vision transformer
+    tensors: tuple[tuple[str, str], ...]      # (llama.cpp tensor name, attribute path from the model)
+    keys: tuple[tuple[str, Any], ...] = ()    # (GGUF key, uint32 or list of ints)
+
+
+@dataclass(frozen=True)
+class GGUFRefusal:
+    """Why llama.cpp cannot represent this model; `forceable`: written anyway with --force."""
+    reason: str
+    forceable: bool = False
+
+
 @dataclass
 class TorchParts:
     """The HF model split along the graph contract (used by the reference backend and exporters)."""
@@ -79,6 +98,14 @@ class Family(ABC):
     @property
     def hf_model_class(self) -> str:
         return self.config.get("architectures", [""])[0]
+
+    def gguf_refusal(self) -> GGUFRefusal | None:
+        """Why this model's vision side has no llama.cpp form (None: it has one, see gguf_plan)."""
+        return None
+
+    def gguf_plan(self) -> GGUFPlan | None:
+        """The mmproj GGUF's projector, tensors and keys (None: the family has no llama.cpp projector)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.name, "model_type": self.config.get("model_type"), "prompt_style": self.prompt_style}

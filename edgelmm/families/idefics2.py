@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from .. import images as im
-from .base import Family, TorchParts, VisionInputs
+from .base import Family, GGUFRefusal, TorchParts, VisionInputs
 
 FAKE_TOKEN = "<fake_token_around_image>"
 
@@ -84,6 +84,10 @@ class Idefics2Family(Family):
         text = text.replace(self.image_token, image_str)
         text = text.replace(FAKE_TOKEN + FAKE_TOKEN, FAKE_TOKEN)
         return re.sub(rf"{re.escape(FAKE_TOKEN)}(?=[^\s<])", f"{FAKE_TOKEN} ", text)
+
+    def gguf_refusal(self) -> GGUFRefusal:
+        return GGUFRefusal("llama.cpp has no projector for Idefics2 (its perceiver resampler); export ONNX instead "
+                           "(--format onnx)")
 
     def torch_parts(self, model):
         def vision(pixel_values, mask=None):

@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from .. import images as im
-from .base import Family, TorchParts, VisionInputs
+from .base import Family, GGUFPlan, TorchParts, VisionInputs
 
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TAG = "<global-img>"
@@ -120,6 +120,20 @@ class Idefics3Family(Family):
     def expand_prompt(self, text, vision):
         it = iter(vision.replacements)
         return re.sub(re.escape(self.image_token), lambda _: next(it), text)
+
+    def gguf_plan(self) -> GGUFPlan:
+        """llama.cpp's "idefics3" projector: pixel shuffle by scale_factor, then one linear layer."""
+        tower = "model.vision_model"
+        vcfg = self.config["vision_config"]
+        return GGUFPlan("idefics3", tower,
+                        (("v.post_ln.weight", f"{tower}.post_layernorm.weight"),
+                         ("v.post_ln.bias", f"{tower}.post_layernorm.bias"),
+                         ("mm.model.fc.weight", "model.connector.modality_projection.proj.weight")),
+                        (("clip.vision.projector.scale_factor", int(self.config.get("scale_factor", 2))),
+                         # edgelmm splits images into tiles itself (exactly as the HF processor) and hands
+                         # llama.cpp one tile per bitmap; a preprocessing size equal to the tile size keeps
+                         # mtmd from splitting again.
+                         ("clip.vision.preproc_image_size", vcfg["image_size"])))
 
     def torch_parts(self, model):
         def vision(pixel_values, mask=None):

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import images as im
 from ..errors import CheckpointError, PromptError
-from .base import Family, TorchParts, VisionInputs
+from .base import Family, GGUFPlan, GGUFRefusal, TorchParts, VisionInputs
 
 MANTIS_LABEL = "(image {n}: <Image>{marker}</Image>)"
 
@@ -94,6 +94,30 @@ class LlavaFamily(Family):
             out.append(vision.replacements[i])
             out.append(piece)
         return "".join(out)
+
+    def gguf_refusal(self) -> GGUFRefusal | None:
+        if "siglip" not in self.vision_type:
+            return GGUFRefusal("a CLIP vision tower has a CLS token, and llama.cpp's llava graph places it after the "
+                               "patches instead of before them, which shifts every position embedding and gives "
+                               "wrong image features (cosine ~0.6 vs PyTorch). Pass --force to write it anyway; "
+                               "`edgelmm verify` will show the damage", forceable=True)
+        if self.strategy == "default":
+            return GGUFRefusal("vision_feature_select_strategy 'default' drops the first patch of a SigLIP tower (it "
+                               "has no CLS token); llama.cpp keeps every patch")
+        return None
+
+    def gguf_plan(self) -> GGUFPlan:
+        """llama.cpp's "mlp" projector: the two linear layers of the multi-modal projector."""
+        n_layers = (self.config.get("vision_config") or {})["num_hidden_layers"]
+        layer = self.config.get("vision_feature_layer", -2)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        # llama.cpp numbers feature layers as HF's hidden_states index (0 = the encoder's input).
+        feature_layers = [n if n >= 0 else n_layers + 1 + n for n in layers]
+        proj = "model.multi_modal_projector"
+        return GGUFPlan("mlp", "model.vision_tower",
+                        (("mm.0.weight", f"{proj}.linear_1.weight"), ("mm.0.bias", f"{proj}.linear_1.bias"),
+                         ("mm.2.weight", f"{proj}.linear_2.weight"), ("mm.2.bias", f"{proj}.linear_2.bias")),
+                        (("clip.vision.feature_layer", feature_layers),))
 
     def torch_parts(self, model):
         layer = self.config.get("vision_feature_layer", -2)
