@@ -359,3 +359,22 @@ def test_sigterm_stops_every_camera_of_a_config_run(reference_bundle, tmp_path):
         assert s["stop_reason"] == "signal SIGTERM" and s["read"] == s["processed"] + s["dropped"] < 900
     assert {r["camera"] for r in lines if r["type"] == "anomaly"} == {"dock", "gate"}
     assert [s["stop_reason"] for s in json.loads(out)["cameras"]] == ["signal SIGTERM"] * 2
+
+
+def test_idle_connections_cannot_hold_the_view():
+    """Idle sockets (a slowloris, a stuck browser) are dropped after the idle timeout, connections
+    beyond the cap are closed at once, and the view answers again: one thread per connection, bounded."""
+    import socket
+
+    view = LiveView(":0", max_connections=8, idle_timeout_s=0.5).start()
+    try:
+        idle = [socket.create_connection((view.host, view.port)) for _ in range(20)]
+        time.sleep(0.2)
+        assert threading.active_count() < 8 + 10, "no thread per connection beyond the cap"
+        time.sleep(1.0)   # past the idle timeout: their slots are free again
+        status, _, body = _get(view, "/api/state")
+        assert status == 200 and json.loads(body)["cameras"] == []
+        for s in idle:
+            s.close()
+    finally:
+        view.close()

@@ -158,9 +158,15 @@ class CameraView:
 class LiveView:
     """The view's server. `address` as for --view (':8080'; port 0 picks a free one: see .url)."""
 
-    def __init__(self, address: str = ":8080", history: int = 600, max_events: int = 500, max_clients: int = 16):
+    def __init__(self, address: str = ":8080", history: int = 600, max_events: int = 500, max_clients: int = 16,
+                 max_connections: int = 64, idle_timeout_s: float = 10.0):
+        """`max_clients`: live streams at once; `max_connections`: connections of any kind at once
+        (one thread each), more are closed at once; `idle_timeout_s`: a connection that sends no
+        request (or a stream whose reader stops reading) for this long is dropped, so idle sockets
+        cannot hold every slot."""
         self.host, self.port = parse_view_address(address)
         self.history, self.max_events, self.max_clients = history, max_events, max_clients
+        self.max_connections, self.idle_timeout_s = max_connections, idle_timeout_s
         self.cameras: dict[str, CameraView] = {}
         self.cond = threading.Condition()
         self.version = 0                     # bumped on every change; streams wait on it
@@ -195,13 +201,12 @@ class LiveView:
 
     # ---- server ----
     def start(self) -> "LiveView":
-        handler = type("Handler", (_Handler,), {"view": self})   # the handler class of this view
+        handler = type("Handler", (_Handler,), {"view": self, "timeout": self.idle_timeout_s})
         try:
-            self._server = ThreadingHTTPServer((self.host, self.port), handler)
+            self._server = _BoundedServer((self.host, self.port), handler, self.max_connections)
         except OSError as exc:
             raise OptionError(f"--view {self.host}:{self.port}: cannot listen there "
                               f"({exc.strerror or type(exc).__name__})") from None
-        self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="edgelmm-view", daemon=True)
         self._thread.start()
@@ -220,6 +225,32 @@ class LiveView:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most `limit` at once: beyond it a connection is closed unanswered."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, limit: int):
+        self._slots = threading.BoundedSemaphore(limit)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -245,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (the http.server name)
         try:
             self._get()
-        except (BrokenPipeError, ConnectionResetError):   # the browser went away
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):   # the browser went away or stalled
             pass
 
     def _method_not_allowed(self):
