@@ -17,7 +17,7 @@ from .families import Family, VisionInputs
 from .images import ImageInput, load_images
 from .modelfiles import ModelFiles
 from .prompt import IMAGE_MARKER, PromptInput, messages_as_plain_text, parse_prompt, render_chat
-from .runtimes.base import Backend
+from .runtimes.base import Backend, capabilities_of
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Pipeline:
         # A backend that is not thread-safe (llama.cpp: one context, one KV cache) runs one
         # generation at a time: a second thread's generate waits for the first to finish. The lock
         # is the backend's own where it has one, so Pipelines sharing a backend share the lock.
-        self._exclusive = (nullcontext() if getattr(backend, "thread_safe", False)
+        self._exclusive = (nullcontext() if capabilities_of(backend).thread_safe
                            else getattr(backend, "generation_lock", None) or threading.RLock())
 
     # ---- prompt ----
@@ -215,7 +215,7 @@ class Pipeline:
         token ids itself (`decode_ids`: llama.cpp looks the row up inside its graph) skips the
         host-side embedding lookup, which on a small model costs a third of a step."""
         ids, pos = np.array([[token]], np.int64), np.array([[position]], np.int64)
-        by_id = getattr(self.backend, "decode_ids", None)
+        by_id = self.backend.decode_ids if capabilities_of(self.backend).decode_ids else None
         if by_id is not None:
             return by_id(ids, pos, cache)
         return self.backend.decode(self.backend.embed_tokens(ids), np.ones((1, position + 1), np.int64), pos, cache)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .pipeline import Pipeline, left_pad
+from .runtimes.base import capabilities_of
 from .runtimes.registry import BACKENDS, TENSORRT_LIMITS as _TENSORRT_LIMITS
 
 THRESHOLDS: dict[str, dict[str, float]] = {
@@ -185,7 +186,7 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
                       "logits_max_abs": float(np.abs(rl - cl).max()), "logits_kl": kl_divergence(rl, cl),
                       "decoder_logits_max_abs": float(np.abs(rl - dl).max()),
                       "token_match": token_match(rt, ct), "reference_tokens": rt, "candidate_tokens": ct})
-        tokenize = getattr(candidate.backend, "tokenize", None)
+        tokenize = candidate.backend.tokenize if capabilities_of(candidate.backend).tokenize else None
         if tokenize is not None:  # the backend's own tokenizer (llama.cpp's), as stock tools would use it
             own = tokenize(prep.expanded, prep.add_special)
             cases[-1]["backend_tokenizer_equal"] = own == prep.input_ids.tolist()

@@ -505,3 +505,27 @@ def test_ort_tensorrt_provider_options(reference_bundle, tmp_path):
     # fp32 graphs compute in fp32 on the CUDA provider unless TF32 is asked for
     assert GpuOptions().provider_options("CUDAExecutionProvider", b, "fp32") == {"device_id": 0, "use_tf32": 0}
     assert GpuOptions(tf32=True).provider_options("CUDAExecutionProvider", b, "fp32")["use_tf32"] == 1
+
+
+def test_backends_declare_their_capabilities(reference_bundle):
+    """Each backend says what it can do in one typed record; a backend without one (a wrapper,
+    another project's) is read from its attributes."""
+    import edgelmm
+    from edgelmm.apps.anomaly import SerializedBackend
+    from edgelmm.runtimes.base import Capabilities, capabilities_of
+    from edgelmm.runtimes.llamacpp import LlamaCppBackend
+    from edgelmm.runtimes.tensorrt import TensorRTBackend
+    from edgelmm.runtimes.torch import TorchBackend
+
+    assert LlamaCppBackend.capabilities == Capabilities(thread_safe=False, decode_ids=True, tokenize=True, close=True)
+    assert TensorRTBackend.capabilities.thread_safe is False and TorchBackend.capabilities == Capabilities()
+    ort = edgelmm.load(reference_bundle, backend="onnxruntime", threads=1).backend
+    assert capabilities_of(ort) == Capabilities(thread_safe=True)
+    assert capabilities_of(SerializedBackend(ort)).thread_safe   # a wrapper forwards what it wraps
+
+    class Theirs:
+        thread_safe = True
+
+        def tokenize(self, text, add_special):
+            return []
+    assert capabilities_of(Theirs()) == Capabilities(thread_safe=True, tokenize=True)

@@ -34,6 +34,7 @@ from ..images import ImageInput, load_images
 from ..pipeline import Pipeline, SamplingParams
 from ..options import check_int, check_number, check_output_dir, check_output_file
 from ..prompt import IMAGE_MARKER, check_text
+from ..runtimes.base import capabilities_of
 from ..synthetic import ANOMALY_PROMPT
 from .capture import CaptureConfig, CaptureThread, Frame, FrameQueue, parse_source
 from .gate import GateConfig, GateDecision, NormalSceneGate
@@ -459,7 +460,7 @@ class AnomalyWatcher:
         self.config = config or WatchConfig()
         self.config.validate()
         check_events(events)
-        if not (getattr(pipeline.backend, "thread_safe", False) or isinstance(pipeline.backend, SerializedBackend)):
+        if not (capabilities_of(pipeline.backend).thread_safe or isinstance(pipeline.backend, SerializedBackend)):
             pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend),
                                 selection=pipeline.selection, precision_reason=pipeline.precision_reason)
         self.pipeline = pipeline
@@ -754,7 +755,7 @@ def watch_cameras(pipeline: Pipeline, cameras: Sequence[Camera], config: WatchCo
     if not cameras or len(set(names)) != len(names):
         raise OptionError(f"cameras need distinct names, got {names}")
     check_events(events)
-    if not (getattr(pipeline.backend, "thread_safe", False) or isinstance(pipeline.backend, SerializedBackend)):
+    if not (capabilities_of(pipeline.backend).thread_safe or isinstance(pipeline.backend, SerializedBackend)):
         # one lock for every camera's gate and the verifier, not one per watcher
         pipeline = Pipeline(pipeline.files, pipeline.family, SerializedBackend(pipeline.backend),
                             selection=pipeline.selection, precision_reason=pipeline.precision_reason)

@@ -9,6 +9,7 @@ llama.cpp), in numpy at the boundary so the Pipeline is the same over all of the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -36,9 +37,29 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """What really runs: device, providers, threads, precision."""
 
-# Optional: `decode_ids(input_ids [1, S], position_ids [1, S], cache) -> logits [1, V]`, for text tokens
-# of a batch-1 generation, where the backend looks embeddings up itself (Pipeline.decode_step uses it).
-# Optional: `thread_safe` (True: the Pipeline lets generations run at once; else it serialises them
-# under `generation_lock` where the backend has one), `cache_capacity` ((sequences, positions) one
-# cache holds over all rows: generate_batch answers row by row beyond it) and `n_ctx` (positions the
-# backend holds, when fewer than the model's context window).
+# Optional values: `cache_capacity` ((sequences, positions) one cache holds over all rows:
+# generate_batch answers row by row beyond it), `n_ctx` (positions the backend holds, when fewer than
+# the model's context window), `generation_lock` (the lock a backend that is not thread-safe shares
+# between the Pipelines over it).
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the contract, declared as its class attribute `capabilities`."""
+    thread_safe: bool = False    # generations may run at once (else the Pipeline runs one at a time)
+    decode_ids: bool = False     # decode_ids(input_ids [1, S], position_ids [1, S], cache) -> logits [1, V]:
+                                 # text tokens of a batch-1 generation, embeddings looked up inside
+    tokenize: bool = False       # tokenize(text, add_special) -> ids: its own tokenizer (verify compares it)
+    close: bool = False          # close(): releases what it holds before garbage collection
+
+
+def capabilities_of(backend) -> Capabilities:
+    """A backend's Capabilities; for a backend that declares none (a wrapper, another project's), what
+    its attributes show."""
+    declared = getattr(backend, "capabilities", None)
+    if isinstance(declared, Capabilities):
+        return declared
+    return Capabilities(thread_safe=bool(getattr(backend, "thread_safe", False)),
+                        decode_ids=callable(getattr(backend, "decode_ids", None)),
+                        tokenize=callable(getattr(backend, "tokenize", None)),
+                        close=callable(getattr(backend, "close", None)))

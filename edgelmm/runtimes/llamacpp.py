@@ -32,6 +32,7 @@ from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError, EdgeLMMError, ImageError, PromptError
 from ..gguf_file import TokenEmbeddings, validate_gguf
 from ..options import check_int, default_threads
+from .base import Capabilities
 
 _GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
 _FLASH_ATTN_DISABLED, _FLASH_ATTN_AUTO = 0, -1
@@ -92,6 +93,7 @@ class LlamaCppBackend:
     # One context, one KV cache, and llama.cpp asserts (aborts the process) when two threads decode
     # on it: the Pipeline serialises generations on backends that are not thread-safe.
     thread_safe = False
+    capabilities = Capabilities(thread_safe=False, decode_ids=True, tokenize=True, close=True)
 
     def __init__(self, bundle: Bundle, precision: str = "f16", threads: int | None = None,
                  gpu_layers: int | None = None, max_batch: int = 4, context_length: int | None = None):

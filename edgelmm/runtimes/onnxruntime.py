@@ -21,6 +21,7 @@ from ..errors import BackendUnavailable, BundleError, PromptError
 from ..manifest import FUSED_DECODER as FUSED_GRAPH, QUANTIZED_PRECISIONS
 from ..onnx_file import check_external_data
 from ..options import check_int, check_threads, default_threads
+from .base import Capabilities
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"auto": PROVIDER_ORDER, "tensorrt": PROVIDER_ORDER, "cuda": PROVIDER_ORDER[1:],
@@ -180,6 +181,7 @@ class OnnxRuntimeBackend:
     # InferenceSession.run may be called from several threads at once (`edgelmm watch` encodes
     # frames while its verifier decodes); the KV cache is per generation, so nothing is shared.
     thread_safe = True
+    capabilities = Capabilities(thread_safe=True)
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
                  io_binding: bool | None = None, gpu: GpuOptions | None = None, vision_chunk: int = VISION_CHUNK,

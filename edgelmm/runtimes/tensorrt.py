@@ -24,6 +24,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError, ImageError, PromptError
+from .base import Capabilities
 from .cuda import CudaDriver, DeviceBuffer
 
 GRAPHS = ("vision", "embed", "decoder")
@@ -271,6 +272,7 @@ class TrtCache:
 class TensorRTBackend:
     name = "tensorrt"
     thread_safe = False  # one execution context per engine; `watch` serialises calls
+    capabilities = Capabilities(thread_safe=False)
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device_index: int = 0,
                  max_context: int | None = None):

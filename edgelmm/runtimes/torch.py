@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import BackendUnavailable, CheckpointError
 from ..families import Family
 from ..options import default_threads
+from .base import Capabilities
 
 
 VISION_CHUNK = 4  # tiles per vision-tower call
@@ -137,6 +138,7 @@ def upcast_releasing_pages(model, dtype) -> None:
 
 class TorchBackend:
     name = "torch"
+    capabilities = Capabilities()   # the reference: one generation at a time, the Pipeline's tokenizer
 
     def __init__(self, family: Family, model=None, dtype: str = "float32", threads: int | None = None,
                  trust_remote_code: bool = False, device: str = "cpu"):
