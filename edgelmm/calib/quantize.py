@@ -378,7 +378,12 @@ def lm_head_nodes(path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [n.name for n in graph.node if "logits" in n.output]
+    producer = {o: n for n in graph.node for o in n.output}
+    out = [n for n in graph.node if "logits" in n.output]
+    # a head with a bias: MatMul then Add; the MatMul is the head
+    out += [producer[i] for n in out if n.op_type == "Add" for i in n.input
+            if i in producer and producer[i].op_type in ("MatMul", "Gemm")]
+    return [n.name for n in out]
 
 
 # The lm_head of an INT4 decoder: vocabulary x hidden, a third of a Mantis-1B decoder's weights
