@@ -378,3 +378,21 @@ def test_idle_connections_cannot_hold_the_view():
             s.close()
     finally:
         view.close()
+
+
+def test_the_turn_survives_a_camera_leaving():
+    verifier = Verifier()
+    a, b, c = (types.SimpleNamespace(config=WatchConfig(verifier_queue=4)) for _ in range(3))
+    for w in (a, b, c):
+        verifier.open_lane(w)
+
+    def job(watcher, n):
+        return VerifyJob(types.SimpleNamespace(n=n), None, [], 0.0, watcher)
+    for w, name in ((a, "a"), (b, "b"), (c, "c")):
+        verifier.submit(job(w, f"{name}0"))
+        verifier.submit(job(w, f"{name}1"))
+    assert [verifier.take().event.n for _ in range(2)] == ["a0", "b0"]   # c's turn next
+    verifier._busy = None
+    verifier._lanes[id(a)].clear()
+    verifier.finish_lane(a)                                             # a leaves
+    assert [verifier.take().event.n for _ in range(3)] == ["c0", "b1", "c1"]

@@ -394,8 +394,11 @@ class Verifier(threading.Thread):
             while self._lanes[key] or self._busy == key:
                 self._cv.wait()
             del self._lanes[key], self._limits[key]
+            at = self._order.index(key)
             self._order.remove(key)
-            self._next = 0
+            if at < self._next:   # the turn stays with the lane it was on
+                self._next -= 1
+            self._next = self._next % len(self._order) if self._order else 0
 
     def close(self) -> None:
         """Answer what is queued, then stop the worker."""
