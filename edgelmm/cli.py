@@ -698,11 +698,11 @@ def watch(
                                                                       "file listing them (name, source, references, "
                                                                       "own gate settings; see the README). One "
                                                                       "verifier serves them all, in turn."),
-    view: Optional[str] = typer.Option(None, help="Serve a live page at [host]:port (e.g. :8080, this machine "
-                                                  "only; 0.0.0.0:8080 for the network): each camera's latest frame "
-                                                  "with the gate's heat-map, its score against the threshold, and "
-                                                  "the events with the verifier's answers. Read-only, no internet "
-                                                  "needed."),
+    view: Optional[str] = typer.Option(None, help="Serve a live page at HOST:PORT, or :PORT for this machine "
+                                                  "only (e.g. :8080; 0.0.0.0:8080 for the network): each camera's "
+                                                  "latest frame with the gate's heat-map, its score against the "
+                                                  "threshold, and the events with the verifier's answers. "
+                                                  "Read-only, no internet needed."),
     bundle: Path = typer.Option(..., "--bundle", "-b", help="The bundle (from `edgelmm export`) that embeds the "
                                                             "frames and answers the verifier's question."),
     events: Optional[Path] = typer.Option(None, help="Append events as JSON lines to this file (default: stdout). "

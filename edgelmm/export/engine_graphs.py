@@ -229,7 +229,8 @@ class _Fp16Pass:
         for a in node.attribute:
             if node.op_type == "Cast" and a.name == "to" and a.i == self.FLOAT:
                 a.i = self.elem[p]
-            elif node.op_type == "ConstantOfShape" and p == "fp16" and a.name == "value" and a.t.data_type == self.FLOAT:
+            elif (node.op_type == "ConstantOfShape" and p == "fp16" and a.name == "value"
+                  and a.t.data_type == self.FLOAT):
                 value = np.clip(onnx.numpy_helper.to_array(a.t), -FP16_MAX, FP16_MAX).astype(np.float16)
                 a.t.CopyFrom(onnx.numpy_helper.from_array(value, a.t.name))
 
