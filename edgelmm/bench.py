@@ -225,11 +225,12 @@ def measure_pipeline(pipe, options: BenchOptions) -> dict[str, Any]:
         n = embeds.shape[1]
         cache = b.new_cache(1)
         t3 = time.perf_counter()
-        logits = b.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        positions = pipe.prompt_positions(prep)
+        logits = b.decode(embeds, np.ones((1, n), np.int64), pipe.as_position_ids(positions[:, None]), cache)
         token = int(np.argmax(logits[0]))
         t4 = time.perf_counter()
         for i in range(options.new_tokens):  # as Pipeline.stream_tokens steps
-            token = int(np.argmax(pipe.decode_step(token, n + i, cache)[0]))
+            token = int(np.argmax(pipe.decode_step(token, int(positions.max()) + 1 + i, cache)[0]))
         t5 = time.perf_counter()
         if r:
             vision1.append((t1 - t0) * 1e3)

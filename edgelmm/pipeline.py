@@ -27,6 +27,7 @@ class PreparedPrompt:
     vision: VisionInputs
     expanded: str = ""             # the text that was tokenized (image markers expanded)
     add_special: bool = True       # whether the tokenizer added BOS itself
+    positions: np.ndarray | None = None  # [position_dims, S] (Family.positions); None: 0..S-1
 
 
 @dataclass
@@ -75,16 +76,23 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     return int(rng.choice(p.shape[0], p=p))
 
 
-def left_pad(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def left_pad(rows: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[S_i, D] embedding rows -> a left-padded batch: embeds [B, S, D], attention mask [B, S] and
-    position ids that count each row's own tokens from 0 (pads sit at position 0, masked)."""
+    position ids that count each row's own tokens from 0 (pads sit at position 0, masked). With
+    each row's [P, S_i] `positions` (M-RoPE), those left-padded instead: [P, B, S]."""
     width = max(len(r) for r in rows)
     embeds = np.zeros((len(rows), width, rows[0].shape[-1]), np.float32)
     mask = np.zeros((len(rows), width), np.int64)
     for i, r in enumerate(rows):
         embeds[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
-    return embeds, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    if positions is None:
+        return embeds, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    padded = np.zeros((positions[0].shape[0], len(rows), width), np.int64)
+    for i, p in enumerate(positions):
+        padded[:, i, width - p.shape[1]:] = p
+    return embeds, mask, padded
 
 
 class Pipeline:
@@ -120,8 +128,9 @@ class Pipeline:
         template = self.files.chat_template if chat else None
         if template:
             text = render_chat(template, parsed.messages, self.files.special_tokens_map)
-            if text.count(IMAGE_MARKER) != len(sources):
-                raise PromptError(f"the chat template kept {text.count(IMAGE_MARKER)} of {len(sources)} image markers")
+            kept = self.family.count_image_markers(text)
+            if kept != len(sources):
+                raise PromptError(f"the chat template kept {kept} of {len(sources)} image markers")
         else:
             text = messages_as_plain_text(parsed.messages)
         pixels = load_images(sources)
@@ -138,14 +147,33 @@ class Pipeline:
         if len(ids) >= self.context_length:
             raise PromptError(f"the prompt is {len(ids)} tokens ({n_image_tokens} of them image tokens) but the "
                               f"model's context window is {self.context_length}")
-        return PreparedPrompt(text=text, input_ids=ids, vision=vision, expanded=expanded, add_special=add_special)
+        positions = self.family.positions(ids, vision) if self.family.position_dims > 1 else None
+        return PreparedPrompt(text=text, input_ids=ids, vision=vision, expanded=expanded, add_special=add_special,
+                              positions=positions)
+
+    def prompt_positions(self, prepared: PreparedPrompt) -> np.ndarray:
+        """[P, S] position ids of the prompt's tokens (P = the family's position_dims)."""
+        if prepared.positions is not None:
+            return prepared.positions
+        return np.arange(len(prepared.input_ids), dtype=np.int64)[None]
+
+    def as_position_ids(self, positions: np.ndarray) -> np.ndarray:
+        """[P, B, S] -> the decoder's position_ids: [B, S] for 1-D positions, [3, B, S] for M-RoPE."""
+        return positions[0] if self.family.position_dims == 1 else positions
 
     # ---- graphs ----
     def image_features(self, vision: VisionInputs) -> np.ndarray:
-        """[N_tiles, T, D] features of all tiles of the prompt's images (empty when no image)."""
+        """[N_tiles, T, D] features of all tiles of the prompt's images (empty when no image). Where
+        images keep their own sizes, each size is its own graph run and the rows of all of them come
+        back as one [1, rows, D] array when their token counts differ."""
         if vision.num_images == 0:
             return np.zeros((0, 0, 0), np.float32)
-        return self.backend.encode_images(vision.pixel_values, vision.pixel_attention_mask)
+        runs = [self.backend.encode_images(pv, mask) for pv, mask in zip(vision.tile_groups(), vision.mask_groups())]
+        if len(runs) == 1:
+            return runs[0]
+        if len({r.shape[1] for r in runs}) == 1:
+            return np.concatenate(runs)
+        return np.concatenate([r.reshape(-1, r.shape[-1]) for r in runs])[None]
 
     def merged_embeddings(self, prepared: PreparedPrompt, features: np.ndarray | None = None) -> np.ndarray:
         embeds = self.backend.embed_tokens(prepared.input_ids[None, :])
@@ -179,8 +207,10 @@ class Pipeline:
         embeds = self.merged_embeddings(prepared, feats)
         n = embeds.shape[1]
         budget = min(params.max_new_tokens, self.context_length - n)
+        positions = self.prompt_positions(prepared)
         cache = self.backend.new_cache(1)
-        logits = self.backend.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        logits = self.backend.decode(embeds, np.ones((1, n), np.int64), self.as_position_ids(positions[:, None]), cache)
+        after = int(positions.max()) + 1 if n else 0
         t2 = time.perf_counter()
         timings.update(vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, decode_ms=0.0)
         ends = () if params.ignore_eos else self.eos_ids
@@ -190,35 +220,44 @@ class Pipeline:
             if token in ends or i == budget - 1:
                 break
             t = time.perf_counter()
-            logits = self.decode_step(token, n + i, cache)
+            logits = self.decode_step(token, after + i, cache)
             timings["decode_ms"] += (time.perf_counter() - t) * 1e3
 
-    def greedy_from_embeddings(self, embeds: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[int]]:
-        """Prefill `embeds` [1, n, D] and decode greedily: (the prefill's logits [1, V], generated ids).
-        The steps of stream_tokens (decode_step, EOS, context budget), keeping the prefill's logits:
-        verify judges both from one prefill instead of running it twice."""
+    def greedy_from_embeddings(self, embeds: np.ndarray, max_new_tokens: int,
+                               positions: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+        """Prefill `embeds` [1, n, D] (at `positions` [P, n], default 0..n-1) and decode greedily:
+        (the prefill's logits [1, V], generated ids). The steps of stream_tokens (decode_step, EOS,
+        context budget), keeping the prefill's logits: verify judges both from one prefill instead
+        of running it twice."""
         n = embeds.shape[1]
+        if positions is None:
+            positions = np.arange(n, dtype=np.int64)[None]
         budget = min(max_new_tokens, self.context_length - n)
+        after = int(positions.max()) + 1 if n else 0
         with self._exclusive:
             cache = self.backend.new_cache(1)
-            logits = self.backend.decode(embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+            logits = self.backend.decode(embeds, np.ones((1, n), np.int64), self.as_position_ids(positions[:, None]),
+                                         cache)
             first, tokens = logits, []
             for i in range(budget):
                 tokens.append(int(np.argmax(logits[0])))
                 if tokens[-1] in self.eos_ids or i == budget - 1:
                     break
-                logits = self.decode_step(tokens[-1], n + i, cache)
+                logits = self.decode_step(tokens[-1], after + i, cache)
         return first, tokens
 
     def decode_step(self, token: int, position: int, cache) -> np.ndarray:
-        """One generated token (batch 1) through the decoder -> logits [1, V]. A backend that takes
-        token ids itself (`decode_ids`: llama.cpp looks the row up inside its graph) skips the
-        host-side embedding lookup, which on a small model costs a third of a step."""
-        ids, pos = np.array([[token]], np.int64), np.array([[position]], np.int64)
+        """One generated token (batch 1) at `position` through the decoder -> logits [1, V]. A
+        backend that takes token ids itself (`decode_ids`: llama.cpp looks the row up inside its
+        graph) skips the host-side embedding lookup, which on a small model costs a third of a step."""
+        ids = np.array([[token]], np.int64)
+        pos = self.as_position_ids(np.full((self.family.position_dims, 1, 1), position, np.int64))
         by_id = self.backend.decode_ids if capabilities_of(self.backend).decode_ids else None
         if by_id is not None:
             return by_id(ids, pos, cache)
-        return self.backend.decode(self.backend.embed_tokens(ids), np.ones((1, position + 1), np.int64), pos, cache)
+        # The mask covers the cache; with M-RoPE a token's position is not its index in the cache.
+        return self.backend.decode(self.backend.embed_tokens(ids), np.ones((1, cache.length + 1), np.int64), pos,
+                                   cache)
 
     def generate_batch(self, requests: Sequence[tuple[PromptInput, Sequence[ImageInput] | None]], *,
                        chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -290,8 +329,11 @@ class Pipeline:
 
     def _batch_steps(self, prepared: list[PreparedPrompt], params: list[SamplingParams], budgets: list[int],
                      stop: Callable[[int], bool]) -> Iterator[tuple[int, int]]:
-        embeds, mask, positions = left_pad([self.merged_embeddings(p)[0] for p in prepared])
+        embeds, mask, positions = left_pad([self.merged_embeddings(p)[0] for p in prepared],
+                                           [self.prompt_positions(p) for p in prepared])
         batch = mask.shape[0]
+        after = positions.max(axis=(0, 2)) + 1      # each row's next position (pads are 0)
+        positions = self.as_position_ids(positions)
         rngs = [np.random.default_rng(p.seed) for p in params]
         cache = self.backend.new_cache(batch)
         logits = self.backend.decode(embeds, mask, positions, cache)
@@ -309,7 +351,8 @@ class Pipeline:
             if all(done):
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            positions = self.as_position_ids(np.tile(after[None, :, None], (self.family.position_dims, 1, 1)))
+            after = after + 1
             logits = self.backend.decode(self.backend.embed_tokens(np.asarray(tokens, np.int64)[:, None]),
                                          mask, positions, cache)
 

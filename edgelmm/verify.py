@@ -103,7 +103,7 @@ def prefill_logits(pipe: Pipeline, embeds: np.ndarray, mask: np.ndarray, pos: np
 def pixel_digest(vision) -> str:
     """sha256 of a prompt's preprocessed tiles (and mask): what the reference saw, without keeping it."""
     h = hashlib.sha256()
-    for a in (vision.pixel_values, vision.pixel_attention_mask):
+    for a in [*vision.tile_groups(), vision.pixel_attention_mask]:
         if a is not None:
             h.update(str((a.dtype, a.shape)).encode())
             h.update(np.ascontiguousarray(a).tobytes())
@@ -146,10 +146,8 @@ def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun
         tiles += n_tiles
         features = reference.image_features(prep.vision)
         embeds = reference.merged_embeddings(prep, features)
-        logits, tokens = reference.greedy_from_embeddings(embeds, max_new_tokens)
-        kept = replace(prep, vision=replace(prep.vision, pixel_values=prep.vision.pixel_values[:0],
-                                            pixel_attention_mask=None if prep.vision.pixel_attention_mask is None
-                                            else prep.vision.pixel_attention_mask[:0]))
+        logits, tokens = reference.greedy_from_embeddings(embeds, max_new_tokens, reference.prompt_positions(prep))
+        kept = replace(prep, vision=prep.vision.without_pixels())
         cases.append(ReferenceCase(kept, pixel_digest(prep.vision), features, embeds, logits, tokens))
     return ReferenceRun(cases, max_new_tokens, reference.backend.describe(), skipped)
 
@@ -165,7 +163,7 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
     elif reference.max_new_tokens != max_new_tokens:
         raise ValueError(f"the reference run generated {reference.max_new_tokens} tokens, not {max_new_tokens}")
     limits = dict(thresholds or thresholds_for(candidate, precision))
-    cases, ref_embeds, ref_logits = [], [], []
+    cases, ref_embeds, ref_positions, ref_logits = [], [], [], []
     for i, (case, ref) in enumerate(zip(CASES, reference.cases)):
         images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
         prep = ref.prepared
@@ -175,9 +173,10 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
         rf, cf = ref.features, candidate.image_features(cand_prep.vision)
         re_, ce = ref.embeds, candidate.merged_embeddings(prep, cf)
         n = re_.shape[1]
-        ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
+        positions = candidate.prompt_positions(prep)
+        ones, pos = np.ones((1, n), np.int64), candidate.as_position_ids(positions[:, None])
         rl, rt = ref.logits, ref.tokens
-        cl, ct = candidate.greedy_from_embeddings(ce, max_new_tokens)
+        cl, ct = candidate.greedy_from_embeddings(ce, max_new_tokens, positions)
         # The decoder alone: the candidate's decoder on the reference's own input embeddings.
         dl = prefill_logits(candidate, re_, ones, pos)
         cases.append({"case": case.name, "images": len(images), "prompt_tokens": n, "prompt_ids_equal": ids_equal,
@@ -194,11 +193,12 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
                 (i for i, (a, b) in enumerate(zip(own, prep.input_ids.tolist())) if a != b),
                 None if len(own) == len(prep.input_ids) else min(len(own), len(prep.input_ids)))
         ref_embeds.append(re_[0])
+        ref_positions.append(positions)
         ref_logits.append(rl[0])
 
     # Batch 2, left padded: each row must give the logits the reference gives it alone.
-    embeds, mask, pos = left_pad(ref_embeds[:2])
-    batch_logits = prefill_logits(candidate, embeds, mask, pos)
+    embeds, mask, pos = left_pad(ref_embeds[:2], ref_positions[:2])
+    batch_logits = prefill_logits(candidate, embeds, mask, candidate.as_position_ids(pos))
     batch2 = float(max(np.abs(batch_logits[0] - ref_logits[0]).max(), np.abs(batch_logits[1] - ref_logits[1]).max()))
     batch2_kl = max(kl_divergence(ref_logits[0], batch_logits[0]), kl_divergence(ref_logits[1], batch_logits[1]))
 

@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-KINDS = ["llava-siglip", "llava-clip", "idefics2", "idefics3"]
+KINDS = ["llava-siglip", "llava-clip", "idefics2", "idefics3", "qwen2vl", "qwen2.5vl"]
 
 _BLOCK_TORCH = """
 import sys, importlib.abc

@@ -52,7 +52,9 @@ def _typed(root, precision):
     return {a["graph"]: bundle.path(a) for a in bundle.manifest["artifacts"] if a["precision"] == f"trt-{precision}"}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# Qwen2.5-VL's graphs differ from Qwen2-VL's only by the vision tower's window mask, which the fp16
+# pass treats like any other tensor: one Qwen kind keeps the suite's time.
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "qwen2.5vl"])
 def test_fp16_engine_graphs_are_strongly_typed_and_pass_verify(bundle, pipelines, kind, tmp_path):
     root, records = engine_graph_set(bundle(kind), tmp_path, "fp16")
     paths = _typed(root, "fp16")
@@ -97,10 +99,12 @@ def _diverges_at_a_tie(reference, case, candidate_tokens, tolerance):
     tokens = case.tokens
     k = next(i for i, (a, b) in enumerate(zip(tokens, candidate_tokens)) if a != b)
     n = case.embeds.shape[1]
+    positions = reference.prompt_positions(case.prepared)   # [P, n]: M-RoPE families have 3 components
     cache = reference.backend.new_cache(1)
-    logits = reference.backend.decode(case.embeds, np.ones((1, n), np.int64), np.arange(n)[None], cache)
+    logits = reference.backend.decode(case.embeds, np.ones((1, n), np.int64),
+                                      reference.as_position_ids(positions[:, None]), cache)
     for step in range(k):
-        logits = reference.decode_step(tokens[step], n + step, cache)
+        logits = reference.decode_step(tokens[step], int(positions.max()) + 1 + step, cache)
     logits = np.asarray(logits, np.float64).reshape(-1)
     first, second = np.argsort(logits)[-2:][::-1]
     assert first == tokens[k]

@@ -12,10 +12,48 @@ from .conftest import KINDS
 SIZES = [(40, 56), (64, 48), (30, 90), (72, 72), (50, 33)]
 
 
+def qwen_patches(tiles, patch, merge, temporal):
+    """Resized images [1, C, H, W] -> the Qwen2-VL processor's pixel_values [patches, C*T*p*p] and
+    image_grid_thw, laid out as its patchify documents (2x2 blocks of patches, each repeated in time)."""
+    rows, grids = [], []
+    for tile in tiles:
+        c, h, w = tile.shape[1:]
+        gh, gw = h // patch, w // patch
+        x = tile[0].reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).transpose(1, 4, 2, 5, 0, 3, 6)
+        x = np.repeat(x[:, :, :, :, :, None], temporal, axis=5)
+        rows.append(x.reshape(gh * gw, c * temporal * patch * patch))
+        grids.append([1, gh, gw])
+    return np.concatenate(rows), np.array(grids, np.int64)
+
+
+def hf_processor(pipe, path):
+    """The checkpoint's own HF processor. Qwen2-VL's also wants a video processor, which transformers
+    builds only with torchvision (not installed); the image and text halves are what is compared."""
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    if pipe.family.name != "qwen2vl":
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    proc = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    proc.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    proc.tokenizer = AutoTokenizer.from_pretrained(path)
+    proc.video_processor = None
+    proc.chat_template = pipe.files.chat_template
+    proc.image_token, proc.image_token_id = "<|image_pad|>", proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    proc.video_token, proc.video_token_id = "<|video_pad|>", proc.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    return proc
+
+
 def hf_generate(pipe, prepared, max_new_tokens):
     kw = {"input_ids": torch.from_numpy(prepared.input_ids[None]),
           "attention_mask": torch.ones(1, len(prepared.input_ids), dtype=torch.long)}
     if prepared.vision.num_images:
+        if pipe.family.name == "qwen2vl":
+            f = pipe.family
+            pv, grid = qwen_patches(prepared.vision.pixel_values, f.patch, f.merge, f.temporal)
+            kw.update(pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
+                      mm_token_type_ids=torch.from_numpy((prepared.input_ids == f.image_token_id)[None].astype(np.int64)))
+            out = pipe.backend.model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False)
+            return out[0, len(prepared.input_ids):].tolist()
         pv = torch.from_numpy(prepared.vision.pixel_values)
         if pipe.family.name == "llava":
             kw["pixel_values"] = pv
@@ -77,10 +115,8 @@ def hf_messages(prompt_text):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n_images", [0, 1, 3])
 def test_prompt_ids_and_pixels_equal_hf_processor(pipelines, checkpoint, kind, n_images):
-    from transformers import AutoProcessor
-
     pipe = pipelines(kind)
-    proc = AutoProcessor.from_pretrained(checkpoint(kind), local_files_only=True)
+    proc = hf_processor(pipe, checkpoint(kind))
     images = sample_images(n_images, seed=3)
     text = interleaved(n_images)
     prepared = pipe.prepare(text, images)
@@ -94,7 +130,16 @@ def test_prompt_ids_and_pixels_equal_hf_processor(pipelines, checkpoint, kind, n
     hf = proc(text=labelled, images=[Image.fromarray(i) for i in images] or None, return_tensors="np",
               add_special_tokens=not (bos and labelled.startswith(bos)))
     assert prepared.input_ids.tolist() == hf["input_ids"][0].tolist()
-    if n_images:
+    if n_images and pipe.family.name == "qwen2vl":
+        f = pipe.family
+        pv, grid = qwen_patches(prepared.vision.pixel_values, f.patch, f.merge, f.temporal)
+        assert (grid == hf["image_grid_thw"]).all() and np.abs(pv - hf["pixel_values"]).max() == 0.0
+        # M-RoPE positions as the model computes them from the processor's outputs
+        want, _ = pipe.backend.model.model.get_rope_index(
+            torch.from_numpy(hf["input_ids"]), torch.from_numpy(hf["mm_token_type_ids"]),
+            torch.from_numpy(hf["image_grid_thw"]))
+        assert (want[:, 0].numpy() == prepared.positions).all()
+    elif n_images:
         hp = hf["pixel_values"].reshape(-1, *hf["pixel_values"].shape[-3:])
         assert hp.shape == prepared.vision.pixel_values.shape
         assert np.abs(hp - prepared.vision.pixel_values).max() == 0.0

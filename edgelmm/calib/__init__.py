@@ -143,7 +143,7 @@ class TileFeeds:
             if not left:
                 return
             vision = self.family.preprocess(load_images(sample.images))  # what Pipeline.prepare does
-            n = vision.pixel_values.shape[0]
+            n = vision.num_tiles
             take = min(n, -(-left // (len(self.samples) - k)))  # a ceiling share of what is left
             for i in sorted(rng.sample(range(n), take)):
                 yield k, i, self._feed(vision, i)
@@ -154,11 +154,11 @@ class TileFeeds:
 
     def _feed(self, vision, i: int) -> dict[str, np.ndarray]:
         """Tile i's inputs, as the ONNX Runtime backend feeds the fp32 vision graph."""
-        feed = {"pixel_values": np.ascontiguousarray(vision.pixel_values[i:i + 1], np.float32)}
+        tile, mask = vision.tile(i)
+        feed = {"pixel_values": np.ascontiguousarray(tile, np.float32)}
         if "pixel_attention_mask" in self.inputs:
-            mask = vision.pixel_attention_mask
-            feed["pixel_attention_mask"] = (np.ones((1,) + vision.pixel_values.shape[2:], np.int64) if mask is None
-                                            else mask[i:i + 1].astype(np.int64))
+            feed["pixel_attention_mask"] = (np.ones((1,) + tile.shape[2:], np.int64) if mask is None
+                                            else mask.astype(np.int64))
         return feed
 
 
@@ -171,7 +171,8 @@ def _gptq_feeds(reference, samples: list[CalibSample], max_tiles: int) -> list[d
         tiles += sum(prep.vision.tiles_per_image)
         if feeds and tiles > max_tiles:
             break
-        feeds.append(reference.backend.prefill_feeds(reference.merged_embeddings(prep)))
+        positions = reference.as_position_ids(reference.prompt_positions(prep)[:, None])
+        feeds.append(reference.backend.prefill_feeds(reference.merged_embeddings(prep), positions))
     return feeds
 
 
@@ -367,7 +368,8 @@ def reference_outputs(reference, samples: Sequence[CalibSample]) -> list[HeldOut
         feats = reference.image_features(prep.vision)
         embeds = reference.merged_embeddings(prep, feats)
         n = embeds.shape[1]
-        logits = prefill_logits(reference, embeds, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None])
+        pos = reference.as_position_ids(reference.prompt_positions(prep)[:, None])
+        logits = prefill_logits(reference, embeds, np.ones((1, n), np.int64), pos)
         tokens = list(reference.stream_tokens(prep, SamplingParams(max_new_tokens=GREEDY_TOKENS), features=feats))
         out.append(HeldOut(s, feats, embeds, logits, tokens))
     return out
@@ -383,8 +385,8 @@ def measure(candidate, held: Sequence[HeldOut], tokens: list | None = None) -> d
     rows = []
     for h in held:
         n = h.embeds.shape[1]
-        ones, pos = np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None]
         prep = candidate.prepare(_messages(h.sample, False), h.sample.images)
+        ones, pos = np.ones((1, n), np.int64), candidate.as_position_ids(candidate.prompt_positions(prep)[:, None])
         feats = candidate.image_features(prep.vision)
         dl = prefill_logits(candidate, h.embeds, ones, pos)
         cl = prefill_logits(candidate, candidate.merged_embeddings(prep, feats), ones, pos)

@@ -93,16 +93,16 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                               verify=verify, load_overhead=loading_overhead(model_dir)),
                  max_memory, f"exporting {model_dir.name}")
     console = Console(stderr=True, quiet=quiet)
-    with status(console, f"loading {model_dir.name}"):
-        files = ModelFiles.open(model_dir)
-        reference = checkpoint_pipeline(model_dir, files, detect(files, prompt_style=prompt_style))
-    files, family = reference.files, reference.family
+    files = ModelFiles.open(model_dir)
     forced_gguf = False
-    if "gguf" in formats:  # refuse before any minutes are spent on other formats
-        support = gguf_support(family)
+    if "gguf" in formats:  # refuse before the weights load and any minutes go to other formats
+        support = gguf_support(detect(files, prompt_style=prompt_style))
         if not support.supported and not (force and support.forceable):
             raise ExportError(f"{model_dir.name}: cannot export GGUF: {support.reason}")
         forced_gguf = not support.supported
+    with status(console, f"loading {model_dir.name}"):
+        reference = checkpoint_pipeline(model_dir, files, detect(files, prompt_style=prompt_style))
+    files, family = reference.files, reference.family
     with staging_dir(Path(out_dir), overwrite=overwrite) as stage:
         copied = []
         for name in PROMPT_FILES:

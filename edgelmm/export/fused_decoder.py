@@ -63,6 +63,8 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 def fused_support(config: dict[str, Any]) -> str | None:
     """None when this checkpoint's decoder can be built in the fused layout, else why not."""
     tc = _text_config(config)
+    if (tc.get("rope_parameters") or tc.get("rope_scaling") or {}).get("mrope_section"):
+        return "M-RoPE positions (three rotary sections; GroupQueryAttention rotates by one position per token)"
     kind = tc.get("model_type", "llama")
     if kind not in MODEL_TYPES:
         return f"text model type {kind!r} (the fused layout takes {', '.join(MODEL_TYPES)})"

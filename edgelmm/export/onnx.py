@@ -223,9 +223,11 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
 
     # Example shapes are >= 2 on every dynamic axis: the exporter specialises axes of size 0 or 1.
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-    pv = torch.from_numpy(sample_vision.pixel_values).to(dtype)
+    pv = torch.from_numpy(sample_vision.tile_groups()[0]).to(dtype)
     v_args, v_names, v_shapes = (pv,), ["pixel_values"], {"pixel_values": {0: tiles}}
-    if sample_vision.pixel_attention_mask is not None:
+    if family.tiles_keep_size:  # each image at its own size: H and W are dynamic
+        v_shapes = {"pixel_values": {0: tiles, 2: Dim.AUTO, 3: Dim.AUTO}}
+    elif sample_vision.pixel_attention_mask is not None:
         v_args = (pv, torch.from_numpy(sample_vision.pixel_attention_mask))
         v_names.append("pixel_attention_mask")
         if family.variable_tile_size:
@@ -240,15 +242,20 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
     ]
     B, S, P = 2, 5, 3
     names = past_names(L)
+    # position_ids [batch, seq], or [3, batch, seq] for M-RoPE (Family.position_dims)
+    positions = torch.arange(P, P + S).repeat(B, 1)
+    position_shape = {0: batch, 1: seq}
+    if family.position_dims > 1:
+        positions = positions.repeat(family.position_dims, 1, 1)
+        position_shape = {1: batch, 2: seq}
     graphs.append((
         "decoder", decoder,
-        (torch.zeros(B, S, dims["hidden_size"], dtype=dtype), torch.ones(B, P + S, dtype=torch.long),
-         torch.arange(P, P + S).repeat(B, 1),
+        (torch.zeros(B, S, dims["hidden_size"], dtype=dtype), torch.ones(B, P + S, dtype=torch.long), positions,
          tuple(torch.zeros(B, dims["num_kv_heads"], P, dims["head_dim"], dtype=dtype) for _ in names)),
         ["inputs_embeds", "attention_mask", "position_ids", *names],
         ["logits", *past_names(L, "present")],
         {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
-         "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in names)},
+         "position_ids": position_shape, "past": tuple({0: batch, 2: past} for _ in names)},
     ))
     artifacts = []
     for graph, module, args, in_names, out_names, shapes in graphs:
@@ -275,5 +282,7 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
 def example_vision_inputs(family: Family):
     from ..images import sample_images
 
-    return family.preprocess(sample_images(2, seed=0, sizes=[(40, 56), (64, 48)]))
+    # Two images of one size where each image keeps its size: the graph's tile axis needs an example of 2.
+    sizes = [(40, 56), (40, 56)] if family.tiles_keep_size else [(40, 56), (64, 48)]
+    return family.preprocess(sample_images(2, seed=0, sizes=sizes))
 

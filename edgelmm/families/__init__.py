@@ -8,8 +8,9 @@ from .base import Family, TorchParts, VisionInputs
 from .idefics2 import Idefics2Family
 from .idefics3 import Idefics3Family
 from .llava import LlavaFamily
+from .qwen2vl import Qwen2VLFamily
 
-FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Idefics2Family, Idefics3Family)
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Idefics2Family, Idefics3Family, Qwen2VLFamily)
 
 
 def family_class(config: dict, where: str = "") -> type[Family]:
@@ -27,4 +28,4 @@ def detect(files: ModelFiles, prompt_style: str | None = None) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "TorchParts", "VisionInputs", "detect", "family_class",
-           "LlavaFamily", "Idefics2Family", "Idefics3Family"]
+           "LlavaFamily", "Idefics2Family", "Idefics3Family", "Qwen2VLFamily"]

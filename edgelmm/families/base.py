@@ -17,16 +17,57 @@ from ..modelfiles import ModelFiles
 @dataclass
 class VisionInputs:
     """Preprocessed images of one prompt. The vision graph sees tiles: one per image for LLaVA,
-    several per image for Idefics image splitting; each tile yields the same number of feature rows."""
-    pixel_values: np.ndarray                     # [N_tiles, 3, H, W] float32
+    several per image for Idefics image splitting; each tile yields the same number of feature rows.
+    A family whose images keep their own size (Qwen2-VL) gives a list of [1, 3, H_i, W_i] arrays,
+    one per image, and the vision graph takes the tiles of one size at a time (`tile_groups`)."""
+    pixel_values: np.ndarray | list[np.ndarray]  # [N_tiles, 3, H, W] float32, or one array per image
     pixel_attention_mask: np.ndarray | None      # [N_tiles, H, W] int64 (Idefics), else None
     tiles_per_image: list[int]
     replacements: list[str]                      # the text each image's marker expands to
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (H, W)
+    token_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, columns) of each image's tokens
 
     @property
     def num_images(self) -> int:
         return len(self.tiles_per_image)
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(len(a) for a in self.tile_groups())
+
+    def tile_groups(self) -> list[np.ndarray]:
+        """The tiles as the vision graph takes them: one [n, 3, H, W] array where all tiles share a
+        size, else runs of consecutive tiles of one size (their masks: `mask_groups`)."""
+        if isinstance(self.pixel_values, np.ndarray):
+            return [self.pixel_values] if len(self.pixel_values) else []
+        groups: list[np.ndarray] = []
+        for tile in self.pixel_values:
+            if groups and groups[-1].shape[1:] == tile.shape[1:]:
+                groups[-1] = np.concatenate([groups[-1], tile])
+            else:
+                groups.append(tile)
+        return groups
+
+    def mask_groups(self) -> list[np.ndarray | None]:
+        if self.pixel_attention_mask is None or not isinstance(self.pixel_values, np.ndarray):
+            return [None] * len(self.tile_groups())
+        return [self.pixel_attention_mask]
+
+    def tile(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tile i as a batch of one, with its mask."""
+        if isinstance(self.pixel_values, np.ndarray):
+            mask = None if self.pixel_attention_mask is None else self.pixel_attention_mask[i:i + 1]
+            return self.pixel_values[i:i + 1], mask
+        flat = [t for group in self.pixel_values for t in group]
+        return flat[i][None], None
+
+    def without_pixels(self) -> "VisionInputs":
+        """The same prompt's layout with no tiles kept (what a recorded reference run holds)."""
+        from dataclasses import replace
+
+        empty = [] if isinstance(self.pixel_values, list) else self.pixel_values[:0]
+        mask = None if self.pixel_attention_mask is None else self.pixel_attention_mask[:0]
+        return replace(self, pixel_values=empty, pixel_attention_mask=mask)
 
 
 @dataclass(frozen=True)
@@ -61,13 +102,21 @@ class Family(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     image_marker: ClassVar[str] = "<image>"
+    # The image token when the processor config names none.
+    default_image_token: ClassVar[str] = "<image>"
     # Tiles of different sizes within one prompt (padded + masked): the vision graph needs dynamic H, W.
     variable_tile_size: ClassVar[bool] = False
+    # Each image keeps its own size (no padding): the vision graph takes one size at a time, with
+    # dynamic H, W (VisionInputs.tile_groups).
+    tiles_keep_size: ClassVar[bool] = False
+    # Components of a position: 1 (a token's index) or 3 (M-RoPE: temporal, height, width). The
+    # decoder takes position_ids [batch, seq] or [3, batch, seq].
+    position_dims: ClassVar[int] = 1
 
     def __init__(self, files: ModelFiles, prompt_style: str | None = None):
         self.files = files
         self.config = files.config
-        self.image_token = self.files.processor_config.get("image_token", "<image>")
+        self.image_token = self.files.processor_config.get("image_token", self.default_image_token)
         image_token_id = files.token_id(self.image_token)
         if image_token_id is None:
             raise CheckpointError(f"{files.root}: tokenizer has no {self.image_token!r} token")
@@ -85,6 +134,23 @@ class Family(ABC):
     @abstractmethod
     def expand_prompt(self, text: str, vision: VisionInputs) -> str:
         """Replace the i-th `<image>` marker of `text` with image i's tokens, as the HF processor does."""
+
+    def substitute_images(self, text: str, vision: VisionInputs) -> str:
+        """`text` with its i-th image token replaced by image i's replacement text."""
+        pieces = text.split(self.image_token)
+        out = [pieces[0]]
+        for i, piece in enumerate(pieces[1:]):
+            out.append(vision.replacements[i])
+            out.append(piece)
+        return "".join(out)
+
+    def count_image_markers(self, text: str) -> int:
+        """How many images a rendered prompt places (the chat template's image parts, or markers)."""
+        return text.count(self.image_marker)
+
+    def positions(self, input_ids: np.ndarray, vision: VisionInputs) -> np.ndarray:
+        """[position_dims, S] position ids of a prompt's tokens: 0..S-1 unless the family says otherwise."""
+        return np.arange(len(input_ids), dtype=np.int64)[None]
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """How many image tokens an image of this size becomes (for `edgelmm info`)."""

@@ -87,13 +87,7 @@ class LlavaFamily(Family):
                       lambda _: MANTIS_LABEL.format(n=next(counter), marker=self.image_marker), text)
 
     def expand_prompt(self, text, vision):
-        text = self.label_images(text)
-        pieces = text.split(self.image_token)
-        out = [pieces[0]]
-        for i, piece in enumerate(pieces[1:]):
-            out.append(vision.replacements[i])
-            out.append(piece)
-        return "".join(out)
+        return self.substitute_images(self.label_images(text), vision)
 
     def gguf_refusal(self) -> GGUFRefusal | None:
         if "siglip" not in self.vision_type:

@@ -266,6 +266,10 @@ class OnnxRuntimeBackend:
         first_past = FUSED_FIRST_PAST if self.layout == "fused" else 3
         self.past_names = [i.name for i in self.sessions["decoder"].get_inputs()][first_past:]
         self.present_names = [o.name for o in self.sessions["decoder"].get_outputs()][1:]
+        # M-RoPE decoders (Qwen2-VL) take position_ids [3, batch, seq]; text-only positions [batch, seq]
+        # given to them are the same in all three components.
+        self.position_rank = next((len(i.shape) for i in self.sessions["decoder"].get_inputs()
+                                   if i.name == "position_ids"), 2)
         if len(self.past_names) != 2 * self.num_layers or len(self.present_names) != 2 * self.num_layers:
             raise BundleError(f"the manifest's text.num_layers is {self.num_layers} but the decoder graph takes "
                               f"{len(self.past_names)} past and gives {len(self.present_names)} present tensors "
@@ -305,8 +309,9 @@ class OnnxRuntimeBackend:
             raise BackendUnavailable(f"unknown decoder layout {layout!r}; choose from auto, plain, fused")
         has_fused = bool(bundle.artifacts(graph=FUSED_GRAPH, format="onnx", precision=precision))
         if layout == "fused" and not has_fused:
-            raise BundleError(f"this bundle has no fused {precision} decoder (export it again with this edgelmm, "
-                              "or use layout 'plain')", path=str(bundle.root))
+            raise BundleError(f"this bundle has no fused {precision} decoder: the exporter writes one for Llama-style "
+                              "text models with 1-D rotary positions (not M-RoPE), and only since it learnt to; "
+                              "use layout 'plain', or export again", path=str(bundle.root))
         if layout == "auto":
             on_cpu = provider == "cpu" or (provider == "auto" and not nvidia_gpu_present())
             return "fused" if has_fused and on_cpu else "plain"
@@ -321,14 +326,22 @@ class OnnxRuntimeBackend:
             feeds["pixel_attention_mask"] = pixel_attention_mask.astype(np.int64)
         return feeds
 
-    def prefill_feeds(self, inputs_embeds) -> dict[str, np.ndarray]:
+    def prefill_feeds(self, inputs_embeds, position_ids=None) -> dict[str, np.ndarray]:
         """The decoder's inputs for a batch-1 prefill with an empty cache (calibration records these)."""
         n = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = np.arange(n, dtype=np.int64)[None]
         feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, self.kv_dtype),
-                 "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None]}
+                 "attention_mask": np.ones((1, n), np.int64), "position_ids": self._positions(position_ids)}
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         feeds.update((name, empty) for name in self.past_names)
         return feeds
+
+    def _positions(self, position_ids) -> np.ndarray:
+        position_ids = np.asarray(position_ids, np.int64)
+        if self.position_rank == 3 and position_ids.ndim == 2:
+            position_ids = np.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+        return np.ascontiguousarray(position_ids)
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> list:
         """session.run, with ONNX Runtime's own error types (a graph whose shapes disagree with its
@@ -373,13 +386,13 @@ class OnnxRuntimeBackend:
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = self._decode_once(inputs_embeds[:, start:end], attention_mask[:, :past + end],
-                                       position_ids[:, start:end], cache)
+                                       position_ids[..., start:end], cache)
         return logits
 
     def _decode_once(self, inputs_embeds, attention_mask, position_ids, cache: OrtCache):
         feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, self.kv_dtype),
                  "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
-                 "position_ids": np.ascontiguousarray(position_ids, np.int64)}
+                 "position_ids": self._positions(position_ids)}
         session = self.sessions["decoder"]
         if not self.io_binding:
             feeds.update(zip(self.past_names, cache.values))

@@ -249,6 +249,76 @@ def build_idefics3(out: Path, seed: int = 0) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- qwen2vl (Qwen2-VL-2B class)
+
+# The chat template Qwen2-VL checkpoints ship (a default system turn; each image part becomes
+# <|vision_start|><|image_pad|><|vision_end|>).
+QWEN2VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2vl(out: Path, seed: int = 0, version: str = "2") -> Path:
+    """Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): 4-pixel patches merged 2x2 (8-pixel tokens)
+    and an area budget of 256..2304 pixels, so the sample images keep their own sizes and token
+    counts; M-RoPE sections [2, 3, 3] of a 16-wide head. Qwen2.5-VL's first vision layer attends
+    within 16-pixel windows (2x2 tokens), its second over the whole image. The video processor is
+    not saved: transformers builds it with torchvision, which the workstation side does not
+    install (images only)."""
+    import torch
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+    from tokenizers import processors
+
+    eot, im_start, im_end = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _byte_level_tokenizer([eot, im_start, im_end, *vision_tokens], im_start, im_end)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # Qwen2's tokenizer adds no BOS
+    hf_tok = _save_tokenizer(tok, out, bos=None, eos=im_end, unk=None, pad=eot,
+                             extra_special=[im_start, *vision_tokens], chat_template=QWEN2VL_TEMPLATE)
+    patch, merge = 4, 2
+    geometry = {"patch_size": patch, "spatial_merge_size": merge, "temporal_patch_size": 2}
+    if version == "2":
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 64, **geometry}
+    elif version == "2.5":
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                  "window_size": 16, "fullatt_block_indexes": [1], **geometry}
+    else:
+        raise ValueError(f"unknown Qwen2-VL version {version!r} (2 or 2.5)")
+    cfg = config_class(
+        vision_config=vision,
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(hf_tok),
+                     "max_position_embeddings": 1024, "bos_token_id": None,
+                     "eos_token_id": tok.token_to_id(im_end), "pad_token_id": tok.token_to_id(eot),
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                         "mrope_section": [2, 3, 3]}},
+        image_token_id=tok.token_to_id("<|image_pad|>"), video_token_id=tok.token_to_id("<|video_pad|>"),
+        vision_start_token_id=tok.token_to_id("<|vision_start|>"),
+        vision_end_token_id=tok.token_to_id("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = _init_weights_wide(model_class(cfg).eval(), seed=seed)
+    model.save_pretrained(out)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 256, "longest_edge": 2304},
+                                               patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    image_processor.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
+    _write_generation_config(out, tok.token_to_id(im_start), [tok.token_to_id(im_end), tok.token_to_id(eot)],
+                             tok.token_to_id(eot))
+    return out
+
+
 # The benchmark checkpoint: ~65M parameters, hidden/FFN multiples of 256 (so GGUF k-quants apply
 # without fallback), vocab 32000 so that lm_head costs what it does in practice.
 BENCH_VISION = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6}
@@ -278,6 +348,8 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava-clip": lambda out: build_llava(out, "clip"),
     "idefics2": build_idefics2,
     "idefics3": build_idefics3,
+    "qwen2vl": build_qwen2vl,
+    "qwen2.5vl": lambda out: build_qwen2vl(out, version="2.5"),
 }
 
 # Directory names as a user's download would have them; "mantis" in the name selects Mantis'
@@ -287,6 +359,8 @@ CHECKPOINT_NAMES = {
     "llava-clip": "Mantis-tiny-clip-llama3",
     "idefics2": "Mantis-tiny-Idefics2",
     "idefics3": "SmolVLM-tiny",
+    "qwen2vl": "Qwen2-VL-tiny",
+    "qwen2.5vl": "Qwen2.5-VL-tiny",
 }
 
 

@@ -1,0 +1,224 @@
+"""Qwen2-VL and Qwen2.5-VL (one processor, one prompt format): a native-resolution vision
+transformer and a Qwen2 text model with multimodal rotary positions (M-RoPE).
+
+- An image keeps its aspect ratio: it is resized so both sides are multiples of patch x merge
+  (28 pixels) and its area lies within [min_pixels, max_pixels] ("smart resize"), cut into
+  14-pixel patches, and every 2x2 block of patches becomes one token. So every image has its own
+  token count and its own tile size: the vision graph takes images of one size at a time.
+- The processor lays patches out block by block and repeats the image along time (a video frame
+  pair is the model's unit), which the vision graph here does itself from the resized image.
+- Every text position is a triple (temporal, height, width): an image token's is its cell in the
+  token grid, offset by the text before it; text tokens have three equal components that go on
+  from the largest position before them. `positions()` computes them, as the model's
+  get_rope_index does.
+- Qwen2.5-VL's tower differs in its blocks (RMSNorm, gated MLP) and in attention: most layers
+  attend within windows of window_size pixels (8x8 patches at 14 pixels), a few
+  (fullatt_block_indexes) over the whole image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import images as im
+from ..errors import CheckpointError, ImageError, PromptError
+from ..prompt import IMAGE_MARKER
+from .base import Family, GGUFRefusal, TorchParts, VisionInputs
+
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+MAX_ASPECT = 200  # the processor refuses images longer than this many times their width (or height)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The processor's target size: sides multiples of `factor`, area within [min_pixels, max_pixels],
+    aspect ratio kept as closely as that allows (Python's round, as the processor uses)."""
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class Qwen2VLFamily(Family):
+    name = "qwen2vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    default_image_token = "<|image_pad|>"
+    position_dims = 3
+    tiles_keep_size = True
+
+    def __init__(self, files, prompt_style=None):
+        super().__init__(files, prompt_style or "plain")
+        ip = files.image_processor_config
+        size = ip.get("size") or {}
+        self.patch = int(ip.get("patch_size", 14))
+        self.merge = int(ip.get("merge_size", 2))
+        self.temporal = int(ip.get("temporal_patch_size", 2))
+        # Top-level min/max_pixels win over `size`, as in the processor's constructor.
+        self.min_pixels = int(ip.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+        self.max_pixels = int(ip.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+        self.do_resize = ip.get("do_resize", True)
+        self.resample = ip.get("resample", 3)
+        self.norm = im.Normalization.from_config(ip, im.OPENAI_CLIP_MEAN, im.OPENAI_CLIP_STD)
+        vcfg = self.config.get("vision_config") or {}
+        for key, mine in (("patch_size", self.patch), ("spatial_merge_size", self.merge),
+                          ("temporal_patch_size", self.temporal)):
+            if key in vcfg and int(vcfg[key]) != mine:
+                raise CheckpointError(f"{files.root}: the image processor's {key.replace('spatial_', '')} {mine} "
+                                      f"differs from the vision tower's {vcfg[key]}")
+
+    # ---- images ----
+    def target_size(self, height: int, width: int, index: int = 0) -> tuple[int, int]:
+        if max(height, width) / min(height, width) > MAX_ASPECT:
+            raise ImageError(f"image {index + 1} is {width}x{height} pixels: Qwen2-VL takes images at most "
+                             f"{MAX_ASPECT} times longer than wide")
+        factor = self.patch * self.merge
+        if not self.do_resize:
+            if height % factor or width % factor:
+                raise ImageError(f"image {index + 1} is {width}x{height} pixels and the processor does not "
+                                 f"resize: both sides must be multiples of {factor}")
+            return height, width
+        h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        if not h or not w:  # only with min_pixels 0: a side under half a token rounds to nothing
+            raise ImageError(f"image {index + 1} is {width}x{height} pixels: a side is too short for one "
+                             f"{factor}-pixel token at this processor's min_pixels {self.min_pixels}")
+        return h, w
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of tokens a resized image of this size becomes."""
+        step = self.patch * self.merge
+        return height // step, width // step
+
+    def preprocess(self, images):
+        tiles, replacements, grids = [], [], []
+        for i, img in enumerate(images):
+            h, w = self.target_size(img.shape[0], img.shape[1], i)
+            tile = self.norm.apply(im.resize(img, h, w, self.resample) if self.do_resize else img)
+            tiles.append(tile[None])
+            rows, cols = self.token_grid(h, w)
+            grids.append((rows, cols))
+            replacements.append(self.image_token * (rows * cols))
+        return VisionInputs(tiles, None, [1] * len(tiles), replacements, [i.shape[:2] for i in images],
+                            token_grids=grids)
+
+    # ---- prompt ----
+    def count_image_markers(self, text: str) -> int:
+        # The chat template writes <|vision_start|><|image_pad|><|vision_end|> per image; a prompt
+        # without a template keeps edgelmm's <image> markers.
+        return text.count(IMAGE_MARKER) + text.count(self.image_token)
+
+    def expand_prompt(self, text, vision):
+        text = text.replace(IMAGE_MARKER, f"{VISION_START}{self.image_token}{VISION_END}")
+        return self.substitute_images(text, vision)
+
+    def positions(self, input_ids: np.ndarray, vision: VisionInputs) -> np.ndarray:
+        """[3, S] M-RoPE positions of a prompt, as the model's get_rope_index computes them: text runs
+        count on from the position after the largest before them; an image's tokens take their
+        (row, column) in the token grid, offset by where the image starts, and the text after it
+        starts that offset plus the grid's longer side."""
+        ids = np.asarray(input_ids)
+        out = np.empty((3, len(ids)), np.int64)
+        is_image = ids == self.image_token_id
+        start, i, k = 0, 0, 0
+        while i < len(ids):
+            j = i
+            while j < len(ids) and is_image[j] == is_image[i]:
+                j += 1
+            if not is_image[i]:
+                out[:, i:j] = start + np.arange(j - i)
+                start += j - i
+                i = j
+                continue
+            if k >= len(vision.token_grids) or j - i != vision.token_grids[k][0] * vision.token_grids[k][1]:
+                raise PromptError(f"image tokens {i}..{j - 1} of the prompt are not one image's grid (images "
+                                  "must be separated by text, as the chat template writes them)")
+            rows, cols = vision.token_grids[k]
+            cells = np.arange(j - i)
+            out[0, i:j] = start
+            out[1, i:j] = start + cells // cols
+            out[2, i:j] = start + cells % cols
+            start += max(rows, cols)
+            k += 1
+            i = j
+        return out
+
+    def gguf_refusal(self) -> GGUFRefusal | None:
+        return GGUFRefusal("edgelmm does not write Qwen2-VL / Qwen2.5-VL GGUF files yet (llama.cpp has them: the "
+                           "qwen2vl text architecture with its rope sections and the qwen2vl_merger / "
+                           "qwen2.5vl_merger projectors, and its batches take four positions per token); use ONNX")
+
+    # ---- torch ----
+    def torch_parts(self, model):
+        return TorchParts(vision=vision_function(model.model.visual, self.patch, self.merge, self.temporal),
+                          embed_tokens=model.get_input_embeddings(), decoder=model.model.language_model,
+                          lm_head=model.lm_head)
+
+
+def vision_function(visual, patch: int, merge: int, temporal: int):
+    """The vision tower over images of one size, [N, 3, H, W] -> [N, tokens, D], tensor-only.
+
+    The same steps as the model's forward for N images of one grid, written without its per-image
+    Python loops (which the ONNX exporter would unroll for one image size): the patches cut in the
+    processor's block order from the resized image and repeated along time, 2-D rotary positions
+    from the grid, attention within each image, and the 2x2 merger.
+
+    Qwen2.5-VL's windowed layers: the model reorders the patches window by window and attends
+    within each run; attention does not depend on the order of the tokens it is given (each keeps
+    its own rotary angles) and the windows move whole 2x2 merge units, so the same result comes
+    from attending in place under a same-window mask, with no reordering to undo."""
+    import torch
+
+    window = int(getattr(visual, "window_size", 0) or 0)
+    full_layers = set(getattr(visual, "fullatt_block_indexes", None) or ())
+    units_per_window = window // merge // patch
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(pixel_values, mask=None):
+        n_img, c, height, width = pixel_values.shape
+        gh, gw = height // patch, width // patch
+        bh, bw = gh // merge, gw // merge
+        x = pixel_values.reshape(n_img, c, bh, merge, patch, bw, merge, patch)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)      # N, bh, bw, m, m, C, 1, p, p
+        x = x.expand(n_img, bh, bw, merge, merge, c, temporal, patch, patch)
+        hidden = visual.patch_embed(x.reshape(n_img * gh * gw, c * temporal * patch * patch))
+        n_patch, dim = gh * gw, hidden.shape[-1]
+        hidden = hidden.reshape(n_img, n_patch, dim)
+
+        # Each patch's (row, column), in the same block-by-block order.
+        rows = (torch.arange(bh).view(-1, 1, 1, 1) * merge + torch.arange(merge).view(1, 1, -1, 1))
+        cols = (torch.arange(bw).view(1, -1, 1, 1) * merge + torch.arange(merge).view(1, 1, 1, -1))
+        grid = torch.stack([rows.expand(bh, bw, merge, merge).reshape(-1),
+                            cols.expand(bh, bw, merge, merge).reshape(-1)], dim=-1)
+        cos, sin = visual.rotary_pos_emb(hidden, grid)          # [n_patch, head_dim], float32
+        cos, sin = cos[None, None].float(), sin[None, None].float()
+        in_window = None
+        if units_per_window:
+            window_id = (grid[:, 0] // merge // units_per_window) * bw + grid[:, 1] // merge // units_per_window
+            in_window = (window_id[:, None] == window_id[None, :])[None, None]
+
+        for layer, block in enumerate(visual.blocks):
+            attn = block.attn
+            heads = attn.num_heads
+            qkv = attn.qkv(block.norm1(hidden)).reshape(n_img, n_patch, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)                              # N, heads, patches, head_dim
+            q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
+            k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
+            mask = None if in_window is None or layer in full_layers else in_window
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+            hidden = hidden + attn.proj(out.transpose(1, 2).reshape(n_img, n_patch, dim))
+            hidden = hidden + block.mlp(block.norm2(hidden))
+
+        merged = visual.merger(hidden)                           # [N * patches / m^2, D_text]
+        return merged.reshape(n_img, n_patch // (merge * merge), merged.shape[-1])
+
+    return forward
