@@ -57,7 +57,7 @@ def test_onnxruntime_cuda_provider_matches_cpu(bundle):
     assert gpu.backend.sessions["decoder"].get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
 
 
-@pytest.mark.skipif(not PLATFORM.has_gpu or not probe_tensorrt(PLATFORM).runs,
+@pytest.mark.skipif(not PLATFORM.has_gpu or not probe_tensorrt(PLATFORM)[0].runs,
                     reason=NO_GPU if not PLATFORM.has_gpu else "TensorRT 10 does not run here (see `edgelmm doctor`)")
 def test_tensorrt_engines_build_load_and_match(bundle, tmp_path):
     import edgelmm

@@ -218,7 +218,8 @@ def test_auto_on_this_machine_says_why(reference_bundle):
     assert sel["chosen"] == first.label() and sel["reason"] == first.reason
     if not nvidia_gpu_present():
         assert sel["chosen"] == "onnxruntime/cpu" and pipe.backend.providers == ["CPUExecutionProvider"]
-        assert "tensorrt: the bundle has no TensorRT engines (edgelmm build-engines)" in sel["passed_over"]
+        assert ("tensorrt: the bundle has no TensorRT engines (build them on this device with `edgelmm build-engines "
+                "BUNDLE`)") in sel["passed_over"]
         assert "onnxruntime/cuda: no NVIDIA GPU on this machine" in sel["passed_over"]
 
 

@@ -1,10 +1,10 @@
 """The backends that run a bundle, one spec each, in one table.
 
 Adding a backend: its module under runtimes/ (the backend class behind the numpy contract of
-runtimes/base.py, and `open_bundle_backend(bundle, family, files, request)`), one `BackendSpec` in
-BACKENDS below, its probe in runtimes/select.py (PROBES) and its place in the fallback plan
-(select.PLAN). Loading, `load(backend=...)`'s choices, `bench --backends`, the verify limits and the
-"this bundle has no ... artifacts" messages all read this table. ADDING.md has the checklist.
+runtimes/base.py, `open_bundle_backend(bundle, family, files, request)` and a probe function), and
+one `BackendSpec` in BACKENDS below. Loading, `load(backend=...)`'s choices, `bench --backends`, the
+verify limits, `doctor`'s probes, `backend="auto"`'s fallback chain and the "this bundle has no ...
+artifacts" messages all read this table. ADDING.md has the checklist.
 """
 
 from __future__ import annotations
@@ -36,13 +36,25 @@ class LoadRequest:
 
 
 @dataclass(frozen=True)
+class PlanStep:
+    """One candidate of `backend="auto"`'s fallback chain (runtimes.select.iter_plan): every backend's
+    GPU steps come first, in BACKENDS order, then every backend's CPU steps."""
+    provider: str | None              # what `load(provider=...)` takes for it (None: the backend has one)
+    needs_gpu: bool
+    probe: str                        # the probe (by name) that says whether it runs here
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     name: str
     format: str                       # the bundle artifacts it runs ("onnx", "gguf", "tensorrt")
+    artifacts: str                    # what they are called in messages ("ONNX graphs")
     module: str                       # its module, imported only when it is opened
     preference: tuple[str, ...]       # precision="auto": the first of these the bundle has
     how_to_get: str                   # how a bundle gets this backend's artifacts
     limits: Callable[[dict[str, Any], str], str]   # (describe(), precision) -> the verify.THRESHOLDS key
+    probes: str                       # "module:function" of its probes: (Platform) -> list[Probe] (doctor)
+    plan: tuple[PlanStep, ...]        # its candidates for backend="auto"
 
     def open(self, bundle, family, files, request: LoadRequest):
         """(runtime backend, precision, why that precision) for `bundle`."""
@@ -60,20 +72,34 @@ def _onnxruntime_limits(about: dict[str, Any], precision: str) -> str:
 
 
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
-    BackendSpec("tensorrt", "tensorrt", "edgelmm.runtimes.tensorrt",
+    BackendSpec("tensorrt", "tensorrt", "TensorRT engines", "edgelmm.runtimes.tensorrt",
                 # the smallest built precision: the user built them to run them
                 ("int8-vision+int4", "int4", "int8-vision", "fp16", "fp32"),
                 "build them on this device with `edgelmm build-engines BUNDLE`",
-                lambda _about, precision: TENSORRT_LIMITS[precision]),
-    BackendSpec("onnxruntime", "onnx", "edgelmm.runtimes.onnxruntime",
+                lambda _about, precision: TENSORRT_LIMITS[precision],
+                "edgelmm.runtimes.select:probe_tensorrt", (PlanStep(None, True, "tensorrt"),)),
+    BackendSpec("onnxruntime", "onnx", "ONNX graphs", "edgelmm.runtimes.onnxruntime",
                 # the CPU order; the GPU providers' is runtimes.onnxruntime.CUDA_PREFERENCE
                 ("int8-vision+int4", "int4", "int8", "fp32"),
-                "export them with `edgelmm export --format onnx`", _onnxruntime_limits),
-    BackendSpec("llamacpp", "gguf", "edgelmm.runtimes.llamacpp",
+                "export them with `edgelmm export --format onnx`", _onnxruntime_limits,
+                "edgelmm.runtimes.select:probe_onnxruntime",
+                (PlanStep("tensorrt", True, "onnxruntime:TensorrtExecutionProvider"),
+                 PlanStep("cuda", True, "onnxruntime:CUDAExecutionProvider"),
+                 # on the CPU ONNX Runtime comes before llama.cpp: its calibrated precisions measured fastest
+                 PlanStep("cpu", False, "onnxruntime:CPUExecutionProvider"))),
+    BackendSpec("llamacpp", "gguf", "GGUF files", "edgelmm.runtimes.llamacpp",
                 # the smallest GGUF type the bundle has: the user exported it to run it
                 ("q4_k_m", "q8_0", "f16", "f32"),
-                "export them with `edgelmm export --format gguf`", _judged_as_precision),
+                "export them with `edgelmm export --format gguf`", _judged_as_precision,
+                "edgelmm.runtimes.select:probe_llamacpp",
+                (PlanStep("gpu", True, "llamacpp:gpu-offload"), PlanStep("cpu", False, "llamacpp"))),
 )}
+
+
+def run_probes(spec_: BackendSpec, platform) -> list:
+    """The backend's probes on this platform (its `probes` function, imported when first asked for)."""
+    module, function = spec_.probes.split(":")
+    return list(getattr(importlib.import_module(module), function)(platform))
 
 
 def spec(name: str) -> BackendSpec:

@@ -260,27 +260,27 @@ def probe_onnxruntime(plat: Platform) -> list[Probe]:
     return out
 
 
-def probe_tensorrt(plat: Platform) -> Probe:
+def probe_tensorrt(plat: Platform) -> list[Probe]:
     """Import TensorRT, build a one-layer engine and run it on the GPU through the CUDA driver."""
     hint = HINTS[f"tensorrt:{_where(plat)}"] if plat.has_gpu else None  # no GPU: nothing to install
     try:
         import tensorrt as trt
     except ImportError as exc:
-        return Probe("tensorrt", False, False, detail=f"not importable ({exc})"
-                     + ("" if plat.has_gpu else "; it needs an NVIDIA GPU anyway"), hint=hint)
+        return [Probe("tensorrt", False, False, detail=f"not importable ({exc})"
+                      + ("" if plat.has_gpu else "; it needs an NVIDIA GPU anyway"), hint=hint)]
     from .tensorrt import MIN_TENSORRT, describe_tensorrt, tensorrt_version
 
     version = trt.__version__
     if tensorrt_version(version) < MIN_TENSORRT:
-        return Probe("tensorrt", True, False, version, f"{describe_tensorrt(version)}; edgelmm's engines need "
-                     "TensorRT 10.3 or newer", hint)
+        return [Probe("tensorrt", True, False, version, f"{describe_tensorrt(version)}; edgelmm's engines need "
+                      "TensorRT 10.3 or newer", hint)]
     if not plat.has_gpu:
-        return Probe("tensorrt", True, False, version, "importable, but this machine has no NVIDIA GPU")
+        return [Probe("tensorrt", True, False, version, "importable, but this machine has no NVIDIA GPU")]
     from .tensorrt import run_probe_engine
 
     probe = _run_probe("tensorrt", version, run_probe_engine, hint)
     probe.detail = f"{describe_tensorrt(version)}; {probe.detail}" if probe.detail else describe_tensorrt(version)
-    return probe
+    return [probe]
 
 
 def probe_llamacpp(plat: Platform) -> list[Probe]:
@@ -355,12 +355,18 @@ def this_platform() -> Platform:
     return detect_platform()
 
 
+# Probed for `doctor` beside the backends (registry.BACKENDS): what exports and what watch reads video with.
+OTHER_PROBES = {"torch": lambda plat: probe_torch(plat), "opencv": lambda plat: [probe_opencv()]}
+
+
 @lru_cache(maxsize=None)
 def _probe_group(group: str) -> tuple[Probe, ...]:
+    from .registry import BACKENDS, run_probes
+
     plat = this_platform()
-    return {"onnxruntime": lambda: tuple(probe_onnxruntime(plat)), "tensorrt": lambda: (probe_tensorrt(plat),),
-            "llamacpp": lambda: tuple(probe_llamacpp(plat)), "torch": lambda: tuple(probe_torch(plat)),
-            "opencv": lambda: (probe_opencv(),)}[group]()
+    if group in BACKENDS:
+        return tuple(run_probes(BACKENDS[group], plat))
+    return tuple(OTHER_PROBES[group](plat))
 
 
 def probe(name: str) -> Probe:
@@ -372,7 +378,9 @@ def probe(name: str) -> Probe:
 
 def probe_all() -> tuple[Platform, tuple[Probe, ...]]:
     """This machine and every probe (for `doctor`)."""
-    groups = ("onnxruntime", "tensorrt", "llamacpp", "torch", "opencv")
+    from .registry import BACKENDS
+
+    groups = (*BACKENDS, *OTHER_PROBES)
     return this_platform(), tuple(p for g in groups for p in _probe_group(g))
 
 
@@ -409,24 +417,21 @@ def iter_plan(bundle, plat: Platform | None = None, probe_fn=None, engine_target
         p = probe_fn(probe_name)
         return Candidate(backend, provider, precision, p.runs, p.detail + (f"; {p.hint}" if p.hint and not p.runs else ""))
 
-    # 1. TensorRT engines built for this GPU.
-    if "tensorrt" in formats:
-        precision = _best(bundle.precisions("tensorrt"), BACKENDS["tensorrt"].preference)
-        mismatch = (engine_mismatch(bundle, precision, engine_target)
-                    if plat.has_gpu and probe_fn("tensorrt").runs else None)
-        yield candidate("tensorrt", None, precision, True, "tensorrt", mismatch)
-    else:
-        yield candidate("tensorrt", None, None, True, "tensorrt",
-                        "the bundle has no TensorRT engines (edgelmm build-engines)")
-    # 2. ONNX Runtime on the GPU (TensorRT provider, then CUDA), 3. llama.cpp with GPU offload.
-    onnx_missing = None if "onnx" in formats else "the bundle has no ONNX graphs"
-    gguf_missing = None if "gguf" in formats else "the bundle has no GGUF files"
-    yield candidate("onnxruntime", "tensorrt", None, True, "onnxruntime:TensorrtExecutionProvider", onnx_missing)
-    yield candidate("onnxruntime", "cuda", None, True, "onnxruntime:CUDAExecutionProvider", onnx_missing)
-    yield candidate("llamacpp", "gpu", None, True, "llamacpp:gpu-offload", gguf_missing)
-    # 4. The CPU: ONNX Runtime (calibrated precisions, measured fastest here), then llama.cpp.
-    yield candidate("onnxruntime", "cpu", None, False, "onnxruntime:CPUExecutionProvider", onnx_missing)
-    yield candidate("llamacpp", "cpu", None, False, "llamacpp", gguf_missing)
+    # The registry's steps, every GPU one first: TensorRT engines built for this GPU, ONNX Runtime on
+    # the GPU (TensorRT provider, then CUDA), llama.cpp with GPU offload; then the CPU ones.
+    for on_gpu in (True, False):
+        for spec in BACKENDS.values():
+            for step in (s for s in spec.plan if s.needs_gpu == on_gpu):
+                if spec.format not in formats:
+                    yield candidate(spec.name, step.provider, None, step.needs_gpu, step.probe,
+                                    f"the bundle has no {spec.artifacts} ({spec.how_to_get})")
+                elif spec.name == "tensorrt":  # engines are for one GPU and TensorRT version
+                    precision = _best(bundle.precisions("tensorrt"), spec.preference)
+                    mismatch = (engine_mismatch(bundle, precision, engine_target)
+                                if plat.has_gpu and probe_fn(step.probe).runs else None)
+                    yield candidate(spec.name, step.provider, precision, step.needs_gpu, step.probe, mismatch)
+                else:
+                    yield candidate(spec.name, step.provider, None, step.needs_gpu, step.probe)
 
 
 def plan(bundle, plat: Platform | None = None, probe_fn=None, engine_target: dict | None = None) -> list[Candidate]:
