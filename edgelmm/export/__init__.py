@@ -55,14 +55,13 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
     "tensorrt" builds engines (`engine_precisions`) for this machine's GPU from the ONNX graphs (added
     to the formats) once they are verified, as `build-engines` does on a device."""
     from ..families import detect
-    from ..loading import checkpoint_pipeline, onnx_layouts, pipeline_for_bundle
+    from ..loading import checkpoint_pipeline
     from ..modelfiles import ModelFiles
     from ..calib import QUANTIZED_PRECISIONS, CalibrationOptions, calibrate
     from ..export.gguf import GGUF_TYPES, export_gguf, finish_gguf, gguf_support
     from ..export.onnx import PRECISIONS, example_vision_inputs, export_onnx_graphs, text_dims
     from ..runtimes.torch import load_hf_model
     from ..verify import reference_run
-    from ..verify import verify as run_verify
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -116,15 +115,8 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
         if "gguf" in formats:
             imatrix = None
             if gguf_imatrix and "q4_k_m" in gguf_types:
-                from ..calib.sources import collect
-                from .imatrix import IMATRIX_TILES, compute_imatrix
-
-                opts = calibration or CalibrationOptions()
-                with status(console, "importance matrix for q4_k_m") as update:
-                    samples = collect(opts.source, opts.calib_samples, opts.seed, image_root=opts.image_root)
-                    imatrix = compute_imatrix(family, reference.backend.model, samples.samples, opts.source,
-                                              progress=update,
-                                              max_tiles=min(opts.calib_tiles, IMATRIX_TILES))
+                imatrix = _importance_matrix(console, family, reference.backend.model,
+                                             calibration or CalibrationOptions())
             with status(console, "writing GGUF files") as update:
                 artifacts += export_gguf(family, reference.backend.model, stage, gguf_types, force=force,
                                          progress=update, imatrix=imatrix, pending=pending_quantization)
@@ -146,10 +138,7 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                 artifacts += export_onnx_graphs(family, half, stage, example_vision_inputs(family), "fp16")
                 del half
                 release_memory()
-        hashed: dict[str, dict] = {}  # an mmproj shared by several GGUF types is hashed once
-        for art in artifacts:
-            art["files"] = [hashed.setdefault(f, file_entry(stage, f)) for f in art["files"]]
-            art["sha256"] = art["files"][0]["sha256"]
+        _hash_artifacts(stage, artifacts)
         manifest = {
             "format_version": FORMAT_VERSION, "family": family.name, "model_type": files.config.get("model_type"),
             "prompt_style": family.prompt_style,
@@ -160,33 +149,9 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
         }
         write_manifest(stage, manifest)
         if verify:
-            # The files were hashed a moment ago; hashing them again would cost minutes on an 8B model.
-            bundle = open_bundle(stage, verify_checksums=False)
-            # Each ONNX precision in every decoder layout it has (the fused one's report nested under "fused").
-            checks = [("onnxruntime", p, layout) for p in precisions if "onnx" in formats
-                      for layout in onnx_layouts(bundle, p)]
-            checks += [("llamacpp", t, None) for t in gguf_types if "gguf" in formats]
-            for backend, precision, layout in checks:
-                what = f"{precision} {backend}" + (" (fused decoder)" if layout == "fused" else "")
-                with status(console, f"verifying the {what} artifacts against the PyTorch reference"):
-                    # The CPU provider: the graphs are checked in true fp32 wherever the export runs; a
-                    # GPU's own kernels (TF32, fp16) are checked on the device by `edgelmm verify`.
-                    provider = "cpu" if backend == "onnxruntime" else "auto"
-                    candidate = pipeline_for_bundle(bundle, backend=backend, provider=provider, precision=precision,
-                                                    **({"layout": layout} if layout else {}))
-                    report = run_verify(candidate, reference_answers, precision)
-                    del candidate  # one runtime's weights in memory at a time
-                    release_memory()
-                record = {k: report[k] for k in ("precision", "backend", "thresholds", "summary", "passed", "failures")}
-                if layout == "fused":
-                    manifest["verify"][precision]["fused"] = record
-                else:
-                    manifest["verify"][precision] = record
-                write_manifest(stage, manifest)
-                # A forced GGUF is known to be wrong: its report records the damage instead of failing.
-                if not report["passed"] and not (backend == "llamacpp" and forced_gguf):
-                    raise ExportError(f"the exported {what} artifacts failed parity with the PyTorch "
-                                      "reference: " + "; ".join(report["failures"]))
+            checks = [("onnxruntime", p) for p in precisions if "onnx" in formats]
+            checks += [("llamacpp", t) for t in gguf_types if "gguf" in formats]
+            _verify_artifacts(console, stage, manifest, checks, reference_answers, forced_gguf)
         if quantized:
             with status(console, "calibrating") as update:
                 calibrate(stage, quantized, calibration or CalibrationOptions(), progress=update,
@@ -199,3 +164,57 @@ def export(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = 
                               progress=update)
     console.print(f"[green]bundle written[/]: {out_dir}")
     return Path(out_dir)
+
+
+def _importance_matrix(console, family, model, options):
+    """llama.cpp's importance matrix for q4_k_m, from the calibration prompts through the model."""
+    from ..calib.sources import collect
+    from .imatrix import IMATRIX_TILES, compute_imatrix
+
+    with status(console, "importance matrix for q4_k_m") as update:
+        samples = collect(options.source, options.calib_samples, options.seed, image_root=options.image_root)
+        return compute_imatrix(family, model, samples.samples, options.source, progress=update,
+                               max_tiles=min(options.calib_tiles, IMATRIX_TILES))
+
+
+def _hash_artifacts(stage: Path, artifacts: list[dict]) -> None:
+    """Each artifact's file entries (size, sha256); an mmproj shared by several GGUF types is hashed once."""
+    hashed: dict[str, dict] = {}
+    for art in artifacts:
+        art["files"] = [hashed.setdefault(f, file_entry(stage, f)) for f in art["files"]]
+        art["sha256"] = art["files"][0]["sha256"]
+
+
+def _verify_artifacts(console, stage: Path, manifest: dict, checks: list[tuple[str, str]], reference_answers,
+                      forced_gguf: bool) -> None:
+    """Verify each (backend, precision) of the staged bundle against the reference's answers, every
+    ONNX precision in each decoder layout it has (the fused one's report nested under "fused"); the
+    reports go into the manifest as they come. Raises ExportError at the first failure, except for
+    a forced GGUF, known to be wrong: its report records the damage."""
+    from ..loading import onnx_layouts, pipeline_for_bundle
+    from ..verify import verify as run_verify
+
+    # The files were hashed a moment ago; hashing them again would cost minutes on an 8B model.
+    bundle = open_bundle(stage, verify_checksums=False)
+    runs = [(backend, precision, layout) for backend, precision in checks
+            for layout in (onnx_layouts(bundle, precision) if backend == "onnxruntime" else [None])]
+    for backend, precision, layout in runs:
+        what = f"{precision} {backend}" + (" (fused decoder)" if layout == "fused" else "")
+        with status(console, f"verifying the {what} artifacts against the PyTorch reference"):
+            # The CPU provider: the graphs are checked in true fp32 wherever the export runs; a
+            # GPU's own kernels (TF32, fp16) are checked on the device by `edgelmm verify`.
+            provider = "cpu" if backend == "onnxruntime" else "auto"
+            candidate = pipeline_for_bundle(bundle, backend=backend, provider=provider, precision=precision,
+                                            **({"layout": layout} if layout else {}))
+            report = run_verify(candidate, reference_answers, precision)
+            del candidate  # one runtime's weights in memory at a time
+            release_memory()
+        record = {k: report[k] for k in ("precision", "backend", "thresholds", "summary", "passed", "failures")}
+        if layout == "fused":
+            manifest["verify"][precision]["fused"] = record
+        else:
+            manifest["verify"][precision] = record
+        write_manifest(stage, manifest)
+        if not report["passed"] and not (backend == "llamacpp" and forced_gguf):
+            raise ExportError(f"the exported {what} artifacts failed parity with the PyTorch "
+                              "reference: " + "; ".join(report["failures"]))
