@@ -71,10 +71,27 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
     state = _State((lambda: ready) if ready is not None else load, options or ServerOptions())
     if ready is not None:
         state.start()
-    limits = state.options.limits
+    api = _Endpoints(state)
+    app = Starlette(routes=[Route("/health", api.health), Route("/v1/models", api.models),
+                            Route("/metrics", api.metrics),
+                            Route("/v1/chat/completions", api.chat_completions, methods=["POST"])],
+                    exception_handlers={RequestError: api.on_request_error, HTTPException: api.on_http_error,
+                                        ClientDisconnect: api.on_disconnect, Exception: api.on_any_error},
+                    lifespan=api.lifespan)
+    app.state.edgelmm = state
+    return app
 
-    def authorized(request: Request) -> None:
-        key = state.options.api_key
+
+class _Endpoints:
+    """The routes, error handlers and lifespan over one server's state."""
+
+    def __init__(self, state: _State):
+        self.state = state
+        self.limits = state.options.limits
+
+    # ---- checks every request goes through ----
+    def authorized(self, request: Request) -> None:
+        key = self.state.options.api_key
         if key is None:
             return
         given = request.headers.get("authorization", "")
@@ -83,7 +100,8 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
             raise RequestError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", None,
                                "invalid_api_key")
 
-    def ready_pipeline() -> Pipeline:
+    def ready_pipeline(self) -> Pipeline:
+        state = self.state
         if state.closing:
             raise RequestError(503, "the server is shutting down", None, "shutting_down")
         if state.pipeline is None:
@@ -92,25 +110,8 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
             raise RequestError(503, "the model is still loading; retry shortly", None, "model_loading")
         return state.pipeline
 
-    async def health(request: Request) -> Response:
-        if state.pipeline is not None and not state.closing:
-            info = state.pipeline.describe()
-            return JSONResponse({"status": "ok", "model": state.model_id, "backend": info.get("backend"),
-                                 "precision": info.get("precision"), "max_batch": state.options.max_batch})
-        status = "shutting_down" if state.closing else "error" if state.error else "loading"
-        return JSONResponse({"status": status, **({"error": state.error} if state.error else {})}, status_code=503)
-
-    async def models(request: Request) -> Response:
-        authorized(request)
-        ready_pipeline()
-        return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0,
-                                                          "owned_by": "edgelmm"}]})
-
-    async def metrics(request: Request) -> Response:
-        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
-
-    async def read_json(request: Request) -> Any:
-        limit = limits.max_body_bytes
+    async def read_json(self, request: Request) -> Any:
+        limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"the request body is {declared} bytes; this server takes at most {limit}", None,
@@ -126,8 +127,8 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RequestError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
 
-    def prepare(body: Any, pipe: Pipeline):
-        chat = parse_chat_request(body, limits)
+    def prepare(self, body: Any, pipe: Pipeline):
+        chat = parse_chat_request(body, self.limits)
         try:
             prepared = pipe.prepare(chat.messages)
         except ImageError as exc:
@@ -135,20 +136,40 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
         except PromptError as exc:
             code = "context_length_exceeded" if "context window" in str(exc) else "invalid_prompt"
             raise RequestError(400, str(exc), "messages", code) from None
-        most = limits.max_prompt_tokens
+        most = self.limits.max_prompt_tokens
         if most is not None and len(prepared.input_ids) > most:
             raise RequestError(400, f"the prompt is {len(prepared.input_ids)} tokens; this server takes at most "
                                f"{most} (--max-prompt-tokens)", "messages", "context_length_exceeded")
         return chat, prepared
 
-    async def chat_completions(request: Request) -> Response:
+    # ---- routes ----
+    async def health(self, request: Request) -> Response:
+        state = self.state
+        if state.pipeline is not None and not state.closing:
+            info = state.pipeline.describe()
+            return JSONResponse({"status": "ok", "model": state.model_id, "backend": info.get("backend"),
+                                 "precision": info.get("precision"), "max_batch": state.options.max_batch})
+        status = "shutting_down" if state.closing else "error" if state.error else "loading"
+        return JSONResponse({"status": status, **({"error": state.error} if state.error else {})}, status_code=503)
+
+    async def models(self, request: Request) -> Response:
+        self.authorized(request)
+        self.ready_pipeline()
+        return JSONResponse({"object": "list", "data": [{"id": self.state.model_id, "object": "model",
+                                                          "created": 0, "owned_by": "edgelmm"}]})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.state.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    async def chat_completions(self, request: Request) -> Response:
         arrived = time.perf_counter()
-        authorized(request)
-        pipe = ready_pipeline()
-        body = await read_json(request)
-        chat, prepared = await run_in_threadpool(prepare, body, pipe)
+        self.authorized(request)
+        pipe = self.ready_pipeline()
+        body = await self.read_json(request)
+        chat, prepared = await run_in_threadpool(self.prepare, body, pipe)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
         def emit(event: tuple) -> None:  # from the scheduler's thread
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
@@ -158,62 +179,49 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
         job = Job(prepared, SamplingParams(chat.max_tokens, chat.temperature, chat.top_p, chat.seed, chat.ignore_eos),
                   emit=emit, stop_strings=chat.stop, arrived=arrived)
         try:
-            state.scheduler.submit(job)
+            self.state.scheduler.submit(job)
         except QueueFull as exc:
             raise RequestError(429, str(exc), None, "queue_full") from None
         except ShuttingDown as exc:
             raise RequestError(503, str(exc), None, "shutting_down") from None
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = len(prepared.input_ids)
-
-        def usage(completion: int) -> dict:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}
-
-        def answered(completion: int) -> None:
-            state.metrics.request(200)
-            state.metrics.tokens(prompt_tokens, completion, chat.image_count)
-
+        answer = _Answer(self.state, chat, len(prepared.input_ids))
         if chat.stream:
-            def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-                return f"data: {json.dumps(body)}\n\n"
-
-            async def sse():
-                ended = False
-                try:
-                    yield chunk({"role": "assistant", "content": ""})
-                    while True:
-                        event = await events.get()
-                        if event[0] == "text":
-                            yield chunk({"content": event[1]})
-                        elif event[0] == "error":
-                            ended = True
-                            state.metrics.request(event[1])
-                            yield f"data: {json.dumps(RequestError(event[1], event[2]).body())}\n\n"
-                            break
-                        else:
-                            _, reason, completion = event
-                            if reason == "cancelled":
-                                break
-                            ended = True
-                            answered(completion)
-                            yield chunk({}, reason)
-                            if chat.include_usage:
-                                body = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                        "model": state.model_id, "choices": [], "usage": usage(completion)}
-                                yield f"data: {json.dumps(body)}\n\n"
-                            yield "data: [DONE]\n\n"
-                            break
-                finally:
-                    job.cancelled.set()  # a client that went away ends its row at the next decode step
-                    if not ended:
-                        state.metrics.request(499)
-
-            return StreamingResponse(sse(), media_type="text/event-stream",
+            return StreamingResponse(self._stream(answer, job, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._whole(answer, job, events, request)
 
+    async def _stream(self, answer: "_Answer", job: Job, events: asyncio.Queue):
+        """Server-sent events in OpenAI's chunk format, ending with [DONE]."""
+        ended = False
+        try:
+            yield answer.chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    yield answer.chunk({"content": event[1]})
+                elif event[0] == "error":
+                    ended = True
+                    self.state.metrics.request(event[1])
+                    yield f"data: {json.dumps(RequestError(event[1], event[2]).body())}\n\n"
+                    break
+                else:
+                    _, reason, completion = event
+                    if reason == "cancelled":
+                        break
+                    ended = True
+                    answer.counted(completion)
+                    yield answer.chunk({}, reason)
+                    if answer.chat.include_usage:
+                        yield answer.chunk(None, usage=answer.usage(completion))
+                    yield "data: [DONE]\n\n"
+                    break
+        finally:
+            job.cancelled.set()  # a client that went away ends its row at the next decode step
+            if not ended:
+                self.state.metrics.request(499)
+
+    async def _whole(self, answer: "_Answer", job: Job, events: asyncio.Queue, request: Request) -> Response:
+        """The whole answer at once; a client that goes away while it is made cancels its row."""
         pieces = []
         try:
             while True:
@@ -221,7 +229,7 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
                     event = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        state.metrics.request(499)
+                        self.state.metrics.request(499)
                         return Response(status_code=499)
                     continue
                 if event[0] == "text":
@@ -234,35 +242,37 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
         finally:
             job.cancelled.set()
         if reason == "cancelled":
-            state.metrics.request(499)
+            self.state.metrics.request(499)
             return Response(status_code=499)
-        answered(completion)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
-                             "system_fingerprint": None,
+        answer.counted(completion)
+        return JSONResponse({"id": answer.id, "object": "chat.completion", "created": answer.created,
+                             "model": self.state.model_id, "system_fingerprint": None,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                                           "logprobs": None, "finish_reason": reason}],
-                             "usage": usage(completion)})
+                             "usage": answer.usage(completion)})
 
-    async def on_request_error(request: Request, exc: RequestError) -> Response:
+    # ---- errors ----
+    async def on_request_error(self, request: Request, exc: RequestError) -> Response:
         if request.url.path.startswith("/v1/chat"):
-            state.metrics.request(exc.status)
+            self.state.metrics.request(exc.status)
         return _error(exc)
 
-    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    async def on_http_error(self, request: Request, exc: HTTPException) -> Response:
         return _error(RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None,
                                    "not_found" if exc.status_code == 404 else None))
 
-    async def on_disconnect(request: Request, exc: ClientDisconnect) -> Response:
-        state.metrics.request(499)
+    async def on_disconnect(self, request: Request, exc: ClientDisconnect) -> Response:
+        self.state.metrics.request(499)
         return Response(status_code=499)
 
-    async def on_any_error(request: Request, exc: Exception) -> Response:
+    async def on_any_error(self, request: Request, exc: Exception) -> Response:
         log.exception("request failed")
         message = str(exc) if isinstance(exc, EdgeLMMError) else f"internal error: {type(exc).__name__}"
         return _error(RequestError(500, message, None, "internal_error"))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(self, app):
+        state = self.state
         if not state.ready.is_set():
             threading.Thread(target=state.start, name="edgelmm-load", daemon=True).start()
         yield
@@ -270,10 +280,25 @@ def create_app(load: Pipeline | Callable[[], Pipeline], options: ServerOptions |
         if state.scheduler is not None:
             await run_in_threadpool(state.scheduler.close)
 
-    app = Starlette(routes=[Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
-                            Route("/v1/chat/completions", chat_completions, methods=["POST"])],
-                    exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
-                                        ClientDisconnect: on_disconnect, Exception: on_any_error},
-                    lifespan=lifespan)
-    app.state.edgelmm = state
-    return app
+
+class _Answer:
+    """One completion's identity and accounting: its id, its chunks, its usage and its metrics."""
+
+    def __init__(self, state: _State, chat, prompt_tokens: int):
+        self.state, self.chat, self.prompt_tokens = state, chat, prompt_tokens
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def usage(self, completion: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def counted(self, completion: int) -> None:
+        self.state.metrics.request(200)
+        self.state.metrics.tokens(self.prompt_tokens, completion, self.chat.image_count)
+
+    def chunk(self, delta: dict | None, finish: str | None = None, **extra) -> str:
+        """A chat.completion.chunk event; delta None: the usage chunk, with no choices."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.state.model_id, "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n"
