@@ -271,38 +271,9 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         trial = _with_artifacts(bundle.manifest, precisions, trial_entries)
         quality, failures = {}, []
         for p in precisions:
-            candidate = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p,
-                                            layout="plain")
-            say(f"measuring {p} against fp32 on {len(held)} held-out prompts")
-            plain_tokens: list = []
-            report = measure(candidate, held, plain_tokens)
-            if _has_graph(trial, FUSED_GRAPH, p):  # the fused layout of the same precision, on the same prompts
-                fused = pipeline_for_bundle(Bundle(root, trial), backend="onnxruntime", provider="cpu", precision=p,
-                                            layout="fused")
-                say(f"measuring {p} (fused decoder) on the same prompts")
-                fused_tokens: list = []
-                report["fused"] = measure(fused, held, fused_tokens)
-                report["fused"]["tokens_as_plain"] = float(np.mean([a == b for a, b in zip(plain_tokens, fused_tokens)]))
-                report["fused"]["failures"] = gate_failures(report["fused"], opts)
-                failures += [f"{p} (fused decoder): {f}" for f in report["fused"]["failures"]]
-                del fused
-            report["size_bytes"] = precision_size(trial, p)
-            report["graphs"] = {g: v for g, v in QUANTIZED_PRECISIONS[p].items()}
-            if baseline is not None:
-                acc = _accuracy(candidate, accuracy_samples, say, p)
-                report["accuracy"] = acc
-                report["accuracy_fp32"] = baseline
-                report["accuracy_drop_points"] = round(100 * (baseline - acc), 3)
-            else:
-                report["accuracy"] = None
-                report["accuracy_note"] = ("not measured: the model does not answer edgelmm's synthetic tasks "
-                                           "(it was not trained on them), so held-out accuracy means nothing here")
-            report["failures"] = gate_failures(report, opts)
-            report["passed"] = not report["failures"]
-            failures += [f"{p}: {f}" for f in report["failures"]]
-            quality[p] = report
-            del candidate
-            release_memory()
+            quality[p] = _measure_precision(Bundle(root, trial), p, held, opts, baseline, accuracy_samples, say)
+            failures += [f"{p}: {f}" for f in quality[p]["failures"]]
+            failures += [f"{p} (fused decoder): {f}" for f in quality[p].get("fused", {}).get("failures", [])]
         calibration = {**calib_set.summary(), "held_out": len(held_out), "calibrated_on": len(calib_samples),
                        "options": opts.as_dict(), "graphs": details}
         if failures and opts.gate:
@@ -315,6 +286,43 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         final["calibration"] = {**final.get("calibration", {}), **{p: calibration for p in precisions}}
         txn.commit(final)
     return CalibrationResult(root, list(precisions), calibration, quality, not failures, failures)
+
+
+def _measure_precision(trial: Bundle, p: str, held: Sequence[HeldOut], opts: CalibrationOptions, baseline,
+                       accuracy_samples, say: Callable[[str], None]) -> dict[str, Any]:
+    """Precision `p` of the trial bundle against fp32 on the held-out prompts (and in its fused
+    decoder layout where it has one), with held-out accuracy where the model answers edgelmm's
+    tasks, judged by the quality gate: the report, its "failures" (and the fused one's) listed."""
+    from ..loading import pipeline_for_bundle
+
+    candidate = pipeline_for_bundle(trial, backend="onnxruntime", provider="cpu", precision=p, layout="plain")
+    say(f"measuring {p} against fp32 on {len(held)} held-out prompts")
+    plain_tokens: list = []
+    report = measure(candidate, held, plain_tokens)
+    if _has_graph(trial.manifest, FUSED_GRAPH, p):  # the fused layout of the same precision, on the same prompts
+        fused = pipeline_for_bundle(trial, backend="onnxruntime", provider="cpu", precision=p, layout="fused")
+        say(f"measuring {p} (fused decoder) on the same prompts")
+        fused_tokens: list = []
+        report["fused"] = measure(fused, held, fused_tokens)
+        report["fused"]["tokens_as_plain"] = float(np.mean([a == b for a, b in zip(plain_tokens, fused_tokens)]))
+        report["fused"]["failures"] = gate_failures(report["fused"], opts)
+        del fused
+    report["size_bytes"] = precision_size(trial.manifest, p)
+    report["graphs"] = {g: v for g, v in QUANTIZED_PRECISIONS[p].items()}
+    if baseline is not None:
+        acc = _accuracy(candidate, accuracy_samples, say, p)
+        report["accuracy"] = acc
+        report["accuracy_fp32"] = baseline
+        report["accuracy_drop_points"] = round(100 * (baseline - acc), 3)
+    else:
+        report["accuracy"] = None
+        report["accuracy_note"] = ("not measured: the model does not answer edgelmm's synthetic tasks "
+                                   "(it was not trained on them), so held-out accuracy means nothing here")
+    report["failures"] = gate_failures(report, opts)
+    report["passed"] = not report["failures"]
+    del candidate
+    release_memory()
+    return report
 
 
 def _with_artifacts(manifest: dict[str, Any], precisions: Sequence[str],
