@@ -271,6 +271,16 @@ class BundleUpdate:
         beside = sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path)
         return [file_entry(self.root, self.trial_rel(p), self.final_rel(p)) for p in [path, *beside]]
 
+    def where_now(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """File entries (final names, from `entries`) pointed at where the files sit before commit."""
+        return [{**e, "file": self.trial_rel(self.work / e["file"])} for e in entries]
+
+    def trial(self, manifest: dict[str, Any]) -> Bundle:
+        """The bundle as `manifest` describes it, its new files still in the work directory (their
+        entries from `where_now`): what a writer measures or verifies before it commits, so a failure
+        leaves the bundle as it was."""
+        return Bundle(self.root, manifest)
+
     def commit(self, manifest: dict[str, Any]) -> None:
         new = [str(p.relative_to(self.work)) for p in sorted(self.work.rglob("*"))
                if p.is_file() and p.parent != self.work]

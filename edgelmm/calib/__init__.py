@@ -266,12 +266,11 @@ def calibrate(bundle_dir: str | Path, precisions: Sequence[str], options: Calibr
         # Each new graph hashed once (with its external data); a trial manifest sees the graphs where
         # they are now (the work dir) to measure them, the final one where the commit puts them.
         final_entries = {name: txn.entries(path) for name, path in new_files.items()}
-        trial_entries = {name: [{**e, "file": txn.trial_rel(txn.work / e["file"])} for e in entries]
-                         for name, entries in final_entries.items()}
-        trial = _with_artifacts(bundle.manifest, precisions, trial_entries)
+        trial = txn.trial(_with_artifacts(bundle.manifest, precisions,
+                                          {name: txn.where_now(entries) for name, entries in final_entries.items()}))
         quality, failures = {}, []
         for p in precisions:
-            quality[p] = _measure_precision(Bundle(root, trial), p, held, opts, baseline, accuracy_samples, say)
+            quality[p] = _measure_precision(trial, p, held, opts, baseline, accuracy_samples, say)
             failures += [f"{p}: {f}" for f in quality[p]["failures"]]
             failures += [f"{p} (fused decoder): {f}" for f in quality[p].get("fused", {}).get("failures", [])]
         calibration = {**calib_set.summary(), "held_out": len(held_out), "calibrated_on": len(calib_samples),

@@ -242,12 +242,12 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
         # Each engine is hashed once, in the work dir: moving it into tensorrt/ does not change it.
         hashed = {b["path"]: txn.entries(b["path"])[0] for b in built.values()}
 
-        def with_engines(located) -> dict[str, Any]:
-            """The manifest with the new engines listed where `located(final name)` says they are."""
+        def with_engines(before_commit: bool) -> dict[str, Any]:
+            """The manifest with the new engines listed where they are before or after the commit."""
             arts = []
             for art in artifacts:
-                entry = {**hashed[art["path"]]}
-                entry["file"] = located(entry["file"])
+                entry = hashed[art["path"]]
+                entry = txn.where_now([entry])[0] if before_commit else entry
                 arts.append({**{k: v for k, v in art.items() if k != "path"}, "file": entry["file"], "files": [entry],
                              "sha256": entry["sha256"]})
             kept = [a for a in bundle.manifest["artifacts"]
@@ -255,22 +255,20 @@ def build_engines(bundle_dir: str | Path, options: EngineOptions | None = None, 
             return {**bundle.manifest, "artifacts": kept + arts}
 
         # Verify the engines where they are (the work dir), so a failure changes nothing in the bundle.
-        trial = with_engines(lambda rel: txn.trial_rel(work / rel))
+        trial = txn.trial(with_engines(before_commit=True))
         verified = {}
         if opts.verify:
-            from ..bundle import Bundle
-
             reference = pipeline_for_bundle(bundle, backend="onnxruntime", provider="cpu", precision="fp32")
             for precision in opts.precisions:
                 say(f"verifying the {precision} engines against the fp32 ONNX graphs (ONNX Runtime CPU)")
-                candidate = pipeline_for_bundle(Bundle(root, trial), backend="tensorrt", precision=precision)
+                candidate = pipeline_for_bundle(trial, backend="tensorrt", precision=precision)
                 report = run_verify(candidate, reference, precision)  # TensorRT's limits: verify.thresholds_for
                 verified[precision] = {k: report[k] for k in ("summary", "passed", "failures")}
                 del candidate
                 if not report["passed"]:
                     raise ExportError(f"the {precision} TensorRT engines failed parity with the fp32 ONNX graphs: "
                                       + "; ".join(report["failures"]) + ". Nothing was added to the bundle.")
-        manifest = with_engines(lambda rel: rel)
+        manifest = with_engines(before_commit=False)
         manifest["tensorrt"] = {"target": target, "options": opts.as_dict(), "timing_cache": str(timing_cache),
                                 "verify": {**bundle.manifest.get("tensorrt", {}).get("verify", {}), **verified}}
         txn.commit(manifest)  # engines into tensorrt/, then the manifest in one rename
