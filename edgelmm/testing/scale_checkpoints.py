@@ -17,6 +17,8 @@ Models (`SCALE_MODELS`):
   smolvlm-500m  HuggingFaceTB/SmolVLM-500M-Instruct: the same vision + SmolLM2-360M
   mantis-1b     LLaVA: SigLIP-so400m/14 at 384 (729 tokens) + Llama-3.2-1B (tied embeddings)
   3b            LLaVA: SigLIP-so400m/14 at 384 + Llama-3.2-3B (tied embeddings)
+  qwen2vl-2b    Qwen/Qwen2-VL-2B-Instruct: its 675M native-resolution tower + the Qwen2-1.5B text model
+  qwen2.5vl-3b  Qwen/Qwen2.5-VL-3B-Instruct: the windowed tower + the Qwen2.5-3B text model
 
 Memory: the model is created on the meta device, materialised directly in bf16 and filled tensor
 by tensor in row chunks (the fp32 scratch is at most 64M values), then saved in 2 GB shards, so a
@@ -50,7 +52,7 @@ RECIPE_VERSION = 1              # bump when the weights or files a recipe produc
 class ScaleSpec:
     key: str
     real: str                 # the Hub checkpoint whose architecture this copies
-    family: str               # "idefics3" or "llava"
+    family: str               # "idefics3", "llava" or "qwen2vl"
     dirname: str              # directory name under the work dir ("Mantis" selects Mantis prompts)
     vision: dict
     text: dict
@@ -61,6 +63,7 @@ class ScaleSpec:
     longest_edge: int = 0                       # idefics3: processor size.longest_edge
     vision_feature_layer: int = -1              # llava
     vision_feature_select_strategy: str = "full"  # llava
+    version: str = ""                           # qwen2vl: "2" or "2.5"
     notes: tuple[str, ...] = field(default=())
 
     def recipe(self) -> dict:
@@ -83,6 +86,8 @@ _LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, 
 _LLAMA32 = {"vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0,
             "rope_scaling": _LLAMA32_ROPE, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+_QWEN2 = {"vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
 _SMOLLM2 = {"vocab_size": 49280, "tie_word_embeddings": False, "rope_theta": 100000.0,
             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "head_dim": 64, "hidden_act": "silu",
             "attention_bias": False, "mlp_bias": False}
@@ -118,6 +123,20 @@ SCALE_MODELS: dict[str, ScaleSpec] = {
               "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
         image_size=384, patch=14, vision_feature_layer=-2, vision_feature_select_strategy="full",
         notes=("directory name without 'Mantis': plain LLaVA prompts (mantis-1b covers Mantis numbering)",)),
+    "qwen2vl-2b": ScaleSpec(
+        "qwen2vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2vl", "Qwen2-VL-2B-Instruct-random",
+        vision={"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "mlp_ratio": 4, "num_heads": 16,
+                "hidden_act": "quick_gelu"},
+        text={**_QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "num_key_value_heads": 2},
+        image_size=0, patch=14, version="2"),
+    "qwen2.5vl-3b": ScaleSpec(
+        "qwen2.5vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2vl", "Qwen2.5-VL-3B-Instruct-random",
+        vision={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+                "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
+        text={**_QWEN2, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+              "num_attention_heads": 16, "num_key_value_heads": 2},
+        image_size=0, patch=14, version="2.5"),
 }
 
 
@@ -206,16 +225,58 @@ def _llava_parts(s: ScaleSpec):
     return cfg, save_text_side
 
 
+def _qwen2vl_parts(s: ScaleSpec):
+    """(config, tokenizer/processor-saving closure) for a Qwen2-VL / Qwen2.5-VL spec; tokenizer and
+    special tokens as checkpoints.build_qwen2vl's, the processor's default pixel budget."""
+    from tokenizers import processors
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    from .checkpoints import QWEN2VL_TEMPLATE, _byte_level_tokenizer
+
+    eot, im_start, im_end = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _byte_level_tokenizer([eot, im_start, im_end, *vision_tokens], im_start, im_end)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    ids = {t: tok.token_to_id(t) for t in [eot, im_start, im_end, *vision_tokens]}
+    config_class = Qwen2_5_VLConfig if s.version == "2.5" else Qwen2VLConfig
+    cfg = config_class(
+        vision_config={**s.vision, "patch_size": s.patch, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        text_config={**s.text, "bos_token_id": None, "eos_token_id": ids[im_end], "pad_token_id": ids[eot]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=s.text["tie_word_embeddings"])
+
+    def save_text_side(out: Path):
+        from transformers import Qwen2VLImageProcessorPil
+
+        from .checkpoints import _save_tokenizer, _write_generation_config
+
+        _save_tokenizer(tok, out, bos=None, eos=im_end, unk=None, pad=eot,
+                        extra_special=[im_start, *vision_tokens], chat_template=QWEN2VL_TEMPLATE)
+        Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+                                 patch_size=s.patch, merge_size=2, temporal_patch_size=2).save_pretrained(out)
+        (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
+        _write_generation_config(out, ids[im_start], [ids[im_end], ids[eot]], ids[eot])
+
+    return cfg, save_text_side
+
+
+_PARTS = {"idefics3": _idefics3_parts, "llava": _llava_parts, "qwen2vl": _qwen2vl_parts}
+
+
 def scale_config(key: str):
     """The transformers config object of `key` (token ids from the small tokenizer)."""
     s = spec(key)
-    return (_idefics3_parts if s.family == "idefics3" else _llava_parts)(s)[0]
+    return _PARTS[s.family](s)[0]
 
 
-def _model_class(family: str):
-    from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+def _model_class(s: ScaleSpec):
+    import transformers
 
-    return Idefics3ForConditionalGeneration if family == "idefics3" else LlavaForConditionalGeneration
+    name = {"idefics3": "Idefics3ForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
+            "qwen2vl": "Qwen2_5_VLForConditionalGeneration" if s.version == "2.5"
+            else "Qwen2VLForConditionalGeneration"}[s.family]
+    return getattr(transformers, name)
 
 
 def meta_model(key: str):
@@ -224,7 +285,7 @@ def meta_model(key: str):
 
     cfg = scale_config(key)
     with torch.device("meta"):
-        return _model_class(spec(key).family)(cfg).eval()
+        return _model_class(spec(key))(cfg).eval()
 
 
 def parameter_count(key: str) -> dict:
@@ -236,7 +297,7 @@ def parameter_count(key: str) -> dict:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        vision = any(k in name for k in ("vision", "connector", "multi_modal_projector"))
+        vision = any(k in name for k in ("vision", "visual", "connector", "multi_modal_projector"))
         parts["vision" if vision else "text"] += p.numel()
     return {"total": parts["vision"] + parts["text"], **parts}
 
@@ -274,10 +335,10 @@ def _materialize(key: str, dtype_name: str, seed: int, std: float):
     import torch
 
     s = spec(key)
-    cfg, save_text_side = (_idefics3_parts if s.family == "idefics3" else _llava_parts)(s)
+    cfg, save_text_side = _PARTS[s.family](s)
     dtype = getattr(torch, dtype_name)
     with torch.device("meta"):
-        model = _model_class(s.family)(cfg).eval()
+        model = _model_class(s)(cfg).eval()
     model = model.to(dtype).to_empty(device="cpu")
     model.tie_weights()  # to_empty keeps shared Parameters; re-tie to be sure
     # Only parameters are saved: buffers left uninitialised by to_empty (rotary inverse frequencies,
