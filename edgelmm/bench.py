@@ -191,7 +191,8 @@ def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions
     pipe = pipeline_for_bundle(bundle, backend=backend, provider=provider, threads=options.threads,
                                precision=precision, **({"layout": layout} if layout else {}))
     row = measure_pipeline(pipe, options)
-    row["decode_ms_at_context"] = context_scaling(pipe.backend, options.context_probe, pipe.files.context_length)
+    row["decode_ms_at_context"] = context_scaling(pipe.backend, options.context_probe, pipe.files.context_length,
+                                                  position_dims=pipe.family.position_dims)
     describe = pipe.describe()
     kv_bytes = (4 if describe["kv_cache_type"] == "f32" else 2) if backend == "llamacpp" else \
         np.dtype(pipe.backend.kv_dtype).itemsize
@@ -247,10 +248,15 @@ def measure_pipeline(pipe, options: BenchOptions) -> dict[str, Any]:
 
 
 def context_scaling(backend, contexts: Sequence[int], model_positions: int | None = None,
-                    steps: int = 16) -> dict[str, float]:
+                    steps: int = 16, position_dims: int = 1) -> dict[str, float]:
     """Median decode step ms after each number of positions of context: a prefill of random
     embeddings (the decoder alone), then `steps` single-token steps. Contexts past what the model or
-    the backend holds are left out."""
+    the backend holds are left out. `position_dims` 3: M-RoPE positions (text: three equal ones)."""
+
+    def positions(start: int, n: int) -> np.ndarray:
+        pos = np.arange(start, start + n, dtype=np.int64)[None]
+        return pos if position_dims == 1 else np.repeat(pos[None], position_dims, axis=0)
+
     limits = [n for n in (model_positions, getattr(backend, "n_ctx", None), getattr(backend, "max_context", None)) if n]
     limit = min(limits) if limits else None
     hidden = backend.hidden if hasattr(backend, "hidden") else None
@@ -263,11 +269,11 @@ def context_scaling(backend, contexts: Sequence[int], model_positions: int | Non
         if hidden is None:
             hidden = backend.embed_tokens(np.zeros((1, 1), np.int64)).shape[-1]
         embeds = (rng.standard_normal((1, n + steps, hidden)) * 0.02).astype(np.float32)
-        backend.decode(embeds[:, :n], np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        backend.decode(embeds[:, :n], np.ones((1, n), np.int64), positions(0, n), cache)
         times = []
         for i in range(n, n + steps):
             t = time.perf_counter()
-            backend.decode(embeds[:, i:i + 1], np.ones((1, i + 1), np.int64), np.array([[i]], np.int64), cache)
+            backend.decode(embeds[:, i:i + 1], np.ones((1, i + 1), np.int64), positions(i, 1), cache)
             times.append((time.perf_counter() - t) * 1e3)
         out[str(n)] = round(statistics.median(times), 3)
     return out

@@ -3,8 +3,9 @@
 llama.cpp trusts much of a GGUF file: some damaged files abort the process (GGML_ASSERT), segfault
 inside mtmd, or load and answer nonsense, and gguf-py's GGUFReader spins forever on some headers.
 So edgelmm parses the header itself and checks what llama.cpp (src/llama-model*.cpp,
-src/llama-vocab.cpp, tools/mtmd/clip.cpp) will read for the two architectures edgelmm writes
-(export/gguf.py): "llama" (the LLM) and "clip" (the mmproj, projector "mlp" or "idefics3").
+src/llama-vocab.cpp, tools/mtmd/clip.cpp) will read for the architectures edgelmm writes
+(export/gguf.py): the LLM's text architectures ("llama", "qwen2vl": gguf_names.TEXT_ARCHES) and
+"clip" (the mmproj, projector "mlp", "idefics3", "qwen2vl_merger" or "qwen2.5vl_merger").
 Needs only numpy and gguf-py's ggml type table; the file is mmap'ed, never read whole.
 
 read_gguf(path) -- the container, every count and length checked against the bytes left before any
@@ -18,21 +19,23 @@ loop or allocation it drives:
     type llama.cpp knows, rows a whole number of blocks; data offsets aligned, in header order,
     without overlap or gap (what gguf.cpp demands), every tensor inside the file, and no more than
     an alignment's worth of bytes after the last one (a wrong tensor count in the header).
-validate_gguf(path, architecture) -- read_gguf plus, for "llama" and "clip" (tables below):
+validate_gguf(path, architecture) -- read_gguf plus, for each architecture (tables below):
   - every key llama.cpp requires present, every key edgelmm/llama.cpp know with the exact GGUF type
     llama.cpp reads it as (a wrong type aborts in gguf.cpp), numbers in range and floats finite;
-    unknown keys in the llama.* / tokenizer.* / clip.* namespaces refused (llama.cpp would act on
-    some of them, e.g. llama.expert_count);
-  - llama: head counts dividing the width, head_count_kv dividing head_count, rope dimension = head
-    size, key and value lengths equal, block_count 1..512 (LLAMA_MAX_LAYERS) and equal to the blk.N
-    tensors present; the vocabulary: unique token texts (llama-vocab asserts it), scores/types of the
-    same length, known token types, byte tokens spelled <0xXX> (and all 256 of them for a
-    sentencepiece vocab), special token ids inside the vocabulary, a BOS id whenever BOS is added;
+    unknown keys in the llama.* (qwen2vl.*) / tokenizer.* / clip.* namespaces refused (llama.cpp
+    would act on some of them, e.g. llama.expert_count);
+  - text: head counts dividing the width, head_count_kv dividing head_count, rope dimension = head
+    size (M-RoPE: four sections adding up to half of it), key and value lengths equal, block_count
+    1..512 (LLAMA_MAX_LAYERS) and equal to the blk.N tensors present; the vocabulary: unique token
+    texts (llama-vocab asserts it), scores/types of the same length, known token types, byte
+    tokens spelled <0xXX> (and all 256 of them for a sentencepiece vocab), special token ids
+    inside the vocabulary, a BOS id whenever BOS is added;
   - clip: has_vision_encoder, head_count dividing the width (0 divides nothing), 1 <= patch_size
     <= image_size <= 8192 (the grid is image_size // patch_size a side, as in HF and clip.cpp),
     image_mean/std of 3 finite values (std > 0), distinct feature_layer indices in 0..block_count,
     the idefics3 scale factor (>= 2, dividing the patch grid) and preprocessing size (mtmd asserts
-    both);
+    both), the Qwen projectors' merge size (2), window pattern (Qwen2.5-VL) and head width (a multiple
+    of 4), and no MLP as wide as the tower (clip.cpp would take it for a legacy swapped file);
   - tensors: exactly the set llama.cpp looks up for that configuration (every v.blk.N bias, mm.0/mm.2
     weight and bias, post_ln, ...; no stray or missing one: clip.cpp loads most tensors as optional
     and then dereferences them), each with the exact shape its metadata implies, and a type llama.cpp
@@ -60,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GGUFError
+from .gguf_names import TEXT_ARCHES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -415,30 +419,39 @@ GENERAL_KEYS = {
 
 # Required: what llama.cpp needs, and what edgelmm always writes where a missing key would silently
 # change the model (llama.cpp falls back to defaults: rope base 10000, quick-GELU, no GQA, ...).
-LLAMA_KEYS = {
-    "llama.context_length": Key(UINT32, True, 16, MAX_CONTEXT),  # below 16 llama.cpp asserts (batch < sequences)
-    "llama.embedding_length": Key(UINT32, True, 1, MAX_WIDTH),
-    "llama.block_count": Key(UINT32, True, 1, 512),            # LLAMA_MAX_LAYERS, GGML_ASSERTed
-    "llama.feed_forward_length": Key(UINT32, True, 1, 1 << 20),
-    "llama.attention.head_count": Key(UINT32, True, 1, 4096),
-    "llama.attention.head_count_kv": Key(UINT32, True, 1, 4096),
-    "llama.attention.key_length": Key(UINT32, False, 1, 4096),
-    "llama.attention.value_length": Key(UINT32, False, 1, 4096),
-    "llama.attention.layer_norm_rms_epsilon": Key(FLOAT32, True, above=0.0, hi=1.0),
-    "llama.rope.dimension_count": Key(UINT32, True, 2, 4096),
-    "llama.rope.freq_base": Key(FLOAT32, True, above=0.0, hi=1e12),  # absent: 10000
-    "llama.rope.scaling.type": Key(STRING, choices=("none", "linear", "yarn")),  # others GGML_ASSERT
-    "llama.rope.scaling.factor": Key(FLOAT32, lo=0.0, hi=1e6),
-    "llama.rope.scale_linear": Key(FLOAT32, lo=0.0, hi=1e6),
-    "llama.rope.scaling.attn_factor": Key(FLOAT32, above=0.0, hi=1e6),
-    "llama.rope.scaling.original_context_length": Key(UINT32, lo=1, hi=MAX_CONTEXT),
-    "llama.rope.scaling.finetuned": Key(BOOL),
-    "llama.vocab_size": Key(UINT32, lo=1, hi=MAX_VOCAB),
+# The same keys under each text architecture's prefix (gguf_names.TEXT_ARCHES: llama., qwen2vl.).
+_TEXT_KEYS = {
+    "context_length": Key(UINT32, True, 16, MAX_CONTEXT),  # below 16 llama.cpp asserts (batch < sequences)
+    "embedding_length": Key(UINT32, True, 1, MAX_WIDTH),
+    "block_count": Key(UINT32, True, 1, 512),            # LLAMA_MAX_LAYERS, GGML_ASSERTed
+    "feed_forward_length": Key(UINT32, True, 1, 1 << 20),
+    "attention.head_count": Key(UINT32, True, 1, 4096),
+    "attention.head_count_kv": Key(UINT32, True, 1, 4096),
+    "attention.key_length": Key(UINT32, False, 1, 4096),
+    "attention.value_length": Key(UINT32, False, 1, 4096),
+    "attention.layer_norm_rms_epsilon": Key(FLOAT32, True, above=0.0, hi=1.0),
+    "rope.dimension_count": Key(UINT32, True, 2, 4096),
+    "rope.freq_base": Key(FLOAT32, True, above=0.0, hi=1e12),  # absent: 10000
+    "rope.scaling.type": Key(STRING, choices=("none", "linear", "yarn")),  # others GGML_ASSERT
+    "rope.scaling.factor": Key(FLOAT32, lo=0.0, hi=1e6),
+    "rope.scale_linear": Key(FLOAT32, lo=0.0, hi=1e6),
+    "rope.scaling.attn_factor": Key(FLOAT32, above=0.0, hi=1e6),
+    "rope.scaling.original_context_length": Key(UINT32, lo=1, hi=MAX_CONTEXT),
+    "rope.scaling.finetuned": Key(BOOL),
+    "vocab_size": Key(UINT32, lo=1, hi=MAX_VOCAB),
 }
+# M-RoPE: how many of a head's rotary frequencies follow the temporal, height, width (and a fourth,
+# unused) position component; ggml takes the frequency index modulo their sum (0 divides nothing).
+_MROPE_KEYS = {"rope.dimension_sections": Key(ARRAY, True, sub=INT32, lo=0, hi=4096, length=(4, 4))}
+TEXT_KEYS = {arch.name: {f"{arch.name}.{k}": spec
+                         for k, spec in {**_TEXT_KEYS, **(_MROPE_KEYS if arch.mrope else {})}.items()}
+             for arch in TEXT_ARCHES.values()}
+LLAMA_KEYS = TEXT_KEYS["llama"]
 
 TOKENIZER_KEYS = {
     "tokenizer.ggml.model": Key(STRING, True, choices=("llama", "gpt2")),
-    "tokenizer.ggml.pre": Key(STRING, True, choices=("default", "gpt-2", "llama-bpe", "llama3", "smollm")),
+    "tokenizer.ggml.pre": Key(STRING, True, choices=("default", "gpt-2", "llama-bpe", "llama3", "smollm",
+                                                       "qwen2")),
     "tokenizer.ggml.tokens": Key(ARRAY, True, sub=STRING, length=(1, MAX_VOCAB)),
     "tokenizer.ggml.scores": Key(ARRAY, sub=FLOAT32, length=(1, MAX_VOCAB)),
     "tokenizer.ggml.token_type": Key(ARRAY, sub=INT32, lo=0, hi=6, length=(1, MAX_VOCAB)),  # llama_token_type
@@ -458,7 +471,7 @@ CLIP_KEYS = {
     "clip.has_vision_encoder": Key(BOOL, True, choices=(True,)),
     "clip.has_audio_encoder": Key(BOOL, choices=(False,)),
     "clip.has_gen_audio_encoder": Key(BOOL, choices=(False,)),
-    "clip.projector_type": Key(STRING, True, choices=("mlp", "idefics3")),
+    "clip.projector_type": Key(STRING, True, choices=("mlp", "idefics3", "qwen2vl_merger", "qwen2.5vl_merger")),
     "clip.use_gelu": Key(BOOL, True),   # absent: quick-GELU
     "clip.use_silu": Key(BOOL),
     "clip.vision.image_size": Key(UINT32, True, 1, 8192),          # clip.cpp's own cap
@@ -478,11 +491,20 @@ PROJECTOR_KEYS = {
     "mlp": {"clip.vision.feature_layer": Key(ARRAY, True, sub=INT32, lo=0, hi=512, length=(1, 64))},
     "idefics3": {"clip.vision.projector.scale_factor": Key(UINT32, True, 2, 64),   # pixel shuffle asserts > 1
                  "clip.vision.preproc_image_size": Key(UINT32, True, 1, 16384)},  # mtmd divides by it
+    # clip.cpp's Qwen graphs reshape by 2x2 patches whatever the key says
+    "qwen2vl_merger": {"clip.vision.spatial_merge_size": Key(UINT32, True, 2, 2)},
+    # n_wa_pattern: every n-th layer attends over the whole image, the others within windows
+    "qwen2.5vl_merger": {"clip.vision.spatial_merge_size": Key(UINT32, True, 2, 2),
+                         "clip.vision.n_wa_pattern": Key(UINT32, True, 1, 512)},
 }
 
 # Namespaces llama.cpp interprets: a key there that is not in the tables is refused.
-STRICT_PREFIXES = {"llama": ("llama.", "tokenizer.", "split."), "clip": ("clip.", "split.")}
+STRICT_PREFIXES = {**{arch: (f"{arch}.", "tokenizer.", "split.") for arch in TEXT_ARCHES}, "clip": ("clip.", "split.")}
 NAMED_TEMPLATE = "tokenizer.chat_template."   # tokenizer.chat_template.<name>: strings
+LLM = "llm"   # validate_gguf: an LLM GGUF of any text architecture
+QWEN_PROJECTORS = ("qwen2vl_merger", "qwen2.5vl_merger")
+# clip.cpp swaps ffn_up/ffn_down of these when the down projection's input is as wide as the model
+SWAPPED_FFN_PROJECTORS = ("mlp", "idefics3", *QWEN_PROJECTORS)
 
 
 def _check_key(name: str, f: GGUFField, spec: Key, problems: list[str]) -> bool:
@@ -634,27 +656,34 @@ def _check_vocab(m: dict[str, Any], model: str | None, problems: list[str]) -> i
     return n
 
 
-def _check_llama(info: GGUFInfo, problems: list[str]) -> None:
-    m = _check_keys(info, {**GENERAL_KEYS, **LLAMA_KEYS, **TOKENIZER_KEYS}, problems)
+def _check_text(info: GGUFInfo, problems: list[str]) -> None:
+    """An LLM GGUF of one of the text architectures edgelmm writes (gguf_names.TEXT_ARCHES)."""
+    arch = info.architecture
+    m = _check_keys(info, {**GENERAL_KEYS, **TEXT_KEYS[arch], **TOKENIZER_KEYS}, problems)
     vocab = _check_vocab(m, m.get("tokenizer.ggml.model"), problems)
-    need = ("llama.embedding_length", "llama.block_count", "llama.feed_forward_length", "llama.attention.head_count")
+    need = tuple(f"{arch}.{k}" for k in ("embedding_length", "block_count", "feed_forward_length",
+                                          "attention.head_count"))
     if any(k not in m for k in need) or vocab is None:
         return  # the shapes below derive from these; their problems are already reported
     d, n_layer, ff, n_head = (m[k] for k in need)
-    n_kv = m.get("llama.attention.head_count_kv", n_head)
-    if "llama.attention.key_length" not in m and d % n_head:
-        problems.append(f"key 'llama.attention.head_count' = {n_head} does not divide embedding_length {d}")
+    n_kv = m.get(f"{arch}.attention.head_count_kv", n_head)
+    if f"{arch}.attention.key_length" not in m and d % n_head:
+        problems.append(f"key '{arch}.attention.head_count' = {n_head} does not divide embedding_length {d}")
         return
-    head_k = m.get("llama.attention.key_length", d // n_head)
-    head_v = m.get("llama.attention.value_length", d // n_head)
-    n_rot = m.get("llama.rope.dimension_count", head_k)
+    head_k = m.get(f"{arch}.attention.key_length", d // n_head)
+    head_v = m.get(f"{arch}.attention.value_length", d // n_head)
+    n_rot = m.get(f"{arch}.rope.dimension_count", head_k)
     before = len(problems)
     if n_kv > n_head or n_head % n_kv:
-        problems.append(f"key 'llama.attention.head_count_kv' = {n_kv} does not divide head_count {n_head}")
-    if head_v != head_k:  # the llama graph GGML_ASSERTs equal key and value heads
-        problems.append(f"key 'llama.attention.value_length' = {head_v} differs from key_length {head_k}")
+        problems.append(f"key '{arch}.attention.head_count_kv' = {n_kv} does not divide head_count {n_head}")
+    if head_v != head_k:  # the graphs GGML_ASSERT equal key and value heads
+        problems.append(f"key '{arch}.attention.value_length' = {head_v} differs from key_length {head_k}")
     if n_rot != head_k or n_rot % 2:
-        problems.append(f"key 'llama.rope.dimension_count' = {n_rot}, llama.cpp needs the head size {head_k} (even)")
+        problems.append(f"key '{arch}.rope.dimension_count' = {n_rot}, llama.cpp needs the head size {head_k} (even)")
+    sections = m.get(f"{arch}.rope.dimension_sections")
+    if sections is not None and sum(sections) != n_rot // 2:
+        problems.append(f"key '{arch}.rope.dimension_sections' = {list(sections)} must add up to half the rotary "
+                        f"dimension ({n_rot // 2})")
     if len(problems) > before:
         return
     mat, norm = MATRIX_TYPES, NORM_TYPES
@@ -668,6 +697,9 @@ def _check_llama(info: GGUFInfo, problems: list[str]) -> None:
                                   ("attn_v", (d, n_kv * head_v), mat), ("attn_output", (n_head * head_k, d), mat),
                                   ("ffn_gate", (d, ff), mat), ("ffn_up", (d, ff), mat), ("ffn_down", (ff, d), mat)):
             expected[f"blk.{i}.{name}.weight"] = Expect(dims, types)
+        if arch == "qwen2vl":  # Qwen2's Q/K/V biases (llama.cpp loads them where present)
+            for name, width in (("attn_q", n_head * head_k), ("attn_k", n_kv * head_k), ("attn_v", n_kv * head_v)):
+                expected[f"blk.{i}.{name}.bias"] = Expect((width,), norm, required=False)
     _check_tensors(info, expected, n_layer, problems)
 
 
@@ -702,9 +734,24 @@ def _check_clip(info: GGUFInfo, problems: list[str]) -> None:
     if side % scale:
         problems.append(f"key 'clip.vision.projector.scale_factor' = {scale} does not divide the {side}x{side} "
                         "patch grid")
+    if ff == d and proj in SWAPPED_FFN_PROJECTORS:
+        problems.append(f"key 'clip.vision.feed_forward_length' = {ff} equals embedding_length: clip.cpp takes such "
+                        "an MLP for a legacy file with ffn_up and ffn_down swapped")
+    if proj in QWEN_PROJECTORS and (d // n_head) % 4:
+        problems.append(f"the vision heads are {d // n_head} wide; clip.cpp's 2-D rotary for Qwen needs a "
+                        "multiple of 4")
     if len(problems) > before:
         return
+    if proj in QWEN_PROJECTORS:
+        expected = _qwen_tower(proj, d, ff, n_layer, patch, proj_dim)
+    else:
+        expected = _siglip_tower(info, proj, d, ff, n_layer, side, patch, proj_dim, layers, scale)
+    _check_tensors(info, expected, n_layer, problems)
 
+
+def _siglip_tower(info: GGUFInfo, proj: str, d: int, ff: int, n_layer: int, side: int, patch: int, proj_dim: int,
+                  layers: list[int], scale: int) -> dict[str, Expect]:
+    """The tensors of a SigLIP/CLIP tower with the mlp (LLaVA) or idefics3 projector."""
     mat, norm = MATRIX_TYPES, NORM_TYPES
     cls = "v.class_embd" in info.tensor_infos   # a CLIP tower (forced LLaVA-CLIP export); SigLIP has none
     expected = {"v.patch_embd.weight": Expect((patch, patch, 3, d), SMALL_TYPES),
@@ -727,23 +774,53 @@ def _check_clip(info: GGUFInfo, problems: list[str]) -> None:
     else:  # idefics3: pixel shuffle by the scale factor, one linear layer, after the post-layernorm
         expected |= {"v.post_ln.weight": Expect((d,), norm), "v.post_ln.bias": Expect((d,), norm),
                      "mm.model.fc.weight": Expect((d * scale * scale, proj_dim), mat)}
-    _check_tensors(info, expected, n_layer, problems)
+    return expected
+
+
+def _qwen_tower(proj: str, d: int, ff: int, n_layer: int, patch: int, proj_dim: int) -> dict[str, Expect]:
+    """Qwen2-VL / Qwen2.5-VL: the frame pair's two patch kernels, fused-QKV blocks split into three,
+    LayerNorms with bias (Qwen2-VL) or RMSNorms without (Qwen2.5-VL, whose MLP is gated), and the
+    merger: post_ln, then mm.0 over 2x2 patches (4 x width) and mm.2 to the text width."""
+    mat, norm = MATRIX_TYPES, NORM_TYPES
+    gated = proj == "qwen2.5vl_merger"
+    expected = {"v.patch_embd.weight": Expect((patch, patch, 3, d), SMALL_TYPES),
+                "v.patch_embd.weight.1": Expect((patch, patch, 3, d), SMALL_TYPES),
+                "v.post_ln.weight": Expect((d,), norm),
+                "mm.0.weight": Expect((4 * d, 4 * d), mat), "mm.0.bias": Expect((4 * d,), norm),
+                "mm.2.weight": Expect((4 * d, proj_dim), mat), "mm.2.bias": Expect((proj_dim,), norm)}
+    if not gated:
+        expected["v.post_ln.bias"] = Expect((d,), norm)
+    for i in range(n_layer):
+        mats = [("attn_q", (d, d)), ("attn_k", (d, d)), ("attn_v", (d, d)), ("attn_out", (d, d)),
+                ("ffn_up", (d, ff)), ("ffn_down", (ff, d))] + ([("ffn_gate", (d, ff))] if gated else [])
+        for name, dims in mats:
+            expected[f"v.blk.{i}.{name}.weight"] = Expect(dims, mat)
+            expected[f"v.blk.{i}.{name}.bias"] = Expect((dims[1],), norm)
+        for name in ("ln1", "ln2"):
+            expected[f"v.blk.{i}.{name}.weight"] = Expect((d,), norm)
+            if not gated:
+                expected[f"v.blk.{i}.{name}.bias"] = Expect((d,), norm)
+    return expected
 
 
 def validate_gguf(path: str | Path, architecture: str | None = None) -> GGUFInfo:
     """read_gguf plus everything llama.cpp / clip.cpp will read for the architectures edgelmm writes
     (module docstring): keys, types, ranges, the vocabulary, and every tensor's presence, shape and
-    type. Raises one GGUFError listing the first problems."""
+    type. Raises one GGUFError listing the first problems. `architecture` LLM ("llm") takes any of
+    the text architectures."""
     info = read_gguf(path)
-    if architecture and info.architecture != architecture:
-        raise GGUFError(f"architecture {info.architecture!r}, expected {architecture!r}", path=str(path))
+    wanted = tuple(TEXT_ARCHES) if architecture == LLM else (architecture,)
+    if architecture and info.architecture not in wanted:
+        raise GGUFError(f"architecture {info.architecture!r}, expected {' or '.join(map(repr, wanted))}",
+                        path=str(path))
     problems: list[str] = []
-    if info.architecture == "llama":
-        _check_llama(info, problems)
+    if info.architecture in TEXT_ARCHES:
+        _check_text(info, problems)
     elif info.architecture == "clip":
         _check_clip(info, problems)
     else:
-        problems.append(f"architecture {info.architecture!r} is not one edgelmm writes (llama, clip)")
+        problems.append(f"architecture {info.architecture!r} is not one edgelmm writes "
+                        f"({', '.join(TEXT_ARCHES)}, clip)")
     if problems:
         more = f" (and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
         raise GGUFError("; ".join(problems[:MAX_PROBLEMS]) + more, path=str(path))

@@ -54,3 +54,13 @@ def test_bench_errors(bundle):
     assert r.exit_code == 2 and "no gguf artifacts" in out["message"]
     r = CliRunner().invoke(app, ["bench", str(bundle("llava-siglip")), "--repeats", "0", "--json"])
     assert r.exit_code == 2 and "at least 1" in json.loads(r.output)["message"]
+
+
+def test_bench_runs_an_m_rope_model(bundle):
+    """Qwen2-VL's decoder takes [3, batch, seq] positions: every timing, the context probe's decoder-only
+    steps included, is measured with them."""
+    r = CliRunner().invoke(app, ["bench", str(bundle("qwen2vl")), "--repeats", "1", "--new-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["results"]
+    assert rows and all("error" not in row for row in rows), rows
+    assert all(row["decode_ms_at_context"]["100"] > 0 and row["decode_tokens_per_s"]["median"] > 0 for row in rows)

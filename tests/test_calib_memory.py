@@ -99,7 +99,7 @@ def _naive_imatrix(pipe, samples):
     float64 hooks on every linear layer, lm_head run on every position."""
     import torch
 
-    from edgelmm.export.imatrix import LAYER_LINEARS
+    from edgelmm.gguf_names import LLAMA, block_linears
 
     parts = pipe.family.torch_parts(pipe.backend.model)
     sums, counts = {}, {}
@@ -111,8 +111,8 @@ def _naive_imatrix(pipe, samples):
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
 
-    handles = [layer.get_submodule(path).register_forward_pre_hook(hook_for(f"blk.{i}.{stem}.weight"))
-               for i, layer in enumerate(parts.decoder.layers) for path, stem in LAYER_LINEARS.items()]
+    handles = [layer.get_submodule(path).register_forward_pre_hook(hook_for(name.format(i=i)))
+               for i, layer in enumerate(parts.decoder.layers) for path, name in block_linears(LLAMA).items()]
     handles.append(parts.lm_head.register_forward_pre_hook(hook_for("output.weight")))
     with torch.inference_mode():
         for s in samples:

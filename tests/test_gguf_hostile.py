@@ -298,6 +298,43 @@ CASES = [
      lambda s, d: rewrite(s, d, kv={"clip.vision.preproc_image_size": None}), r"preproc_image_size' is missing"),
     ("idefics3-fc-missing", "idefics3", MLP, lambda s, d: rewrite(s, d, drop=["mm.model.fc.weight"]),
      r"mm\.model\.fc\.weight' is missing"),
+    # Qwen2-VL's M-RoPE text model (ggml divides by the sum of the rope sections)
+    ("qwen2vl-rope-sections-0", "qwen2vl", LLM,
+     lambda s, d: rewrite(s, d, kv={"qwen2vl.rope.dimension_sections": (ARRAY, [0, 0, 0, 0], INT32)}),
+     r"dimension_sections' = \[0, 0, 0, 0\] must add up to half the rotary dimension \(8\)"),
+    ("qwen2vl-rope-sections-3", "qwen2vl", LLM,
+     lambda s, d: rewrite(s, d, kv={"qwen2vl.rope.dimension_sections": (ARRAY, [2, 3, 3], INT32)}),
+     r"dimension_sections' has 3 elements, expected 4"),
+    ("qwen2vl-rope-sections-missing", "qwen2vl", LLM,
+     lambda s, d: rewrite(s, d, kv={"qwen2vl.rope.dimension_sections": None}),
+     r"qwen2vl\.rope\.dimension_sections' is missing"),
+    ("qwen2vl-unknown-key", "qwen2vl", LLM,
+     lambda s, d: rewrite(s, d, kv={"qwen2vl.expert_count": (UINT32, 8)}), r"unknown key 'qwen2vl\.expert_count'"),
+    ("qwen2vl-q-bias-dim-changed", "qwen2vl", LLM, lambda s, d: changed_bias(s, d, "blk.0.attn_q.bias"),
+     r"blk\.0\.attn_q\.bias' has shape \[60\]"),
+    # the qwen2vl_merger / qwen2.5vl_merger projectors
+    ("qwen2vl-second-frame-kernel-missing", "qwen2vl", MLP,
+     lambda s, d: rewrite(s, d, drop=["v.patch_embd.weight.1"]), r"v\.patch_embd\.weight\.1' is missing"),
+    ("qwen2vl-merger-norm-bias-missing", "qwen2vl", MLP, lambda s, d: rewrite(s, d, drop=["v.post_ln.bias"]),
+     r"v\.post_ln\.bias' is missing"),
+    ("qwen2vl-merge-size-4", "qwen2vl", MLP,
+     edit(lambda i: value_at(i, "clip.vision.spatial_merge_size", "<I", 4)), r"spatial_merge_size' = 4"),
+    ("qwen2vl-ffn-as-wide-as-the-tower", "qwen2vl", MLP,
+     edit(lambda i: value_at(i, "clip.vision.feed_forward_length", "<I", 32)), r"ffn_up and ffn_down swapped"),
+    ("qwen2vl-vision-heads-2-wide", "qwen2vl", MLP,
+     edit(lambda i: value_at(i, "clip.vision.attention.head_count", "<I", 16)), r"heads are 2 wide"),
+    ("qwen2vl-taken-for-2.5", "qwen2vl", MLP,
+     lambda s, d: rewrite(s, d, kv={"clip.projector_type": (STRING, "qwen2.5vl_merger")}),
+     r"n_wa_pattern' is missing"),
+    ("qwen2.5vl-no-window-pattern", "qwen2.5vl-w112", MLP,
+     lambda s, d: rewrite(s, d, kv={"clip.vision.n_wa_pattern": None}), r"n_wa_pattern' is missing"),
+    ("qwen2.5vl-window-pattern-0", "qwen2.5vl-w112", MLP,
+     edit(lambda i: value_at(i, "clip.vision.n_wa_pattern", "<I", 0)), r"n_wa_pattern' = 0 is out of range"),
+    ("qwen2.5vl-rmsnorm-gets-a-bias", "qwen2.5vl-w112", MLP,
+     lambda s, d: rewrite(s, d, tensors={"v.blk.0.ln1.bias": (0, (32,), b"\0" * 128)}),
+     r"unexpected tensor 'v\.blk\.0\.ln1\.bias'"),
+    ("qwen2.5vl-gate-missing", "qwen2.5vl-w112", MLP, lambda s, d: rewrite(s, d, drop=["v.blk.1.ffn_gate.weight"]),
+     r"v\.blk\.1\.ffn_gate\.weight' is missing"),
 ]
 
 
@@ -331,7 +368,7 @@ def test_exported_files_pass_and_parse_as_gguf_py_reads_them(pair):
     import gguf
 
     files = [pair("llava-siglip") / f for f in (LLM, MLP, "gguf/model.q8_0.gguf", "gguf/mmproj.q8_0.gguf")]
-    files.append(pair("idefics3") / MLP)
+    files += [pair("idefics3") / MLP, pair("qwen2vl") / LLM, pair("qwen2vl") / MLP, pair("qwen2.5vl-w112") / MLP]
     for path in files:
         info = validate_gguf(path)
         reader = gguf.GGUFReader(str(path))

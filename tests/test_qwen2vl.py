@@ -1,6 +1,6 @@
 """The qwen2vl family (Qwen2-VL and Qwen2.5-VL) beyond the every-family parity tests: the vision
-tower at its native resolution against the model's own, M-RoPE positions through batches and the
-ONNX bundle, and what it refuses."""
+tower at its native resolution against the model's own, M-RoPE positions through batches, the ONNX
+bundle and llama.cpp's GGUF pair, and what it refuses."""
 
 import numpy as np
 import pytest
@@ -79,8 +79,10 @@ def test_the_onnx_decoder_takes_three_position_components(bundle):
     assert [d.dim_value or d.dim_param for d in shape.dim][0] == 3 and len(shape.dim) == 3
 
 
-def test_gguf_is_refused_before_the_weights_load(checkpoint, tmp_path, monkeypatch):
-    """llama.cpp has Qwen2-VL, edgelmm does not write it yet: said at once, naming what is missing."""
+def test_gguf_with_windows_llamacpp_cannot_take_is_refused_before_the_weights_load(checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    """llama.cpp's qwen2.5vl_merger attends within 112-pixel windows: the tiny Qwen2.5-VL's 16-pixel
+    windows are refused at once, naming both sizes."""
     import edgelmm.runtimes.torch as torch_backend
     from edgelmm.export import export
 
@@ -88,9 +90,80 @@ def test_gguf_is_refused_before_the_weights_load(checkpoint, tmp_path, monkeypat
         raise AssertionError("the weights were loaded before the refusal")
 
     monkeypatch.setattr(torch_backend, "load_hf_model", no_load)
-    with pytest.raises(ExportError, match="Qwen2-VL / Qwen2.5-VL GGUF.*qwen2vl_merger.*use ONNX"):
-        export(checkpoint("qwen2vl"), tmp_path / "out", ["onnx", "gguf"], quiet=True)
+    with pytest.raises(ExportError, match="112-pixel windows; this model's are 16 pixels"):
+        export(checkpoint("qwen2.5vl"), tmp_path / "out", ["onnx", "gguf"], quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# ---- llama.cpp: the qwen2vl text architecture with 4-component positions, the Qwen projectors ----
+# Qwen2.5-VL with the released models' 112-pixel windows (14x14 tokens here): images over 112 pixels
+# wide or tall span several windows.
+GGUF_KINDS = ["qwen2vl", "qwen2.5vl-w112"]
+GGUF_SIZES = {"qwen2vl": [(40, 56), (24, 72), (48, 40)], "qwen2.5vl-w112": [(72, 120), (120, 64), (40, 56)]}
+
+
+@pytest.fixture(scope="module")
+def qwen_gguf(checkpoint, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'edgelmm[llamacpp]')")
+    from .conftest import cached_exports
+
+    return cached_exports(checkpoint, tmp_path_factory.mktemp("qwen-gguf"), formats=["gguf"],
+                          gguf_types=["f32", "q8_0"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_f32_gguf_matches_pytorch(qwen_gguf, pipelines, kind):
+    """verify's cases (1-3 images) through llama.cpp at the other families' GGUF thresholds; the
+    export's own verify of both types passed."""
+    import json
+
+    from edgelmm.verify import verify
+
+    pipe = edgelmm.load(qwen_gguf(kind), backend="llamacpp", precision="f32")
+    assert pipe.backend.describe()["architecture"] == "qwen2vl" and pipe.backend.positions_per_token == 4
+    report = verify(pipe, pipelines(kind), "f32")
+    s = report["summary"]
+    assert report["passed"], report["failures"]
+    assert [c["images"] for c in report["cases"]] == [1, 2, 3]
+    assert s["vision_cosine_min"] >= 0.999 and s["vision_max_abs"] <= 5e-4
+    assert s["logits_max_abs"] <= 1e-3 and s["decoder_logits_max_abs"] <= 1e-3 and s["batch2_logits_max_abs"] <= 1e-3
+    assert all(len(c["reference_tokens"]) == 16 and c["candidate_tokens"] == c["reference_tokens"]
+               for c in report["cases"])
+    assert s["backend_tokenizer_match"] == 1.0
+    stored = json.loads((qwen_gguf(kind) / "edgelmm.json").read_text())["verify"]
+    assert stored["f32"]["passed"] and stored["q8_0"]["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_gguf_answers_as_pytorch_for_images_of_their_own_sizes(qwen_gguf, pipelines, kind):
+    """0-3 images of different sizes and an in-context prompt, alone and as one left-padded batch:
+    llama.cpp's tokens are PyTorch's, and each image's features match the tower's."""
+    pipe, ref = edgelmm.load(qwen_gguf(kind), backend="llamacpp", precision="f32"), pipelines(kind)
+    a, b, c = GGUF_SIZES[kind]
+    requests = [("Count to five.", []),
+                ("Describe <image>.", sample_images(1, seed=1, sizes=[a])),
+                ("Compare <image> and <image>.", sample_images(2, seed=2, sizes=[b, c])),
+                ("<image> is a red square. <image> is a blue circle. What is <image>?",
+                 sample_images(3, seed=3, sizes=[c, a, b]))]
+    want = [ref.generate(p, imgs, max_new_tokens=12).token_ids for p, imgs in requests]
+    assert [pipe.generate(p, imgs, max_new_tokens=12).token_ids for p, imgs in requests] == want
+    assert [g.token_ids for g in pipe.generate_batch(requests, max_new_tokens=12)] == want
+    vision = ref.family.preprocess(requests[3][1])
+    ours, theirs = pipe.image_features(vision), ref.image_features(vision)
+    assert ours.shape == theirs.shape == (1, sum(r * c for r, c in vision.token_grids), 64)
+    assert np.abs(ours - theirs).max() <= 5e-4
+
+
+@pytest.mark.slow
+def test_gguf_positions_of_the_wrong_shape_are_named(qwen_gguf):
+    from edgelmm.errors import PromptError
+
+    backend = edgelmm.load(qwen_gguf("qwen2vl"), backend="llamacpp", precision="f32").backend
+    embeds = np.zeros((1, 2, 64), np.float32)
+    with pytest.raises(PromptError, match=r"position_ids of shape \[1, 2\]; this qwen2vl model takes \[3, 1, 2\]"):
+        backend.decode(embeds, np.ones((1, 2), np.int64), np.zeros((1, 2), np.int64), backend.new_cache(1))
 
 
 def test_an_image_too_long_for_the_processor_is_named(pipelines):
@@ -119,3 +192,49 @@ def test_calibration_quantizes_both_graphs_on_images_of_their_own_sizes(bundle, 
     pipe = edgelmm.load(dst, backend="onnxruntime", provider="cpu", precision="int8-vision+int4")
     answer = pipe.generate("Describe <image>.", sample_images(1, sizes=[(24, 72)]), max_new_tokens=4)
     assert pipe.describe()["precision"] == "int8-vision+int4" and 1 <= len(answer.token_ids) <= 4
+
+
+@pytest.mark.slow
+def test_qwen2_pre_tokenizer_becomes_llamacpps_qwen2(checkpoint, tmp_path):
+    """The released Qwen2 tokenizers split text with their own regex (digits one by one) before the
+    byte-level BPE: it is written as llama.cpp's "qwen2" pre-tokenizer, which llama.cpp loads, and
+    llama.cpp's own tokenizer agrees with HF's on text with digits, contractions and newlines."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from edgelmm.export import export
+    from edgelmm.export.gguf import _QWEN2_PATTERN
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    src = tmp_path / "Qwen2-VL-tiny"
+    shutil.copytree(checkpoint("qwen2vl"), src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    bundle = export(src, tmp_path / "bundle", formats=["gguf"], gguf_types=["f32"], verify=False, quiet=True)
+    manifest = json.loads((bundle / "edgelmm.json").read_text())
+    assert next(a for a in manifest["artifacts"] if a["graph"] == "llm")["tokenizer"]["pre"] == "qwen2"
+    hf = Tokenizer.from_file(str(src / "tokenizer.json"))
+    backend = edgelmm.load(bundle, backend="llamacpp", precision="f32").backend
+    for text in ["12345 apples and 678 pears", "It's 2026, isn't it?\n\n  Yes.", "<|vision_start|>a1b22c333"]:
+        assert backend.tokenize(text, False) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.slow
+def test_bench_measures_the_gguf_pair(qwen_gguf):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgelmm.cli import app
+
+    r = CliRunner().invoke(app, ["bench", str(qwen_gguf("qwen2vl")), "--backends", "llamacpp", "--repeats", "1",
+                                 "--new-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["results"]
+    assert sorted(row["precision"] for row in rows) == ["f32", "q8_0"]
+    assert all("error" not in row and row["decode_ms_at_context"]["100"] > 0 for row in rows), rows

@@ -1,10 +1,13 @@
-"""GGUF for llama.cpp: the language model as an LLM GGUF (architecture "llama") and the vision
-tower + projector as an mmproj GGUF (architecture "clip"), written with gguf-py directly.
+"""GGUF for llama.cpp: the language model as an LLM GGUF (architecture "llama", or "qwen2vl" for
+Qwen2-VL's M-RoPE text model) and the vision tower + projector as an mmproj GGUF (architecture
+"clip"), written with gguf-py directly, by walking the tables of gguf_names.py that the family's
+GGUFPlan names.
 
-Names, keys and layouts follow what llama.cpp's loaders read (src/llama-model.cpp and
+Names, keys and layouts follow what llama.cpp's loaders read (src/llama-model.cpp, src/models/ and
 tools/mtmd/clip.cpp):
   - Llama Q/K projection rows are permuted from HF's rotate-half layout to llama.cpp's
-    interleaved rope layout; every other matrix keeps its [out, in] layout.
+    interleaved rope layout; every other matrix keeps its [out, in] layout (Qwen2-VL's fused QKV
+    is cut in three, its Conv3d patch kernel into one 2-D kernel per frame).
   - 1-D tensors (norms, biases) stay F32 in every type, as llama.cpp's own converter writes them.
   - F32 / F16 / Q8_0 are written here (gguf-py's Q8_0 is byte-identical to llama.cpp's);
     Q4_K_M goes through llama.cpp's own quantizer (k-quants have no Python implementation),
@@ -16,6 +19,8 @@ What llama.cpp cannot represent is refused with an ExportError that says why:
     after the patches instead of before them, so every position embedding is off by one and the
     image features are wrong (cosine ~0.6 against PyTorch). Refused unless forced; verify then
     shows the damage.
+  - Qwen2.5-VL whose windows are not 112 pixels, or whose full-attention layers are not every n-th
+    (llama.cpp's qwen2.5vl_merger assumes both); see Qwen2VLFamily.gguf_refusal.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import numpy as np
 
 from ..errors import ExportError
 from ..families import Family
+from ..families.base import ClipShape
+from ..gguf_names import LLAMA, TEXT_ARCHES, TensorRule
 from ..options import default_threads
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
@@ -56,18 +63,27 @@ class GGUFSupport:
 
 
 def gguf_support(family: Family) -> GGUFSupport:
-    """Can llama.cpp represent this model (LLM + mmproj)? The text model's limits are llama.cpp's
-    llama graph's; the vision side's are the family's (Family.gguf_refusal, Family.gguf_plan)."""
+    """Can llama.cpp represent this model (LLM + mmproj)? The family says which text architecture
+    and projector it maps to (Family.gguf_plan) and what llama.cpp cannot do (Family.gguf_refusal);
+    the text architecture's table says which HF text models it reads."""
     text = family.config.get("text_config") or {}
     refusal = family.gguf_refusal()
     if refusal is not None and not refusal.forceable:
         return GGUFSupport(False, refusal.reason)
-    if family.gguf_plan() is None:
+    plan = family.gguf_plan()
+    if plan is None:
         return GGUFSupport(False, f"llama.cpp has no projector for the {family.name} family here")
-    if text.get("model_type", "llama") not in ("llama",):
-        return GGUFSupport(False, f"text model type {text.get('model_type')!r} has no GGUF writer here (llama only)")
-    if text.get("attention_bias") or text.get("mlp_bias"):
+    arch = TEXT_ARCHES.get(plan.text_arch)
+    model_type = text.get("model_type", "llama")
+    if arch is None or model_type not in arch.model_types:
+        return GGUFSupport(False, f"text model type {model_type!r} has no GGUF writer here for llama.cpp's "
+                                  f"{plan.text_arch!r} architecture")
+    if arch is LLAMA and (text.get("attention_bias") or text.get("mlp_bias")):
         return GGUFSupport(False, "the text model has attention/MLP biases, which llama.cpp's llama graph does not load")
+    shape = plan.shape or ClipShape.from_vision_config(family.config["vision_config"])
+    if shape.ffn == shape.width:
+        return GGUFSupport(False, f"the vision MLP is as wide as the tower ({shape.width}): llama.cpp takes such a "
+                                  "projector file for a legacy one with the MLP's matrices swapped")
     if refusal is not None:
         return GGUFSupport(False, refusal.reason, forceable=True)
     return GGUFSupport(True)
@@ -82,6 +98,31 @@ def _np(t) -> np.ndarray:
 def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp's interleaved pairs (per head)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _transforms(n_head: int = 0, n_kv: int = 0) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """gguf_names' transform names: HF layout -> llama.cpp's."""
+    def third(k):
+        return lambda w: np.split(w, 3, axis=0)[k]   # a fused [q; k; v] projection's k-th part
+
+    return {"": lambda w: w,
+            "rope_pairs_q": lambda w: _permute_rope(w, n_head),
+            "rope_pairs_kv": lambda w: _permute_rope(w, n_kv),
+            "frame_0": lambda w: w[:, :, 0], "frame_1": lambda w: w[:, :, 1],   # Conv3d [out, in, t, h, w]
+            "third_0": third(0), "third_1": third(1), "third_2": third(2)}
+
+
+def _write_rules(sink: "_TensorSink", table, root, transforms, index: int | None = None) -> None:
+    """Write a gguf_names table's tensors, read from the module `root` (block `index` if given)."""
+    for rule in table:
+        rule = TensorRule(*rule)
+        value = _attribute(root, rule.source, missing_ok=rule.optional)
+        if value is None:
+            if rule.optional:
+                continue
+            raise ExportError(f"GGUF writer: the model has no {rule.source} for {rule.gguf}")
+        name = rule.gguf.format(i=index)
+        sink.add(name, transforms[rule.transform](_np(value)), keep_f32=rule.keep_f32)
 
 
 class _Deferred:
@@ -127,6 +168,7 @@ class _TensorSink:
 # Pre-tokenizer regexes of the byte-level BPE families llama.cpp knows, by its "tokenizer.ggml.pre" name.
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                    r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_PATTERN = _LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")   # Qwen2: one digit at a time
 
 
 def _byte_level_pre(tok: dict[str, Any]) -> str:
@@ -137,12 +179,15 @@ def _byte_level_pre(tok: dict[str, Any]) -> str:
         steps = pre.get("pretokenizers", [])
         kinds = [p.get("type") for p in steps]
         splits = [p for p in steps if p.get("type") == "Split"]
-        if splits and (splits[0].get("pattern") or {}).get("Regex") == _LLAMA3_PATTERN:
+        regex = (splits[0].get("pattern") or {}).get("Regex") if splits else None
+        if regex == _LLAMA3_PATTERN:
             return "llama-bpe"
+        if regex == _QWEN2_PATTERN:
+            return "qwen2"
         if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
             return "smollm"  # SmolLM / SmolVLM: single digits, then GPT-2 byte-level
     raise ExportError("the tokenizer's pre-tokenizer is not one edgelmm maps to llama.cpp's (GPT-2 byte-level, "
-                      f"Llama-3's split regex, SmolLM's digits + byte-level): {json.dumps(pre)[:200]}")
+                      f"Llama-3's or Qwen2's split regex, SmolLM's digits + byte-level): {json.dumps(pre)[:200]}")
 
 
 def _adds_space_prefix(tok: dict[str, Any]) -> bool:
@@ -284,9 +329,11 @@ def _rope_freqs(text: dict[str, Any], head_dim: int) -> np.ndarray | None:
 
 
 def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, Any]:
-    """The text model (embeddings, decoder layers, norm, lm_head) as a llama.cpp "llama" GGUF."""
+    """The text model (embeddings, decoder layers, norm, lm_head) as a llama.cpp LLM GGUF of the
+    family's text architecture (GGUFPlan.text_arch; its block table in gguf_names)."""
     import gguf
 
+    arch = TEXT_ARCHES[family.gguf_plan().text_arch]
     parts = family.torch_parts(model)
     text_cfg = family.config.get("text_config") or family.config
     n_head, n_kv = text_cfg["num_attention_heads"], text_cfg.get("num_key_value_heads") or text_cfg["num_attention_heads"]
@@ -295,7 +342,7 @@ def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, A
     embed = _np(parts.embed_tokens.weight)
     vocab = embed.shape[0]
     rope = text_cfg.get("rope_parameters") or {}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch.name)
     writer.add_name(Path(family.files.root).name)
     writer.add_context_length(int(text_cfg.get("max_position_embeddings", 4096)))
     writer.add_embedding_length(hidden)
@@ -305,6 +352,11 @@ def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, A
     writer.add_head_count_kv(n_kv)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", text_cfg.get("rope_theta", 10000.0))))
+    if arch.mrope:  # the rotary frequencies each position component (temporal, height, width) turns
+        sections = list(rope.get("mrope_section") or (text_cfg.get("rope_scaling") or {}).get("mrope_section") or [])
+        if not sections or len(sections) > 4:
+            raise ExportError(f"the text config has no usable mrope_section ({sections}) for llama.cpp's {arch.name}")
+        writer.add_rope_dimension_sections([int(x) for x in sections] + [0] * (4 - len(sections)))
     writer.add_layer_norm_rms_eps(float(text_cfg.get("rms_norm_eps", 1e-6)))
     if head_dim != hidden // n_head:
         writer.add_key_length(head_dim)
@@ -318,17 +370,9 @@ def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, A
     freqs = _rope_freqs(text_cfg, head_dim)
     if freqs is not None:
         sink.add("rope_freqs.weight", freqs)
+    transforms = _transforms(n_head, n_kv)
     for i, layer in enumerate(parts.decoder.layers):
-        att, mlp = layer.self_attn, layer.mlp
-        sink.add(f"blk.{i}.attn_norm.weight", _np(layer.input_layernorm.weight))
-        sink.add(f"blk.{i}.attn_q.weight", _permute_rope(_np(att.q_proj.weight), n_head))
-        sink.add(f"blk.{i}.attn_k.weight", _permute_rope(_np(att.k_proj.weight), n_kv))
-        sink.add(f"blk.{i}.attn_v.weight", _np(att.v_proj.weight))
-        sink.add(f"blk.{i}.attn_output.weight", _np(att.o_proj.weight))
-        sink.add(f"blk.{i}.ffn_norm.weight", _np(layer.post_attention_layernorm.weight))
-        sink.add(f"blk.{i}.ffn_gate.weight", _np(mlp.gate_proj.weight))
-        sink.add(f"blk.{i}.ffn_up.weight", _np(mlp.up_proj.weight))
-        sink.add(f"blk.{i}.ffn_down.weight", _np(mlp.down_proj.weight))
+        _write_rules(sink, arch.block, layer, transforms, i)
     sink.add("output_norm.weight", _np(parts.decoder.norm.weight))
     lm_head = _np(parts.lm_head.weight)
     if not np.array_equal(lm_head, embed):  # tied embeddings: llama.cpp reuses token_embd
@@ -339,81 +383,62 @@ def write_llm_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, A
 
 # ---------------------------------------------------------------------------------------- mmproj
 
-def _vision_encoder_tensors(sink: _TensorSink, vision_model, n_layers: int) -> None:
-    """A SigLIP/CLIP encoder's tensors under llama.cpp's v.* names."""
-    emb = vision_model.embeddings
-    sink.add("v.patch_embd.weight", _np(emb.patch_embedding.weight))
-    if emb.patch_embedding.bias is not None:
-        sink.add("v.patch_embd.bias", _np(emb.patch_embedding.bias))
-    sink.add("v.position_embd.weight", _np(emb.position_embedding.weight), keep_f32=True)
-    if getattr(emb, "class_embedding", None) is not None:
-        sink.add("v.class_embd", _np(emb.class_embedding))
-    pre = getattr(vision_model, "pre_layrnorm", None)  # (sic) HF's CLIP spelling
-    if pre is not None:
-        sink.add("v.pre_ln.weight", _np(pre.weight))
-        sink.add("v.pre_ln.bias", _np(pre.bias))
-    for i, layer in enumerate(vision_model.encoder.layers[:n_layers]):
-        att = layer.self_attn
-        for ours, theirs in (("attn_q", att.q_proj), ("attn_k", att.k_proj), ("attn_v", att.v_proj),
-                             ("attn_out", att.out_proj), ("ffn_up", layer.mlp.fc1), ("ffn_down", layer.mlp.fc2),
-                             ("ln1", layer.layer_norm1), ("ln2", layer.layer_norm2)):
-            sink.add(f"v.blk.{i}.{ours}.weight", _np(theirs.weight))
-            sink.add(f"v.blk.{i}.{ours}.bias", _np(theirs.bias))
-
-
-def _common_vision_keys(writer, vcfg: dict[str, Any], norm, projection_dim: int, projector: str,
-                        use_gelu: bool) -> None:
+def _vision_keys(writer, shape: ClipShape, norm, projection_dim: int, projector: str) -> None:
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type(projector)
-    writer.add_uint32("clip.vision.image_size", vcfg["image_size"])
-    writer.add_uint32("clip.vision.patch_size", vcfg["patch_size"])
-    writer.add_uint32("clip.vision.embedding_length", vcfg["hidden_size"])
-    writer.add_uint32("clip.vision.feed_forward_length", vcfg["intermediate_size"])
+    writer.add_uint32("clip.vision.image_size", shape.image_size)
+    writer.add_uint32("clip.vision.patch_size", shape.patch_size)
+    writer.add_uint32("clip.vision.embedding_length", shape.width)
+    writer.add_uint32("clip.vision.feed_forward_length", shape.ffn)
     writer.add_uint32("clip.vision.projection_dim", projection_dim)
-    writer.add_uint32("clip.vision.attention.head_count", vcfg["num_attention_heads"])
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(vcfg.get("layer_norm_eps", 1e-6)))
-    writer.add_uint32("clip.vision.block_count", vcfg["num_hidden_layers"])
+    writer.add_uint32("clip.vision.attention.head_count", shape.heads)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", shape.eps)
+    writer.add_uint32("clip.vision.block_count", shape.blocks)
     writer.add_array("clip.vision.image_mean", [float(m) for m in norm.mean])
     writer.add_array("clip.vision.image_std", [float(s) for s in norm.std])
-    writer.add_bool("clip.use_gelu", use_gelu)
+    # ggml's GELU is the tanh approximation; neither flag set selects quick-GELU (CLIP's).
+    writer.add_bool("clip.use_gelu", shape.activation == "gelu")
+    if shape.activation == "silu":
+        writer.add_bool("clip.use_silu", True)
 
 
 def write_mmproj_gguf(family: Family, model, path: Path, wtype: str) -> dict[str, Any]:
-    """The vision tower + projector as a llama.cpp mmproj ("clip") GGUF."""
+    """The vision tower + projector as a llama.cpp mmproj ("clip") GGUF: the family's GGUFPlan
+    says which tables (gguf_names) to walk over which modules."""
     import gguf
 
-    vcfg = family.config["vision_config"]
-    n_layers = vcfg["num_hidden_layers"]
-    act = vcfg.get("hidden_act", "gelu")
-    # ggml's GELU is the tanh approximation; CLIP's quick_gelu is what use_gelu=false selects.
-    use_gelu = act != "quick_gelu"
+    plan = family.gguf_plan()
+    if plan is None:
+        raise ExportError(f"no mmproj writer for the {family.name} family")
+    shape = plan.shape or ClipShape.from_vision_config(family.config["vision_config"])
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_name(f"{Path(family.files.root).name} vision")
     writer.add_file_type(LLAMA_FTYPE[wtype])
     sink = _TensorSink(writer, wtype)
-    plan = family.gguf_plan()
-    if plan is None:
-        raise ExportError(f"no mmproj writer for the {family.name} family")
     tower = _attribute(model, plan.tower)
     tower = getattr(tower, "vision_model", tower)  # transformers 4 nests the transformer one level down
     text_hidden = (family.config.get("text_config") or {})["hidden_size"]
-    _common_vision_keys(writer, vcfg, family.norm, text_hidden, plan.projector, use_gelu)
+    _vision_keys(writer, shape, family.norm, text_hidden, plan.projector)
     for key, value in plan.keys:
         if isinstance(value, (list, tuple)):
             writer.add_array(key, list(value))
         else:
             writer.add_uint32(key, int(value))
-    _vision_encoder_tensors(sink, tower, n_layers)  # clip.cpp loads every block
-    for name, path in plan.tensors:
-        sink.add(name, _np(_attribute(model, path)))
+    transforms = _transforms()
+    _write_rules(sink, plan.tower_tensors, tower, transforms)
+    for i, block in enumerate(list(_attribute(tower, plan.blocks))[:shape.blocks]):  # clip.cpp loads every block
+        _write_rules(sink, plan.block_tensors, block, transforms, i)
+    _write_rules(sink, plan.tensors, model, transforms)
     info = {"projector": plan.projector, **{key.rsplit(".", 1)[-1]: value for key, value in plan.keys}}
     _finish(writer)
     return info
 
 
-def _attribute(obj, path: str):
+def _attribute(obj, path: str, missing_ok: bool = False):
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None) if missing_ok else getattr(obj, part)
+        if obj is None:
+            return None
     return obj
 
 
@@ -462,7 +487,7 @@ def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = 
     A k-quant is written as F16 first and quantized by llama.cpp from that file, which needs no
     PyTorch model: with a `pending` list the quantization is appended there for `finish_gguf` to
     run once the model is released (a 3B's fp32 model and its mapped F16 file: ~20 GB at once)."""
-    from ..gguf_file import validate_gguf
+    from ..gguf_file import LLM, validate_gguf
 
     bad = [t for t in gguf_types if t not in GGUF_TYPES]
     if bad:
@@ -487,7 +512,7 @@ def export_gguf(family: Family, model, out_dir: Path, gguf_types, force: bool = 
                 pending.append(job)
         else:
             tok = write_llm_gguf(family, model, llm, gtype)
-            validate_gguf(llm, "llama")
+            validate_gguf(llm, LLM)
         mtype = MMPROJ_TYPE[gtype]
         mm = out_dir / mmproj_file(gtype)
         if mtype not in written_mmproj:
@@ -513,7 +538,7 @@ class PendingQuantization:
 
 def finish_gguf(pending: list[PendingQuantization], progress: Callable[[str], Any] | None = None) -> None:
     """Run llama.cpp's quantizer for each pending k-quant, file to file, removing the F16 source."""
-    from ..gguf_file import validate_gguf
+    from ..gguf_file import LLM, validate_gguf
 
     for job in pending:
         if progress:
@@ -522,5 +547,5 @@ def finish_gguf(pending: list[PendingQuantization], progress: Callable[[str], An
             quantize_with_llamacpp(job.source, job.target, job.gguf_type, imatrix=job.imatrix)
         finally:
             job.source.unlink(missing_ok=True)
-        validate_gguf(job.target, "llama")
+        validate_gguf(job.target, LLM)
     pending.clear()

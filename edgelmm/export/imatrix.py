@@ -18,11 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ExportError
+from ..gguf_names import TEXT_ARCHES, block_linears
 
-# HF module name in a decoder layer -> GGUF tensor name stem (Llama and Mistral text models alike)
-LAYER_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
 
 
 # Tokens the importance matrix is averaged over. It is a per-column mean of x^2, which a few thousand
@@ -96,11 +93,12 @@ def compute_imatrix(family, model, samples, source: str, progress: Callable[[str
     def hook_for(name: str):
         return lambda _module, inputs: accumulate(name, inputs[0])
 
+    linears = block_linears(TEXT_ARCHES[family.gguf_plan().text_arch])   # the GGUF's tensor names
     handles = []
     for i, layer in enumerate(parts.decoder.layers):
-        for path, stem in LAYER_LINEARS.items():
+        for path, name in linears.items():
             module = layer.get_submodule(path)
-            handles.append(module.register_forward_pre_hook(hook_for(f"blk.{i}.{stem}.weight")))
+            handles.append(module.register_forward_pre_hook(hook_for(name.format(i=i))))
     tokens, tiles, prompts, skipped = 0, 0, 0, {}
     try:
         with torch.inference_mode():
@@ -119,8 +117,9 @@ def compute_imatrix(family, model, samples, source: str, progress: Callable[[str
                     break
                 embeds = torch.from_numpy(pipe.merged_embeddings(prep)).to(dtype)
                 n = embeds.shape[1]
+                positions = pipe.as_position_ids(pipe.prompt_positions(prep)[:, None, :])  # M-RoPE: [3, 1, n]
                 out = parts.decoder(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long),
-                                    position_ids=torch.arange(n)[None], use_cache=False)
+                                    position_ids=torch.from_numpy(positions), use_cache=False)
                 # lm_head's input at every position, as llama-imatrix takes it; the logits themselves
                 # ([n, vocab]: 1.7 GB for 3400 tokens of Llama-3.2) are not needed.
                 accumulate("output.weight", out.last_hidden_state)

@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ..errors import CheckpointError
+from ..gguf_names import SIGLIP_BLOCK, SIGLIP_TOWER, TensorRule
 from ..modelfiles import ModelFiles
 
 
@@ -71,15 +72,43 @@ class VisionInputs:
 
 
 @dataclass(frozen=True)
+class ClipShape:
+    """A vision transformer's dimensions as clip.cpp reads them (the clip.vision.* keys)."""
+    image_size: int
+    patch_size: int
+    width: int
+    ffn: int
+    blocks: int
+    heads: int
+    eps: float
+    activation: str            # the MLP's: "gelu" (tanh form), "gelu_quick" or "silu"
+
+    @classmethod
+    def from_vision_config(cls, vcfg: dict[str, Any]) -> "ClipShape":
+        """A SigLIP / CLIP vision config (HF names)."""
+        act = vcfg.get("hidden_act", "gelu")
+        return cls(int(vcfg["image_size"]), int(vcfg["patch_size"]), int(vcfg["hidden_size"]),
+                   int(vcfg["intermediate_size"]), int(vcfg["num_hidden_layers"]), int(vcfg["num_attention_heads"]),
+                   float(vcfg.get("layer_norm_eps", 1e-6)), "gelu_quick" if act == "quick_gelu" else "gelu")
+
+
+@dataclass(frozen=True)
 class GGUFPlan:
-    """How a family's vision side becomes a llama.cpp mmproj ("clip") GGUF, as data: the projector
-    type llama.cpp knows it by, where the vision transformer sits in the HF model, the family's own
-    tensors (llama.cpp name -> attribute path from the model; the encoder blocks' names are shared
-    by every SigLIP/CLIP tower and written by export/gguf.py), and extra metadata keys."""
-    projector: str                            # clip.projector_type: "mlp", "idefics3"
+    """How a family becomes llama.cpp's GGUF pair, as data (gguf_names.py holds the tables):
+    the text architecture of the LLM GGUF, and for the mmproj ("clip") GGUF the projector type
+    llama.cpp knows it by, where the vision transformer sits in the HF model, its tower and block
+    tensor tables (SigLIP/CLIP's by default), the family's own tensors (llama.cpp name -> attribute
+    path from the model), the tower's shape (None: read from a SigLIP/CLIP vision_config) and extra
+    metadata keys."""
+    projector: str                            # clip.projector_type: "mlp", "idefics3", "qwen2vl_merger", ...
     tower: str                                # attribute path of the vision transformer
-    tensors: tuple[tuple[str, str], ...]      # (llama.cpp tensor name, attribute path from the model)
+    tensors: tuple[tuple, ...]                # gguf_names.TensorRule fields, relative to the model
     keys: tuple[tuple[str, Any], ...] = ()    # (GGUF key, uint32 or list of ints)
+    text_arch: str = "llama"                  # gguf_names.TEXT_ARCHES
+    tower_tensors: tuple[TensorRule, ...] = SIGLIP_TOWER
+    blocks: str = "encoder.layers"            # attribute path of the block list, from the tower
+    block_tensors: tuple[TensorRule, ...] = SIGLIP_BLOCK
+    shape: ClipShape | None = None
 
 
 @dataclass(frozen=True)

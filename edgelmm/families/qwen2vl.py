@@ -25,7 +25,8 @@ import numpy as np
 from .. import images as im
 from ..errors import CheckpointError, ImageError, PromptError
 from ..prompt import IMAGE_MARKER
-from .base import Family, GGUFRefusal, TorchParts, VisionInputs
+from ..gguf_names import QWEN2VL_BLOCK, QWEN2VL_TOWER, QWEN25VL_BLOCK
+from .base import ClipShape, Family, GGUFPlan, GGUFRefusal, TorchParts, VisionInputs
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 MAX_ASPECT = 200  # the processor refuses images longer than this many times their width (or height)
@@ -149,10 +150,52 @@ class Qwen2VLFamily(Family):
             i = j
         return out
 
+    # ---- GGUF (llama.cpp's qwen2vl text architecture and qwen2vl_merger / qwen2.5vl_merger) ----
+    @property
+    def is_25(self) -> bool:
+        return self.config.get("model_type") == "qwen2_5_vl"
+
     def gguf_refusal(self) -> GGUFRefusal | None:
-        return GGUFRefusal("edgelmm does not write Qwen2-VL / Qwen2.5-VL GGUF files yet (llama.cpp has them: the "
-                           "qwen2vl text architecture with its rope sections and the qwen2vl_merger / "
-                           "qwen2.5vl_merger projectors, and its batches take four positions per token); use ONNX")
+        """What llama.cpp's Qwen graphs (tools/mtmd/models/qwen2vl.cpp) fix that a checkpoint may not."""
+        vcfg = self.config.get("vision_config") or {}
+        why = []
+        if self.temporal != 2:
+            why.append(f"llama.cpp splits the patch convolution into two frames; temporal_patch_size is "
+                       f"{self.temporal}")
+        if self.merge != 2:
+            why.append(f"llama.cpp merges 2x2 patches; spatial_merge_size is {self.merge}")
+        theta = float((vcfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        if theta != 10000.0:
+            why.append(f"llama.cpp's vision rotary uses base 10000; this tower's is {theta:g}")
+        if self.is_25:
+            window = int(vcfg.get("window_size", 112))
+            if window != 112:
+                why.append(f"llama.cpp's qwen2.5vl_merger attends within 112-pixel windows; this model's are "
+                           f"{window} pixels")
+            full = sorted(vcfg.get("fullatt_block_indexes") or [])
+            every = full[0] + 1 if full else 0
+            if not every or full != [i for i in range(int(vcfg.get("depth", 0))) if (i + 1) % every == 0]:
+                why.append(f"llama.cpp attends over the whole image on every n-th layer; this model does on "
+                           f"layers {full}")
+        return GGUFRefusal("; ".join(why)) if why else None
+
+    def gguf_plan(self) -> GGUFPlan:
+        vcfg = self.config["vision_config"]
+        if self.is_25:
+            width, ffn, activation = int(vcfg["hidden_size"]), int(vcfg["intermediate_size"]), "silu"
+            block, extra = QWEN25VL_BLOCK, (("clip.vision.n_wa_pattern", sorted(vcfg["fullatt_block_indexes"])[0] + 1),)
+        else:
+            width = int(vcfg["embed_dim"])
+            ffn = int(width * vcfg.get("mlp_ratio", 4))
+            activation = "gelu_quick" if vcfg.get("hidden_act", "quick_gelu") == "quick_gelu" else "gelu"
+            block, extra = QWEN2VL_BLOCK, ()
+        factor = self.patch * self.merge
+        # image_size: the largest square image the processor keeps (clip.cpp sizes nothing from it here)
+        shape = ClipShape(max(factor, int(math.isqrt(self.max_pixels)) // factor * factor), self.patch, width, ffn,
+                          int(vcfg["depth"]), int(vcfg["num_heads"]), 1e-6, activation)  # HF's norms: eps 1e-6
+        return GGUFPlan("qwen2.5vl_merger" if self.is_25 else "qwen2vl_merger", "model.visual", (),
+                        (("clip.vision.spatial_merge_size", self.merge), *extra), text_arch="qwen2vl",
+                        tower_tensors=QWEN2VL_TOWER, blocks="blocks", block_tensors=block, shape=shape)
 
     # ---- torch ----
     def torch_parts(self, model):

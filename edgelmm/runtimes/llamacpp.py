@@ -8,7 +8,12 @@ prompt (HF tokenizer and chat template), image preprocessing, feature merging an
     normalised floats back into bytes is lossless), and mtmd_encode_chunk returns its features.
   - embed: rows of token_embd.weight read from the GGUF (dequantized on demand).
   - decoder: llama_decode on embedding batches; each batch row is a llama.cpp sequence, left
-    padding is simply not fed, and the KV cache lives in the llama.cpp context.
+    padding is simply not fed, and the KV cache lives in the llama.cpp context. M-RoPE models
+    (Qwen2-VL's qwen2vl architecture) take the Pipeline's three position components per token
+    (llama.cpp's batches carry four, the last unused); llama.cpp's causal mask orders tokens of one
+    temporal position by (height, width), which is the prompt order of an image's tokens.
+  - Qwen2-VL images keep their own sizes: mtmd's own token budget (8..4096 tokens by default) is
+    opened so that it takes each image at the size the Pipeline resized it to.
 Because the prompt never goes through llama.cpp's tokenizer, prompt tokens are identical to the
 HF tokenizer's by construction; `tokenize` exposes llama.cpp's own tokenizer so verify can report
 whether stock llama.cpp (llama-mtmd-cli) would tokenize the same text the same way.
@@ -30,7 +35,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailable, BundleError, EdgeLMMError, ImageError, PromptError
-from ..gguf_file import TokenEmbeddings, validate_gguf
+from ..gguf_file import LLM, QWEN_PROJECTORS, TokenEmbeddings, validate_gguf
+from ..gguf_names import TEXT_ARCHES
 from ..options import check_int, default_threads
 from .base import Capabilities
 
@@ -109,7 +115,7 @@ class LlamaCppBackend:
         llm_art, mm_art = bundle.artifact("llm", "gguf", precision), bundle.artifact("mmproj", "gguf", precision)
         llm_path, mm_path = bundle.path(llm_art), bundle.path(mm_art)
         # Checked before llama.cpp opens them: some malformed files abort the process inside C code.
-        llm_info = validate_gguf(llm_path, "llama")
+        llm_info = validate_gguf(llm_path, LLM)
         mm_info = validate_gguf(mm_path, "clip")
         quiet_llamacpp()
 
@@ -134,7 +140,8 @@ class LlamaCppBackend:
         # llama.cpp allocates the KV cache for the whole context up front: at a model's 131072 tokens
         # that is 4.3 GB of f16 cache for a 0.8 GB 1B model. Take what is asked, by default at most
         # DEFAULT_CONTEXT.
-        model_ctx = int(llm_info.metadata.get("llama.context_length", 4096))
+        self.arch = llm_info.architecture
+        model_ctx = int(llm_info.metadata[f"{self.arch}.context_length"])
         if context_length is not None:
             check_int("max_context", context_length, 16, model_ctx)
         n_ctx = int(context_length or min(model_ctx, DEFAULT_CONTEXT))
@@ -166,6 +173,10 @@ class LlamaCppBackend:
         mparams.print_timings = False
         mparams.warmup = False
         mparams.flash_attn_type = _FLASH_ATTN_DISABLED if exact else _FLASH_ATTN_AUTO
+        if mm_info.metadata["clip.projector_type"] in QWEN_PROJECTORS:
+            # Images come already at the processor's size (multiples of the token size): no token
+            # budget of mtmd's own may resize them (its default minimum is 8 tokens).
+            mparams.image_min_tokens, mparams.image_max_tokens = 1, 1 << 20
         self._mctx = mtmd_cpp.mtmd_init_from_file(str(mm_path).encode(), self._model, mparams)
         if not self._mctx:
             raise BundleError(f"llama.cpp's mtmd could not load this projector ({_recent_log()})", path=str(mm_path))
@@ -178,9 +189,22 @@ class LlamaCppBackend:
         self.hidden = int(llama_cpp.llama_model_n_embd(self._model))
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, self.hidden, 1)
-        self._token_batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)  # text tokens by id (decode_ids)
+        self._init_batches()
         self._generation = 0
+
+    def _init_batches(self) -> None:
+        """One embedding batch and one token batch (decode_ids) of n_batch tokens, reused by every call.
+        M-RoPE (qwen2vl): an embedding batch carries four positions per token, component-major
+        (t..., h..., w..., 0...), where llama_batch_init made room for one: the batch points at a
+        buffer of ours while it lives (its own pointer goes back before llama_batch_free)."""
+        L = self.L
+        self._batch = L.llama_batch_init(self.n_batch, self.hidden, 1)
+        self.positions_per_token = 4 if TEXT_ARCHES[self.arch].mrope else 1
+        self._pos_buffer = (L.llama_pos * (self.n_batch * self.positions_per_token))()
+        # (an address, not the field: a ctypes pointer read from a struct field aliases the field)
+        self._batch_pos = ctypes.cast(self._batch.pos, ctypes.c_void_p).value
+        self._batch.pos = ctypes.cast(self._pos_buffer, ctypes.POINTER(L.llama_pos))
+        self._token_batch = L.llama_batch_init(self.n_batch, 0, 1)
 
     # ---- vision ----
     def _to_bitmap_bytes(self, tile: np.ndarray, index: int) -> np.ndarray:
@@ -282,14 +306,18 @@ class LlamaCppBackend:
         if len(last) != B:
             raise PromptError("a batch row has no unmasked token to decode")
         logits = np.zeros((B, self.n_vocab), np.float32)
+        positions = self._positions(position_ids, B, S)
         batch = self._batch
         for start in range(0, len(items), self.n_batch):
             chunk = items[start:start + self.n_batch]
             rows = np.stack([embeds[b, j] for b, j in chunk])
             ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+            pos = np.zeros((self.positions_per_token, len(chunk)), np.int32)
+            index = tuple(np.asarray(chunk).T)
+            pos[:positions.shape[0]] = positions[(slice(None), *index)]
+            ctypes.memmove(self._pos_buffer, pos.ctypes.data, pos.nbytes)
             want = []
             for k, (b, j) in enumerate(chunk):
-                batch.pos[k] = int(position_ids[b, j])
                 batch.n_seq_id[k] = 1
                 batch.seq_id[k][0] = b
                 batch.logits[k] = 1 if j == last[b] else 0
@@ -303,6 +331,14 @@ class LlamaCppBackend:
         cache.length += S
         return logits
 
+    def _positions(self, position_ids, batch: int, length: int) -> np.ndarray:
+        """[P, B, S] positions as this model takes them: P = 1, or 3 (t, h, w) with M-RoPE."""
+        pos = np.asarray(position_ids, np.int64)
+        want = (3, batch, length) if self.positions_per_token > 1 else (batch, length)
+        if pos.shape != want:
+            raise PromptError(f"position_ids of shape {list(pos.shape)}; this {self.arch} model takes {list(want)}")
+        return pos if pos.ndim == 3 else pos[None]
+
     def decode_ids(self, input_ids, position_ids, cache: LlamaCppCache):
         """Batch-1 text tokens by id: llama.cpp gathers (and dequantizes) the embedding rows inside
         its graph, as stock llama.cpp does, instead of edgelmm doing it on the host."""
@@ -313,7 +349,8 @@ class LlamaCppBackend:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
             raise PromptError(f"token id {int(ids.max())} is outside the model's vocabulary")
         batch = self._token_batch
-        pos = np.asarray(position_ids, np.int64).reshape(-1)
+        # A text token's position components are equal: llama.cpp takes one and repeats it.
+        pos = self._positions(position_ids, 1, ids.size)[0].reshape(-1)
         for k, (token, p) in enumerate(zip(ids.tolist(), pos.tolist())):
             batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, p, 1, 0
             batch.seq_id[k][0] = 0
@@ -325,13 +362,14 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(ptr, shape=(1, self.n_vocab)).copy()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "precision": self.precision, "threads": self.threads,
+        return {"backend": self.name, "architecture": self.arch, "precision": self.precision, "threads": self.threads,
                 "gpu_layers": self.gpu_layers, "kv_cache_type": self.kv_type, "n_ctx": self.n_ctx,
                 "gpu_offload_built": bool(self.L.llama_supports_gpu_offload()),
                 "llama_cpp_python": getattr(self.L, "__version__", "?")}
 
     def close(self) -> None:
         if self._batch is not None:
+            self._batch.pos = ctypes.cast(self._batch_pos, ctypes.POINTER(self.L.llama_pos))
             self.L.llama_batch_free(self._batch)
             self._batch = None
         if self._token_batch is not None:

@@ -266,11 +266,13 @@ QWEN2VL_TEMPLATE = (
 )
 
 
-def build_qwen2vl(out: Path, seed: int = 0, version: str = "2") -> Path:
+def build_qwen2vl(out: Path, seed: int = 0, version: str = "2", window: int = 16, max_pixels: int = 2304) -> Path:
     """Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): 4-pixel patches merged 2x2 (8-pixel tokens)
     and an area budget of 256..2304 pixels, so the sample images keep their own sizes and token
-    counts; M-RoPE sections [2, 3, 3] of a 16-wide head. Qwen2.5-VL's first vision layer attends
-    within 16-pixel windows (2x2 tokens), its second over the whole image. The video processor is
+    counts; M-RoPE sections [2, 3, 3] of a 16-wide head; RMSNorm epsilon 1e-6 as in the released
+    models. Qwen2.5-VL's first vision layer attends within 16-pixel windows (2x2 tokens), its second
+    over the whole image; `window` 112 (the released models' 112 pixels, which llama.cpp assumes)
+    with a larger `max_pixels` gives 14x14-token windows that images over 112 pixels split. The video processor is
     not saved: transformers builds it with torchvision, which the workstation side does not
     install (images only)."""
     import torch
@@ -292,14 +294,14 @@ def build_qwen2vl(out: Path, seed: int = 0, version: str = "2") -> Path:
     elif version == "2.5":
         config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
         vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                  "window_size": 16, "fullatt_block_indexes": [1], **geometry}
+                  "window_size": window, "fullatt_block_indexes": [1], **geometry}
     else:
         raise ValueError(f"unknown Qwen2-VL version {version!r} (2 or 2.5)")
     cfg = config_class(
         vision_config=vision,
         text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(hf_tok),
-                     "max_position_embeddings": 1024, "bos_token_id": None,
+                     "max_position_embeddings": 1024, "bos_token_id": None, "rms_norm_eps": 1e-6,
                      "eos_token_id": tok.token_to_id(im_end), "pad_token_id": tok.token_to_id(eot),
                      "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
                                          "mrope_section": [2, 3, 3]}},
@@ -310,7 +312,7 @@ def build_qwen2vl(out: Path, seed: int = 0, version: str = "2") -> Path:
     torch.manual_seed(seed)
     model = _init_weights_wide(model_class(cfg).eval(), seed=seed)
     model.save_pretrained(out)
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 256, "longest_edge": 2304},
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 256, "longest_edge": max_pixels},
                                                patch_size=patch, merge_size=merge, temporal_patch_size=2)
     image_processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
@@ -350,6 +352,7 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "idefics3": build_idefics3,
     "qwen2vl": build_qwen2vl,
     "qwen2.5vl": lambda out: build_qwen2vl(out, version="2.5"),
+    "qwen2.5vl-w112": lambda out: build_qwen2vl(out, version="2.5", window=112, max_pixels=128 * 128),
 }
 
 # Directory names as a user's download would have them; "mantis" in the name selects Mantis'
@@ -361,6 +364,7 @@ CHECKPOINT_NAMES = {
     "idefics3": "SmolVLM-tiny",
     "qwen2vl": "Qwen2-VL-tiny",
     "qwen2.5vl": "Qwen2.5-VL-tiny",
+    "qwen2.5vl-w112": "Qwen2.5-VL-tiny-w112",
 }
 
 
