@@ -140,3 +140,19 @@ def test_the_pytorch_reference_warns_of_nothing(pipelines, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pipelines(kind).generate("What is in <image>?", sample_images(1), max_new_tokens=3).token_ids
+
+
+def test_loading_a_checkpoint_draws_no_bar_of_transformers(checkpoint, capfd):
+    """edgelmm's own line says "loading"; transformers' per-tensor bar wrote dozens of frames into
+    an export's log. The setting is put back for the application around edgelmm."""
+    import transformers
+
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+    from edgelmm.runtimes.torch import load_hf_model
+
+    before = transformers.utils.logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    load_hf_model(detect(ModelFiles.open(checkpoint("idefics3"))))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled() == before

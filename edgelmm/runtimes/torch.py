@@ -64,12 +64,19 @@ def load_hf_model(family: Family, dtype: str = "float32", trust_remote_code: boo
     cls = getattr(transformers, cls_name, None) or transformers.AutoModelForImageTextToText
     stored = {"BF16": torch.bfloat16, "F16": torch.float16}.get(checkpoint_float_dtype(root) or "")
     upcast = dtype == "float32" and stored is not None
+    # edgelmm's own progress line says "loading"; transformers' bar would write a frame per tensor
+    # group into logs (and fight a live status on a terminal). Put back as it was afterwards.
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(root, local_files_only=True, use_safetensors=True,
                                     dtype=stored if upcast else getattr(torch, dtype),
                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{root}: transformers could not load the model ({type(exc).__name__}: {exc})") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if upcast:
         upcast_releasing_pages(model, torch.float32)
     return model.eval()
