@@ -230,8 +230,8 @@ class Pipeline:
         context budget), keeping the prefill's logits: verify judges both from one prefill instead
         of running it twice."""
         n = embeds.shape[1]
-        if positions is None:
-            positions = np.arange(n, dtype=np.int64)[None]
+        if positions is None:  # text positions: every component the token's index
+            positions = np.repeat(np.arange(n, dtype=np.int64)[None], self.family.position_dims, axis=0)
         budget = min(max_new_tokens, self.context_length - n)
         after = int(positions.max()) + 1 if n else 0
         with self._exclusive:

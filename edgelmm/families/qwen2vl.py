@@ -167,6 +167,8 @@ class Qwen2VLFamily(Family):
         theta = float((vcfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         if theta != 10000.0:
             why.append(f"llama.cpp's vision rotary uses base 10000; this tower's is {theta:g}")
+        if self.is_25 and vcfg.get("hidden_act", "silu") != "silu":
+            why.append(f"llama.cpp's qwen2.5vl_merger gates its MLP with SiLU; this tower's is {vcfg['hidden_act']}")
         if self.is_25:
             window = int(vcfg.get("window_size", 112))
             if window != 112:
@@ -190,9 +192,11 @@ class Qwen2VLFamily(Family):
             activation = "gelu_quick" if vcfg.get("hidden_act", "quick_gelu") == "quick_gelu" else "gelu"
             block, extra = QWEN2VL_BLOCK, ()
         factor = self.patch * self.merge
-        # image_size: the largest square image the processor keeps (clip.cpp sizes nothing from it here)
-        shape = ClipShape(max(factor, int(math.isqrt(self.max_pixels)) // factor * factor), self.patch, width, ffn,
-                          int(vcfg["depth"]), int(vcfg["num_heads"]), 1e-6, activation)  # HF's norms: eps 1e-6
+        # image_size: the largest square image the processor keeps, within clip.cpp's 8192 (it sizes
+        # nothing from it for these projectors)
+        side = min(int(math.isqrt(self.max_pixels)), 8192) // factor * factor
+        shape = ClipShape(max(factor, side), self.patch, width, ffn, int(vcfg["depth"]), int(vcfg["num_heads"]),
+                          1e-6, activation)  # HF's vision norms: eps 1e-6
         return GGUFPlan("qwen2.5vl_merger" if self.is_25 else "qwen2vl_merger", "model.visual", (),
                         (("clip.vision.spatial_merge_size", self.merge), *extra), text_arch="qwen2vl",
                         tower_tensors=QWEN2VL_TOWER, blocks="blocks", block_tensors=block, shape=shape)
