@@ -446,7 +446,6 @@ _MROPE_KEYS = {"rope.dimension_sections": Key(ARRAY, True, sub=INT32, lo=0, hi=4
 TEXT_KEYS = {arch.name: {f"{arch.name}.{k}": spec
                          for k, spec in {**_TEXT_KEYS, **(_MROPE_KEYS if arch.mrope else {})}.items()}
              for arch in TEXT_ARCHES.values()}
-LLAMA_KEYS = TEXT_KEYS["llama"]
 
 TOKENIZER_KEYS = {
     "tokenizer.ggml.model": Key(STRING, True, choices=("llama", "gpt2")),
@@ -604,7 +603,7 @@ def _check_tensors(info: GGUFInfo, expected: dict[str, Expect], n_layer: int, pr
                 problems.append(f"unexpected tensor {name!r} (not one llama.cpp loads for this model)")
 
 
-def _check_vocab(m: dict[str, Any], model: str | None, problems: list[str]) -> int | None:
+def _check_vocab(m: dict[str, Any], model: str | None, arch: str, problems: list[str]) -> int | None:
     """The token list and what refers to it; returns the vocabulary size."""
     tokens = m.get("tokenizer.ggml.tokens")
     if tokens is None:
@@ -637,8 +636,8 @@ def _check_vocab(m: dict[str, Any], model: str | None, problems: list[str]) -> i
         if missing:
             problems.append(f"key 'tokenizer.ggml.tokens': a sentencepiece vocabulary without the byte token "
                             f"<0x{missing[0]:02X}> ({len(missing)} of 256 missing)")
-    if "llama.vocab_size" in m and m["llama.vocab_size"] != n:
-        problems.append(f"key 'llama.vocab_size' = {m['llama.vocab_size']} but the vocabulary has {n} tokens")
+    if f"{arch}.vocab_size" in m and m[f"{arch}.vocab_size"] != n:
+        problems.append(f"key '{arch}.vocab_size' = {m[f'{arch}.vocab_size']} but the vocabulary has {n} tokens")
     for key, value in m.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and value >= n:
             problems.append(f"key {key!r} = {value} is outside the vocabulary of {n} tokens")
@@ -660,7 +659,7 @@ def _check_text(info: GGUFInfo, problems: list[str]) -> None:
     """An LLM GGUF of one of the text architectures edgelmm writes (gguf_names.TEXT_ARCHES)."""
     arch = info.architecture
     m = _check_keys(info, {**GENERAL_KEYS, **TEXT_KEYS[arch], **TOKENIZER_KEYS}, problems)
-    vocab = _check_vocab(m, m.get("tokenizer.ggml.model"), problems)
+    vocab = _check_vocab(m, m.get("tokenizer.ggml.model"), arch, problems)
     need = tuple(f"{arch}.{k}" for k in ("embedding_length", "block_count", "feed_forward_length",
                                           "attention.head_count"))
     if any(k not in m for k in need) or vocab is None:

@@ -308,6 +308,8 @@ CASES = [
     ("qwen2vl-rope-sections-missing", "qwen2vl", LLM,
      lambda s, d: rewrite(s, d, kv={"qwen2vl.rope.dimension_sections": None}),
      r"qwen2vl\.rope\.dimension_sections' is missing"),
+    ("qwen2vl-vocab-size-wrong", "qwen2vl", LLM,   # found by the fuzz campaign on a qwen2vl bundle
+     edit(lambda i: value_at(i, "qwen2vl.vocab_size", "<I", 639)), r"qwen2vl\.vocab_size' = 639 but the vocabulary"),
     ("qwen2vl-unknown-key", "qwen2vl", LLM,
      lambda s, d: rewrite(s, d, kv={"qwen2vl.expert_count": (UINT32, 8)}), r"unknown key 'qwen2vl\.expert_count'"),
     ("qwen2vl-q-bias-dim-changed", "qwen2vl", LLM, lambda s, d: changed_bias(s, d, "blk.0.attn_q.bias"),

@@ -238,3 +238,35 @@ def test_bench_measures_the_gguf_pair(qwen_gguf):
     rows = json.loads(r.output)["results"]
     assert sorted(row["precision"] for row in rows) == ["f32", "q8_0"]
     assert all("error" not in row and row["decode_ms_at_context"]["100"] > 0 for row in rows), rows
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"window_size": 64}, "112-pixel windows; this model's are 64 pixels"),
+    ({"fullatt_block_indexes": [0, 1]}, None),                    # every layer: n_wa_pattern 1
+    ({"fullatt_block_indexes": [0]}, r"every n-th layer; this model does on layers \[0\]"),
+    ({"hidden_act": "gelu"}, "gates its MLP with SiLU; this tower's is gelu"),
+    ({"rope_parameters": {"rope_type": "axial", "rope_theta": 20000.0}},
+     "vision rotary uses base 10000; this tower's is 20000"),
+])
+def test_what_llamacpps_qwen_graph_fixes_is_checked(checkpoint, tmp_path, change, reason):
+    """Each vision setting llama.cpp's Qwen2.5-VL graph hard-codes, changed in the config of the
+    112-pixel-window checkpoint: refused naming it, or (a pattern it can express) accepted."""
+    import json
+    import re
+    import shutil
+
+    from edgelmm.export.gguf import gguf_support
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+
+    src = tmp_path / "Qwen2.5-VL-tiny-w112"
+    shutil.copytree(checkpoint("qwen2.5vl-w112"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"].update(change)
+    (src / "config.json").write_text(json.dumps(config))
+    support = gguf_support(detect(ModelFiles.open(src)))
+    if reason is None:
+        assert support.supported, support.reason
+    else:
+        assert not support.supported and not support.forceable
+        assert re.search(reason, support.reason), support.reason

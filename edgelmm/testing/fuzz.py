@@ -1067,19 +1067,20 @@ MANIFEST_MUTATORS = [
 # -- GGUF: headers damaged, then size and sha256 re-fixed so only the validator stands in the way
 
 NAN, INF = float("nan"), float("inf")
+# "{arch}": the LLM's own architecture (llama, qwen2vl), read from the file being damaged.
 GGUF_KV_BAD: dict[str, list[tuple[str, list[tuple[int, Any]], str]]] = {
     "llm": [
-        ("llama.block_count", [(U32, 0), (U32, 2 ** 32 - 1), (I32, -1), (U64, 2 ** 63), (U32, 5)], MUST),
-        ("llama.attention.head_count", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 3)], MUST),
-        ("llama.attention.head_count_kv", [(U32, 0), (U32, 3), (U32, 8), (U32, 2 ** 32 - 1)], MUST),
-        ("llama.embedding_length", [(U32, 0), (U32, 2 ** 31), (U32, 255)], MUST),
-        ("llama.feed_forward_length", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 767)], MUST),
-        ("llama.attention.layer_norm_rms_epsilon", [(F32, NAN), (F32, -1e-5), (F32, INF), (F32, -INF)], MUST),
-        ("llama.rope.dimension_count", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 65), (U32, 128)], MUST),
-        ("llama.rope.freq_base", [(F32, NAN), (F32, 0.0), (F32, -1.0), (F32, INF)], MUST),
-        ("llama.vocab_size", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 639), (U32, 641)], MUST),
-        ("llama.attention.key_length", [(U32, 0), (U32, 63), (U32, 2 ** 32 - 1)], MUST),
-        ("llama.context_length", [(U32, 0), (U32, 1), (U32, 2 ** 32 - 1)], MAY),
+        ("{arch}.block_count", [(U32, 0), (U32, 2 ** 32 - 1), (I32, -1), (U64, 2 ** 63), (U32, 5)], MUST),
+        ("{arch}.attention.head_count", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 3)], MUST),
+        ("{arch}.attention.head_count_kv", [(U32, 0), (U32, 3), (U32, 8), (U32, 2 ** 32 - 1)], MUST),
+        ("{arch}.embedding_length", [(U32, 0), (U32, 2 ** 31), (U32, 255)], MUST),
+        ("{arch}.feed_forward_length", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 767)], MUST),
+        ("{arch}.attention.layer_norm_rms_epsilon", [(F32, NAN), (F32, -1e-5), (F32, INF), (F32, -INF)], MUST),
+        ("{arch}.rope.dimension_count", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 65), (U32, 128)], MUST),
+        ("{arch}.rope.freq_base", [(F32, NAN), (F32, 0.0), (F32, -1.0), (F32, INF)], MUST),
+        ("{arch}.vocab_size", [(U32, 0), (U32, 2 ** 32 - 1), (U32, 639), (U32, 641)], MUST),
+        ("{arch}.attention.key_length", [(U32, 0), (U32, 63), (U32, 2 ** 32 - 1)], MUST),
+        ("{arch}.context_length", [(U32, 0), (U32, 1), (U32, 2 ** 32 - 1)], MAY),
         ("tokenizer.ggml.bos_token_id", [(U32, 2 ** 32 - 1), (U32, 640), (I32, -1)], MAY),
         ("tokenizer.ggml.eos_token_id", [(U32, 2 ** 32 - 1), (U32, 640), (I32, -1)], MAY),
         ("tokenizer.ggml.model", [(STR, b"gpt2"), (STR, b"nope"), (STR, b""), (STR, b"bert")], MUST),
@@ -1109,9 +1110,17 @@ GGUF_KV_BAD: dict[str, list[tuple[str, list[tuple[int, Any]], str]]] = {
         ("clip.use_gelu", [(BOOL, 0)], MAY),
     ],
 }
-GGUF_REQUIRED = {"llm": ["general.architecture", "llama.block_count", "llama.embedding_length",
-                         "llama.feed_forward_length", "llama.attention.head_count", "llama.context_length",
-                         "llama.attention.layer_norm_rms_epsilon", "tokenizer.ggml.model", "tokenizer.ggml.tokens"],
+# Keys of one architecture or projector only: damaged where the file has them.
+GGUF_KV_BAD_WHERE_PRESENT: dict[str, list[tuple[str, list[tuple[int, Any]], str]]] = {
+    "llm": [("{arch}.rope.dimension_sections", [(ARR, (I32, [0, 0, 0, 0])), (ARR, (I32, [2, 3])),
+                                                (ARR, (I32, [-1, 3, 3, 3])), (ARR, (U32, [2, 3, 3, 0]))], MUST)],
+    "mmproj": [("clip.vision.spatial_merge_size", [(U32, 0), (U32, 4), (U32, 2 ** 32 - 1)], MUST),
+               ("clip.vision.n_wa_pattern", [(U32, 0), (U32, 2 ** 32 - 1)], MUST)],
+}
+GGUF_REQUIRED = {"llm": ["general.architecture", "{arch}.block_count", "{arch}.embedding_length",
+                         "{arch}.feed_forward_length", "{arch}.attention.head_count", "{arch}.context_length",
+                         "{arch}.attention.layer_norm_rms_epsilon", "{arch}.rope.dimension_sections",
+                         "tokenizer.ggml.model", "tokenizer.ggml.tokens"],
                  "mmproj": ["general.architecture", "clip.projector_type", "clip.vision.image_size",
                             "clip.vision.patch_size", "clip.vision.block_count", "clip.vision.embedding_length",
                             "clip.vision.feed_forward_length", "clip.vision.attention.head_count",
@@ -1147,8 +1156,21 @@ def _gguf_case(case: Case, mutate: Callable[[Case, GGUF, str], bytes | None], wh
     return case.load("llamacpp")
 
 
+def _arch(g: GGUF) -> str:
+    value = g.get("general.architecture", b"llama")
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _kv_bad(g: GGUF, which: str) -> list[tuple[str, list[tuple[int, Any]], str]]:
+    """GGUF_KV_BAD for this file: keys under its own architecture, plus the keys only some files have."""
+    arch = _arch(g)
+    extra = [(k.format(arch=arch), v, e) for k, v, e in GGUF_KV_BAD_WHERE_PRESENT[which]
+             if g.find(k.format(arch=arch)) is not None]
+    return [(k.format(arch=arch), v, e) for k, v, e in GGUF_KV_BAD[which]] + extra
+
+
 def g_kv_value(case: Case, g: GGUF, which: str):
-    key, values, case.expect = case.pick(GGUF_KV_BAD[which])
+    key, values, case.expect = case.pick(_kv_bad(g, which))
     vtype, value = case.pick(values)
     case.note(f"{key}={_short(value, 30)} as {TYPE_NAMES[vtype]}")
     # A plausible count (5 layers, 255 wide) may be reported through the tensors it contradicts;
@@ -1175,7 +1197,7 @@ def g_kv_retype(case: Case, g: GGUF, which: str):
 def g_kv_delete(case: Case, g: GGUF, which: str):
     present = [kv[0].decode() for kv in g.kvs]
     key = case.pick(present)
-    case.expect = MUST if key in GGUF_REQUIRED[which] else MAY
+    case.expect = MUST if key in [k.format(arch=_arch(g)) for k in GGUF_REQUIRED[which]] else MAY
     case.note(f"deleted {key}")
     case.culprit = _key_culprit(key)
     g.delete(key)
@@ -1296,8 +1318,11 @@ def g_tensor_drop_or_add(case: Case, g: GGUF, which: str):
 
 def g_tokens(case: Case, g: GGUF, which: str):
     """Duplicate token texts, token/score/type arrays of different lengths, odd token texts."""
-    what = case.pick(["duplicate text", "duplicate text", "scores shorter", "types shorter", "scores longer",
-                      "no tokens", "bad token type", "invalid utf-8 text", "empty text", "huge text"], "tokens")
+    kinds = ["duplicate text", "duplicate text", "scores shorter", "types shorter", "scores longer",
+             "no tokens", "bad token type", "invalid utf-8 text", "empty text", "huge text"]
+    if g.find("tokenizer.ggml.scores") is None:   # a byte-level BPE vocab has no scores
+        kinds = [k for k in kinds if "scores" not in k]
+    what = case.pick(kinds, "tokens")
     tokens = g.get("tokenizer.ggml.tokens")[1]
     case.culprit = "token"
     if what == "duplicate text":
