@@ -131,12 +131,18 @@ class ReferenceRun:
     skipped: list[dict[str, Any]]   # cases left out by the tile budget: name, reason
 
 
-def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun:
+def case_images(pipe: Pipeline, i: int, case: Case) -> list[np.ndarray]:
+    """Case i's images, at the sizes the family verifies at (Family.verify_image_sizes: a Qwen2.5-VL
+    tower with attention windows gets images that span several of them)."""
     from .images import sample_images
 
+    return sample_images(len(case.sizes), seed=100 + i, sizes=pipe.family.verify_image_sizes(case.sizes))
+
+
+def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun:
     cases, skipped, tiles = [], [], 0
     for i, case in enumerate(CASES):
-        images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
+        images = case_images(reference, i, case)
         prep = reference.prepare(case.prompt, images)
         n_tiles = sum(prep.vision.tiles_per_image)
         if i >= 2 and tiles + n_tiles > VERIFY_TILES:
@@ -156,8 +162,6 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
            thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """Judge `candidate` against the reference (a Pipeline, or a ReferenceRun computed earlier with
     the same max_new_tokens, so that several candidates share one reference pass)."""
-    from .images import sample_images
-
     if not isinstance(reference, ReferenceRun):
         reference = reference_run(reference, max_new_tokens)
     elif reference.max_new_tokens != max_new_tokens:
@@ -165,7 +169,7 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
     limits = dict(thresholds or thresholds_for(candidate, precision))
     cases, ref_embeds, ref_positions, ref_logits = [], [], [], []
     for i, (case, ref) in enumerate(zip(CASES, reference.cases)):
-        images = sample_images(len(case.sizes), seed=100 + i, sizes=case.sizes)
+        images = case_images(candidate, i, case)
         prep = ref.prepared
         cand_prep = candidate.prepare(case.prompt, images)
         ids_equal = cand_prep.input_ids.tolist() == prep.input_ids.tolist()

@@ -131,6 +131,11 @@ def test_f32_gguf_matches_pytorch(qwen_gguf, pipelines, kind):
     assert all(len(c["reference_tokens"]) == 16 and c["candidate_tokens"] == c["reference_tokens"]
                for c in report["cases"])
     assert s["backend_tokenizer_match"] == 1.0
+    if kind == "qwen2.5vl-w112":  # verify's images are made large enough to span several windows
+        from edgelmm.verify import CASES, case_images
+
+        grid = pipe.prepare(CASES[0].prompt, case_images(pipe, 0, CASES[0])).vision.token_grids[0]
+        assert max(grid) > 112 // 8, grid
     stored = json.loads((qwen_gguf(kind) / "edgelmm.json").read_text())["verify"]
     assert stored["f32"]["passed"] and stored["q8_0"]["passed"]
 

@@ -181,6 +181,10 @@ class Family(ABC):
         """[position_dims, S] position ids of a prompt's tokens: 0..S-1 unless the family says otherwise."""
         return np.arange(len(input_ids), dtype=np.int64)[None]
 
+    def verify_image_sizes(self, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (H, W) of verify's sample images for this model (verify.CASES gives small ones)."""
+        return sizes
+
     def num_image_tokens(self, height: int, width: int) -> int:
         """How many image tokens an image of this size becomes (for `edgelmm info`)."""
         dummy = np.zeros((height, width, 3), dtype=np.uint8)

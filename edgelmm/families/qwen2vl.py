@@ -109,6 +109,13 @@ class Qwen2VLFamily(Family):
         return VisionInputs(tiles, None, [1] * len(tiles), replacements, [i.shape[:2] for i in images],
                             token_grids=grids)
 
+    def verify_image_sizes(self, sizes):
+        """verify's images (about 64 pixels a side) fit in one of Qwen2.5-VL's attention windows:
+        scaled so that they span two or more (x4 at the released 112-pixel windows)."""
+        window = int((self.config.get("vision_config") or {}).get("window_size", 0) or 0) if self.is_25 else 0
+        scale = max(1, math.ceil(2 * window / 64))
+        return [(h * scale, w * scale) for h, w in sizes]
+
     # ---- prompt ----
     def count_image_markers(self, text: str) -> int:
         # The chat template writes <|vision_start|><|image_pad|><|vision_end|> per image; a prompt
