@@ -123,6 +123,11 @@ def run(
                                help="The question. Put one <image> marker where each image goes, e.g. "
                                     "'What changed between <image> and <image>?'."),
     image: List[Path] = typer.Option([], "--image", "-i", help="An image file; repeat once per <image> marker, in order."),
+    video: List[Path] = typer.Option([], "--video", help="Models that read videos (Qwen2-VL): a video file (needs "
+                                                         "OpenCV) or a directory of frames; repeat once per <video> "
+                                                         "marker, in order."),
+    fps: Optional[float] = typer.Option(None, help="With --video: the rate to sample a video file at (default 2 "
+                                                   "frames a second), or the rate a directory's frames were taken at."),
     max_new_tokens: int = typer.Option(64, help="Stop after this many new tokens."),
     temperature: float = typer.Option(0.0, help="0 answers greedily; higher samples more freely."),
     top_p: float = typer.Option(1.0, help="Sample only from the smallest set of tokens with this much probability."),
@@ -149,7 +154,7 @@ def run(
     max_memory: Optional[str] = _MAX_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, tokens, timings) instead of streaming."),
 ):
-    """Answer a prompt about one or more images, streaming the answer as it is generated."""
+    """Answer a prompt about one or more images (or videos), streaming the answer as it is generated."""
     from . import api
     from .memory import parse_size
     from .pipeline import SamplingParams
@@ -160,18 +165,41 @@ def run(
                         device=device, gpu_layers=gpu_layers, max_context=max_context, precision=precision,
                         max_memory=parse_size(max_memory), layout=layout)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        media = _media_in_marker_order(prompt, image, video, fps)
         if as_json:
-            g = pipe.generate(prompt, [str(p) for p in image], **kw)
+            g = pipe.generate(prompt, media, **kw)
             print(json.dumps({"answer": g.text, "token_ids": g.token_ids, "prompt_tokens": g.prompt_tokens,
                               "finish_reason": g.finish_reason, "timings_ms": g.timings_ms,
                               "backend": pipe.describe()}))
             return
-        for piece in pipe.stream(prompt, [str(p) for p in image], **kw):
+        for piece in pipe.stream(prompt, media, **kw):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     except EdgeLMMError as exc:
         _fail(exc, as_json)
+
+
+def _media_in_marker_order(prompt: str, images: List[Path], videos: List[Path], fps: Optional[float]) -> list:
+    """--image and --video files merged in the order of the prompt's <image> and <video> markers (the
+    pipeline names any count that does not fit)."""
+    from .errors import PromptError
+    from .options import check_number
+    from .prompt import MARKERS, parse_prompt
+    from .video import video_from_path
+
+    if not videos:
+        if fps is not None:
+            raise OptionError("--fps: goes with --video")
+        return [str(p) for p in images]
+    kinds = parse_prompt(prompt).media_kinds
+    if kinds.count("video") != len(videos) or kinds.count("image") != len(images):
+        raise PromptError(f"the prompt has {kinds.count('image')} {MARKERS['image']} and {kinds.count('video')} "
+                          f"{MARKERS['video']} marker(s) but {len(images)} --image and {len(videos)} --video were given")
+    if fps is not None:
+        check_number("--fps", fps, 0, lo_open=True)
+    image_iter, video_iter = iter(images), iter(videos)
+    return [str(next(image_iter)) if k == "image" else video_from_path(next(video_iter), fps) for k in kinds]
 
 
 # Calibration options, shared by `export` (quantized precisions) and `calibrate`. One vocabulary: --calib is

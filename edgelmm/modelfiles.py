@@ -22,7 +22,7 @@ REQUIRED_FILES = ("config.json", "tokenizer.json")
 PROMPT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
-    "processor_config.json", "preprocessor_config.json",
+    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
 )
 
 
@@ -126,6 +126,16 @@ class ModelFiles:
                 "'image_processor' entry nor preprocessor_config.json)"
             )
         return cfg
+
+    @cached_property
+    def video_processor_config(self) -> dict[str, Any]:
+        """The video processor's settings where the model reads videos: processor_config.json's
+        'video_processor' entry, else video_preprocessor_config.json, else (as transformers falls
+        back) the image processor's preprocessor_config.json."""
+        nested = self._optional_json("processor_config.json").get("video_processor")
+        if isinstance(nested, dict):
+            return nested
+        return self._optional_json("video_preprocessor_config.json") or self.image_processor_config
 
     @cached_property
     def tokenizer(self):

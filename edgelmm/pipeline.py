@@ -14,10 +14,11 @@ import numpy as np
 
 from .errors import PromptError
 from .families import Family, VisionInputs
-from .images import ImageInput, load_images
+from .images import ImageInput, load_image
 from .modelfiles import ModelFiles
-from .prompt import IMAGE_MARKER, PromptInput, messages_as_plain_text, parse_prompt, render_chat
+from .prompt import MARKERS, VIDEO_MARKER, PromptInput, messages_as_plain_text, parse_prompt, render_chat
 from .runtimes.base import Backend, capabilities_of
+from .video import Video, load_video
 
 
 @dataclass
@@ -116,37 +117,55 @@ class Pipeline:
                            else getattr(backend, "generation_lock", None) or threading.RLock())
 
     # ---- prompt ----
-    def prepare(self, prompt: PromptInput, images: Sequence[ImageInput] | None = None,
+    def prepare(self, prompt: PromptInput, images: Sequence[ImageInput | Video] | None = None,
                 chat: bool = True) -> PreparedPrompt:
-        parsed = parse_prompt(prompt)
+        """The prompt's token ids, positions and preprocessed media. `images` holds the images (and, for
+        a model that reads videos, the `Video`s) of the prompt's markers, in their order."""
+        parsed = parse_prompt(prompt, videos=self.family.reads_videos)
         if parsed.inline_images and images:
             raise PromptError("images were given both inside the messages and as images=; use one or the other")
         sources = list(parsed.inline_images or images or [])
+        videos = parsed.media_kinds.count("video")
+        if videos and not self.family.reads_videos:
+            raise PromptError(f"the prompt has {videos} {VIDEO_MARKER} marker(s), and {self.family.name} models "
+                              "read images only")
         if parsed.n_image_parts != len(sources):
-            raise PromptError(f"the prompt has {parsed.n_image_parts} {IMAGE_MARKER} marker(s) but "
-                              f"{len(sources)} image(s) were given")
+            given = sum(isinstance(s, Video) for s in sources)
+            what = f"{len(sources)} image(s)" if not given else f"{len(sources) - given} image(s) and {given} video(s)"
+            raise PromptError(f"the prompt has {parsed.describe_markers()} but {what} were given")
+        for i, (kind, src) in enumerate(zip(parsed.media_kinds, sources)):
+            if (kind == "video") != isinstance(src, Video):
+                raise PromptError(f"marker {i + 1} of the prompt is {MARKERS[kind]} but item {i + 1} of its media "
+                                  f"is {'a Video' if isinstance(src, Video) else 'an image'}")
         template = self.files.chat_template if chat else None
         if template:
             text = render_chat(template, parsed.messages, self.files.special_tokens_map)
             kept = self.family.count_image_markers(text)
-            if kept != len(sources):
-                raise PromptError(f"the chat template kept {kept} of {len(sources)} image markers")
+            if kept != len(sources) - videos:
+                raise PromptError(f"the chat template kept {kept} of {len(sources) - videos} image markers")
+            if videos and self.family.count_video_markers(text) != videos:
+                raise PromptError(f"the chat template kept {self.family.count_video_markers(text)} of {videos} "
+                                  "video markers")
         else:
             text = messages_as_plain_text(parsed.messages)
-        pixels = load_images(sources)
-        vision = self.family.preprocess(pixels)
+        media = [load_video(s, i) if isinstance(s, Video) else load_image(s, index=i) for i, s in enumerate(sources)]
+        vision = self.family.preprocess_media(media)
         expanded = self.family.expand_prompt(text, vision)
         # As HF's apply_chat_template: a template that writes BOS itself gets no second one.
         add_special = not (self._bos and expanded.startswith(self._bos))
         ids = np.asarray(self.tokenizer.encode(expanded, add_special_tokens=add_special).ids, dtype=np.int64)
-        n_image_tokens = int((ids == self.family.image_token_id).sum())
-        expected = sum(r.count(self.family.image_token) for r in vision.replacements)
-        if n_image_tokens != expected:
-            raise PromptError(f"prompt text contains {n_image_tokens - expected:+d} stray "
-                              f"{self.family.image_token!r} tokens beyond the {len(sources)} image(s)")
+        tokens = [self.family.image_token] + ([self.family.video_token] if self.family.reads_videos else [])
+        for token, token_id in zip(tokens, self.family.media_token_ids):
+            found = int((ids == token_id).sum())
+            expected = sum(r.count(token) for r in vision.replacements)
+            if found != expected:
+                raise PromptError(f"prompt text contains {found - expected:+d} stray {token!r} tokens beyond the "
+                                  f"{len(sources)} image(s)" + (" and video(s)" if videos else ""))
         if len(ids) >= self.context_length:
-            raise PromptError(f"the prompt is {len(ids)} tokens ({n_image_tokens} of them image tokens) but the "
-                              f"model's context window is {self.context_length}")
+            n_media = int(np.isin(ids, self.family.media_token_ids).sum())
+            raise PromptError(f"the prompt is {len(ids)} tokens ({n_media} of them image"
+                              f"{' and video' if videos else ''} tokens) but the model's context window is "
+                              f"{self.context_length}")
         positions = self.family.positions(ids, vision) if self.family.position_dims > 1 else None
         return PreparedPrompt(text=text, input_ids=ids, vision=vision, expanded=expanded, add_special=add_special,
                               positions=positions)
@@ -180,7 +199,8 @@ class Pipeline:
         if prepared.vision.num_images:
             feats = self.image_features(prepared.vision) if features is None else features
             flat = feats.reshape(-1, feats.shape[-1])
-            slots = prepared.input_ids == self.family.image_token_id
+            # Images and videos in prompt order, as their features come back.
+            slots = np.isin(prepared.input_ids, self.family.media_token_ids)
             if int(slots.sum()) != flat.shape[0]:
                 raise PromptError(f"{int(slots.sum())} image tokens in the prompt but the vision graph "
                                   f"returned {flat.shape[0]} feature rows")

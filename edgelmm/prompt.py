@@ -3,7 +3,9 @@
 Users give either a string with `<image>` markers or OpenAI-style messages whose content mixes
 `{"type": "text", "text": ...}` and `{"type": "image"}` parts (an image part may carry its source
 as `"image"`, `"path"`, `"url"` or `"image_url"`). In-context examples (MIMIC-IT style: several
-image/answer pairs, then a query) are simply longer prompts.
+image/answer pairs, then a query) are simply longer prompts. Models that read videos take
+`<video>` markers and `{"type": "video"}` parts (source: `"video"`, an `edgelmm.Video`) the same
+way; images and videos are given in one list, in the order of their markers.
 
 The chat template comes from the checkpoint and is rendered here with jinja2 in the same
 sandboxed environment HF uses, so the runtime needs no transformers.
@@ -12,7 +14,8 @@ sandboxed environment HF uses, so the runtime needs no transformers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Sequence, Union
@@ -20,6 +23,8 @@ from typing import Any, Sequence, Union
 from .errors import PromptError
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
 
 Message = dict[str, Any]
 PromptInput = Union[str, Sequence[Message]]
@@ -28,8 +33,16 @@ PromptInput = Union[str, Sequence[Message]]
 @dataclass
 class ParsedPrompt:
     messages: list[Message]          # content always a list of parts
-    inline_images: list[Any]         # image sources found in the parts, in order (may be empty)
-    n_image_parts: int
+    inline_images: list[Any]         # image and video sources found in the parts, in order (may be empty)
+    n_image_parts: int               # image and video parts together
+    media_kinds: list[str] = field(default_factory=list)  # "image" or "video", one per part, in order
+
+    def describe_markers(self) -> str:
+        """'2 <image> markers' or '1 <image> and 1 <video> marker(s)'."""
+        videos = self.media_kinds.count("video")
+        if not videos:
+            return f"{self.n_image_parts} {IMAGE_MARKER} marker(s)"
+        return f"{self.n_image_parts - videos} {IMAGE_MARKER} and {videos} {VIDEO_MARKER} marker(s)"
 
 
 def check_text(text: str, where: str = "prompt") -> str:
@@ -52,28 +65,36 @@ def _decode(prompt: bytes) -> str:
         raise PromptError(f"prompt: byte {exc.start} ({bad!r}) is not valid UTF-8") from None
 
 
-def _split_markers(text: str, where: str = "prompt") -> list[dict[str, Any]]:
+_MARKER_SPLIT = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+_IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE_MARKER)})")
+
+
+def _split_markers(text: str, where: str = "prompt", videos: bool = True) -> list[dict[str, Any]]:
     check_text(text, where)
     parts: list[dict[str, Any]] = []
-    for i, chunk in enumerate(text.split(IMAGE_MARKER)):
-        if i > 0:
+    for chunk in (_MARKER_SPLIT if videos else _IMAGE_SPLIT).split(text):
+        if chunk == IMAGE_MARKER:
             parts.append({"type": "image"})
-        if chunk:
+        elif chunk == VIDEO_MARKER and videos:
+            parts.append({"type": "video"})
+        elif chunk:
             parts.append({"type": "text", "text": chunk})
     return parts
 
 
 _IMAGE_SOURCE_KEYS = ("image", "path", "url", "image_url")
+_VIDEO_SOURCE_KEYS = ("video",)
 
 
-def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
+def parse_prompt(prompt: PromptInput, videos: bool = True) -> ParsedPrompt:
     """Normalise a prompt to messages with list content. `<image>` markers inside text parts are
-    turned into image parts, so both ways of writing a prompt reach the template the same way.
-    A bytes prompt is decoded as UTF-8."""
+    turned into image parts (and `<video>` markers into video parts, unless `videos` is False: for a
+    model that reads no videos, "<video>" is text), so both ways of writing a prompt reach the
+    template the same way. A bytes prompt is decoded as UTF-8."""
     if isinstance(prompt, (bytes, bytearray)):
         prompt = _decode(bytes(prompt))
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": _split_markers(prompt)}]
+        messages = [{"role": "user", "content": _split_markers(prompt, videos=videos)}]
     elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt) and prompt:
         messages = []
         for mi, m in enumerate(prompt):
@@ -89,7 +110,7 @@ def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
             check_text(role, f"message {mi} role")
             content = m["content"]
             if isinstance(content, str):
-                parts = _split_markers(content, f"message {mi}")
+                parts = _split_markers(content, f"message {mi}", videos)
             elif isinstance(content, Sequence):
                 parts = []
                 for pi, part in enumerate(content):
@@ -100,39 +121,42 @@ def parse_prompt(prompt: PromptInput) -> ParsedPrompt:
                             raise PromptError(f"message {mi} part {pi}: a text part needs a string 'text', "
                                               + ("and it has none" if "text" not in part else
                                                  f"got {text!r} ({type(text).__name__})"))
-                        parts.extend(_split_markers(text, f"message {mi} part {pi}"))
+                        parts.extend(_split_markers(text, f"message {mi} part {pi}", videos))
                     elif kind in ("image", "image_url"):
                         parts.append(dict(part, type="image"))
+                    elif kind == "video":
+                        parts.append(dict(part))
                     else:
                         raise PromptError(f"message {mi} part {pi}: unknown content part {part!r} "
-                                          "(want {'type': 'text'} or {'type': 'image'})")
+                                          "(want {'type': 'text'}, {'type': 'image'} or {'type': 'video'})")
             else:
                 raise PromptError(f"message {mi}: content must be a string or a list of parts")
             messages.append({**m, "content": parts})
     else:
         raise PromptError("prompt must be a string or a non-empty list of {'role', 'content'} messages")
 
-    inline, n_parts = [], 0
+    inline, kinds = [], []
     for m in messages:
         for part in m["content"]:
-            if part["type"] == "image":
-                n_parts += 1
-                src = next((part[k] for k in _IMAGE_SOURCE_KEYS if part.get(k) is not None), None)
+            if part["type"] in MARKERS:
+                kinds.append(part["type"])
+                keys = _IMAGE_SOURCE_KEYS if part["type"] == "image" else _VIDEO_SOURCE_KEYS
+                src = next((part[k] for k in keys if part.get(k) is not None), None)
                 if isinstance(src, dict):  # OpenAI {"image_url": {"url": ...}}
                     src = src.get("url")
                 if src is not None:
                     inline.append(src)
-    if inline and len(inline) != n_parts:
-        raise PromptError(f"{n_parts} image parts but only {len(inline)} carry an image source; "
-                          "give every image part a source, or pass all images separately")
-    return ParsedPrompt(messages=messages, inline_images=inline, n_image_parts=n_parts)
+    if inline and len(inline) != len(kinds):
+        raise PromptError(f"{len(kinds)} image/video parts but only {len(inline)} carry a source; "
+                          "give every part a source, or pass all images and videos separately")
+    return ParsedPrompt(messages=messages, inline_images=inline, n_image_parts=len(kinds), media_kinds=kinds)
 
 
 def messages_as_plain_text(messages: list[Message]) -> str:
     """Without a chat template: the text and markers in order, messages joined by newlines."""
     lines = []
     for m in messages:
-        lines.append("".join(p["text"] if p["type"] == "text" else IMAGE_MARKER for p in m["content"]))
+        lines.append("".join(p["text"] if p["type"] == "text" else MARKERS[p["type"]] for p in m["content"]))
     return "\n".join(lines)
 
 

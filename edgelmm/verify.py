@@ -5,12 +5,14 @@ prefill-logit max |diff| and KL divergence, batch-2 (left-padded) logits, greedy
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from .pipeline import Pipeline, left_pad
+from .prompt import IMAGE_MARKER, VIDEO_MARKER
 from .runtimes.base import capabilities_of
 from .runtimes.registry import BACKENDS, TENSORRT_LIMITS as _TENSORRT_LIMITS
 
@@ -56,7 +58,8 @@ def thresholds_for(candidate: Pipeline, precision: str) -> dict[str, float]:
 class Case:
     name: str
     prompt: str
-    sizes: list[tuple[int, int]]
+    sizes: list[tuple[int, int]]                        # the images', in order
+    video: tuple[int, tuple[int, int]] | None = None     # (frames, (H, W)) of the clip at the <video> marker
 
 
 CASES = [
@@ -65,6 +68,15 @@ CASES = [
     Case("3-images", "Image 1 <image>, image 2 <image>, image 3 <image>: which one is abnormal?",
          [(72, 72), (50, 33), (40, 56)]),
 ]
+# Models that read videos are also verified on a clip between text and an image (two frame pairs
+# whose frames differ: what a backend must merge in time).
+VIDEO_CASE = Case("image+video", "Here is <image>. Then <video> What changed?", [(48, 64)], video=(4, (40, 56)))
+
+
+def cases_for(pipe: Pipeline) -> list[Case]:
+    return CASES + ([VIDEO_CASE] if pipe.family.reads_videos else [])
+
+
 # Image tiles the verify prompts may take, per runtime. Every tile is a full vision-tower pass in the
 # reference and again in each candidate, and SmolVLM's processor makes 9-17 tiles of every image
 # (78 for the three cases: ~2 s each on two cores, three times over). The first two cases always
@@ -131,23 +143,31 @@ class ReferenceRun:
     skipped: list[dict[str, Any]]   # cases left out by the tile budget: name, reason
 
 
-def case_images(pipe: Pipeline, i: int, case: Case) -> list[np.ndarray]:
-    """Case i's images, at the sizes the family verifies at (Family.verify_image_sizes: a Qwen2.5-VL
-    tower with attention windows gets images that span several of them)."""
+def case_images(pipe: Pipeline, i: int, case: Case) -> list[Any]:
+    """Case i's images (and clip), at the sizes the family verifies at (Family.verify_image_sizes: a
+    Qwen2.5-VL tower with attention windows gets images that span several of them)."""
     from .images import sample_images
+    from .video import Video
 
-    return sample_images(len(case.sizes), seed=100 + i, sizes=pipe.family.verify_image_sizes(case.sizes))
+    media: list[Any] = sample_images(len(case.sizes), seed=100 + i, sizes=pipe.family.verify_image_sizes(case.sizes))
+    if case.video:
+        frames, size = case.video
+        clip = Video(sample_images(frames, seed=200 + i, sizes=pipe.family.verify_image_sizes([size])), fps=2.0)
+        markers = re.findall(f"{re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)}", case.prompt)
+        media.insert(markers.index(VIDEO_MARKER), clip)
+    return media
 
 
 def reference_run(reference: Pipeline, max_new_tokens: int = 16) -> ReferenceRun:
     cases, skipped, tiles = [], [], 0
-    for i, case in enumerate(CASES):
+    plan = cases_for(reference)
+    for i, case in enumerate(plan):
         images = case_images(reference, i, case)
         prep = reference.prepare(case.prompt, images)
         n_tiles = sum(prep.vision.tiles_per_image)
         if i >= 2 and tiles + n_tiles > VERIFY_TILES:
             skipped += [{"case": c.name, "reason": f"tile budget: {tiles} tiles verified, at most {VERIFY_TILES}"}
-                        for c in CASES[i:]]
+                        for c in plan[i:]]
             break
         tiles += n_tiles
         features = reference.image_features(prep.vision)
@@ -168,7 +188,7 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
         raise ValueError(f"the reference run generated {reference.max_new_tokens} tokens, not {max_new_tokens}")
     limits = dict(thresholds or thresholds_for(candidate, precision))
     cases, ref_embeds, ref_positions, ref_logits = [], [], [], []
-    for i, (case, ref) in enumerate(zip(CASES, reference.cases)):
+    for i, (case, ref) in enumerate(zip(cases_for(candidate), reference.cases)):
         images = case_images(candidate, i, case)
         prep = ref.prepared
         cand_prep = candidate.prepare(case.prompt, images)
@@ -183,7 +203,8 @@ def verify(candidate: Pipeline, reference: Pipeline | ReferenceRun, precision: s
         cl, ct = candidate.greedy_from_embeddings(ce, max_new_tokens, positions)
         # The decoder alone: the candidate's decoder on the reference's own input embeddings.
         dl = prefill_logits(candidate, re_, ones, pos)
-        cases.append({"case": case.name, "images": len(images), "prompt_tokens": n, "prompt_ids_equal": ids_equal,
+        cases.append({"case": case.name, "images": len(case.sizes), "videos": int(case.video is not None),
+                      "prompt_tokens": n, "prompt_ids_equal": ids_equal,
                       "pixels_equal": pixels_equal,
                       "vision_max_abs": float(np.abs(rf - cf).max()), "vision_cosine_min": cosine_min(rf, cf),
                       "logits_max_abs": float(np.abs(rl - cl).max()), "logits_kl": kl_divergence(rl, cl),

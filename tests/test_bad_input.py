@@ -158,6 +158,8 @@ def test_bad_message_structure(pipelines):
     with pytest.raises(PromptError, match="message 0 needs 'role' and 'content'"):
         pipe.generate([{"text": "hi"}])
     with pytest.raises(PromptError, match="unknown content part"):
+        pipe.generate([{"role": "user", "content": [{"type": "audio"}]}])
+    with pytest.raises(PromptError, match="1 <video> marker\\(s\\), and idefics2 models read images only"):
         pipe.generate([{"role": "user", "content": [{"type": "video"}]}])
     with pytest.raises(PromptError, match="both inside the messages and as images="):
         img = sample_images(1)[0]

@@ -13,16 +13,18 @@ SIZES = [(40, 56), (64, 48), (30, 90), (72, 72), (50, 33)]
 
 
 def qwen_patches(tiles, patch, merge, temporal):
-    """Resized images [1, C, H, W] -> the Qwen2-VL processor's pixel_values [patches, C*T*p*p] and
-    image_grid_thw, laid out as its patchify documents (2x2 blocks of patches, each repeated in time)."""
+    """Frame pairs [G, T, C, H, W] (one array per image or video) -> the Qwen2-VL processors'
+    pixel_values [patches, C*T*p*p] and grid_thw, laid out as their patchify documents (pairs in
+    time order, 2x2 blocks of patches, each patch its channels, then frames, then pixels)."""
     rows, grids = [], []
-    for tile in tiles:
-        c, h, w = tile.shape[1:]
+    for pairs in tiles:
+        g, t, c, h, w = pairs.shape
+        assert t == temporal
         gh, gw = h // patch, w // patch
-        x = tile[0].reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).transpose(1, 4, 2, 5, 0, 3, 6)
-        x = np.repeat(x[:, :, :, :, :, None], temporal, axis=5)
-        rows.append(x.reshape(gh * gw, c * temporal * patch * patch))
-        grids.append([1, gh, gw])
+        x = pairs.reshape(g, t, c, gh // merge, merge, patch, gw // merge, merge, patch)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows.append(x.reshape(g * gh * gw, c * t * patch * patch))
+        grids.append([g, gh, gw])
     return np.concatenate(rows), np.array(grids, np.int64)
 
 

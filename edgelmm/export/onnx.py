@@ -225,8 +225,8 @@ def export_onnx_graphs(family: Family, model, out_dir: Path, sample_vision, prec
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
     pv = torch.from_numpy(sample_vision.tile_groups()[0]).to(dtype)
     v_args, v_names, v_shapes = (pv,), ["pixel_values"], {"pixel_values": {0: tiles}}
-    if family.tiles_keep_size:  # each image at its own size: H and W are dynamic
-        v_shapes = {"pixel_values": {0: tiles, 2: Dim.AUTO, 3: Dim.AUTO}}
+    if family.tiles_keep_size:  # each image at its own size: H and W (the last two axes) are dynamic
+        v_shapes = {"pixel_values": {0: tiles, pv.dim() - 2: Dim.AUTO, pv.dim() - 1: Dim.AUTO}}
     elif sample_vision.pixel_attention_mask is not None:
         v_args = (pv, torch.from_numpy(sample_vision.pixel_attention_mask))
         v_names.append("pixel_attention_mask")

@@ -61,8 +61,8 @@ def tile_range(family) -> tuple[int, tuple[int, int], tuple[int, int]]:
     for h, w in _PROFILE_IMAGE_SIZES:
         vis = family.preprocess([np.zeros((h, w, 3), np.uint8)])
         most = max(most, vis.tiles_per_image[0])
-        hs += [g.shape[2] for g in vis.tile_groups()]
-        ws += [g.shape[3] for g in vis.tile_groups()]
+        hs += [g.shape[-2] for g in vis.tile_groups()]
+        ws += [g.shape[-1] for g in vis.tile_groups()]
     return most, (min(hs), min(ws)), (max(hs), max(ws))
 
 

@@ -4,15 +4,18 @@ and (on the workstation side) where the vision tower, embedding and decoder live
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PromptError
 from ..gguf_names import SIGLIP_BLOCK, SIGLIP_TOWER, TensorRule
 from ..modelfiles import ModelFiles
+from ..prompt import VIDEO_MARKER
+from ..video import VideoFrames
 
 
 @dataclass
@@ -27,10 +30,19 @@ class VisionInputs:
     replacements: list[str]                      # the text each image's marker expands to
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (H, W)
     token_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, columns) of each image's tokens
+    # Videos (families that read them): each item's kind, in prompt order ("image" or "video"; empty:
+    # all images). A video is a run of tiles, one per frame pair ([G, 2, 3, H, W]), each giving one
+    # grid of tokens; `seconds_per_group` is the time each pair spans (None for an image).
+    kinds: list[str] = field(default_factory=list)
+    seconds_per_group: list[float | None] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
+        """Images and videos: every item that has a marker in the prompt."""
         return len(self.tiles_per_image)
+
+    def kind(self, i: int) -> str:
+        return self.kinds[i] if self.kinds else "image"
 
     @property
     def num_tiles(self) -> int:
@@ -142,6 +154,9 @@ class Family(ABC):
     # decoder takes position_ids [batch, seq] or [3, batch, seq].
     position_dims: ClassVar[int] = 1
 
+    # The token a video's frames become (None: the family reads no videos).
+    default_video_token: ClassVar[str | None] = None
+
     def __init__(self, files: ModelFiles, prompt_style: str | None = None):
         self.files = files
         self.config = files.config
@@ -150,7 +165,22 @@ class Family(ABC):
         if image_token_id is None:
             raise CheckpointError(f"{files.root}: tokenizer has no {self.image_token!r} token")
         self.image_token_id = image_token_id
+        self.video_token = self.video_token_id = None
+        if self.default_video_token is not None:
+            self.video_token = self.files.processor_config.get("video_token", self.default_video_token)
+            self.video_token_id = files.token_id(self.video_token)
+            if self.video_token_id is None:
+                raise CheckpointError(f"{files.root}: tokenizer has no {self.video_token!r} token")
         self.prompt_style = prompt_style or "plain"
+
+    @property
+    def reads_videos(self) -> bool:
+        return self.video_token_id is not None
+
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        """The token ids image and video features take the place of."""
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
 
     @classmethod
     def matches(cls, config: dict[str, Any]) -> bool:
@@ -160,22 +190,39 @@ class Family(ABC):
     def preprocess(self, images: list[np.ndarray]) -> VisionInputs:
         """RGB uint8 HxWx3 images -> tiles, masks and each image's marker replacement text."""
 
+    def preprocess_media(self, items: list[np.ndarray | VideoFrames]) -> VisionInputs:
+        """Images (HxWx3 uint8) and videos (VideoFrames) in prompt order -> VisionInputs. A family
+        that reads videos overrides this; the others take images only."""
+        for i, item in enumerate(items):
+            if isinstance(item, VideoFrames):
+                raise PromptError(f"item {i + 1} of the prompt's media is a video, and {self.name} models read "
+                                  "images only")
+        return self.preprocess(items)
+
     @abstractmethod
     def expand_prompt(self, text: str, vision: VisionInputs) -> str:
         """Replace the i-th `<image>` marker of `text` with image i's tokens, as the HF processor does."""
 
     def substitute_images(self, text: str, vision: VisionInputs) -> str:
-        """`text` with its i-th image token replaced by image i's replacement text."""
-        pieces = text.split(self.image_token)
+        """`text` with its i-th image (or video) token replaced by item i's replacement text."""
+        tokens = [self.image_token] + ([self.video_token] if self.video_token else [])
+        pieces = re.split("(" + "|".join(re.escape(t) for t in tokens) + ")", text)
         out = [pieces[0]]
-        for i, piece in enumerate(pieces[1:]):
-            out.append(vision.replacements[i])
+        for i, (token, piece) in enumerate(zip(pieces[1::2], pieces[2::2])):
+            if i < vision.num_images and token != (self.video_token if vision.kind(i) == "video" else self.image_token):
+                raise PromptError(f"the prompt's marker {i + 1} is {'a video' if token == self.video_token else 'an image'} "
+                                  f"but item {i + 1} of its media is {'a video' if vision.kind(i) == 'video' else 'an image'}")
+            out.append(vision.replacements[i] if i < vision.num_images else token)
             out.append(piece)
         return "".join(out)
 
     def count_image_markers(self, text: str) -> int:
         """How many images a rendered prompt places (the chat template's image parts, or markers)."""
         return text.count(self.image_marker)
+
+    def count_video_markers(self, text: str) -> int:
+        """How many videos a rendered prompt places."""
+        return text.count(VIDEO_MARKER)
 
     def positions(self, input_ids: np.ndarray, vision: VisionInputs) -> np.ndarray:
         """[position_dims, S] position ids of a prompt's tokens: 0..S-1 unless the family says otherwise."""

@@ -5,12 +5,21 @@ transformer and a Qwen2 text model with multimodal rotary positions (M-RoPE).
   (28 pixels) and its area lies within [min_pixels, max_pixels] ("smart resize"), cut into
   14-pixel patches, and every 2x2 block of patches becomes one token. So every image has its own
   token count and its own tile size: the vision graph takes images of one size at a time.
-- The processor lays patches out block by block and repeats the image along time (a video frame
-  pair is the model's unit), which the vision graph here does itself from the resized image.
+- The model's unit is a pair of frames (temporal_patch_size 2): an image is sent as a pair of two
+  equal frames, a video as consecutive pairs (an odd last frame repeated), [G, 2, 3, H, W]. Each
+  pair is attended over on its own and gives one grid of tokens, so a video is G tiles of one size
+  and the vision graph takes images and videos alike. The processor lays patches out block by
+  block; the vision graph does that itself from the resized frames.
+- Videos: the frames given are the frames the model sees (HF's default; sampled to the video
+  processor's fps only where its config asks). They are resized like images, with PIL's bicubic
+  filter: HF's video processor resizes with torchvision, whose antialiased bicubic can differ from
+  PIL's by a level of 8-bit brightness here and there (torchvision cannot be installed beside
+  the torch edgelmm builds with, so that difference is not measured).
 - Every text position is a triple (temporal, height, width): an image token's is its cell in the
-  token grid, offset by the text before it; text tokens have three equal components that go on
-  from the largest position before them. `positions()` computes them, as the model's
-  get_rope_index does.
+  token grid, offset by the text before it; a video token's also has its pair's index in time
+  (Qwen2.5-VL: scaled to tokens_per_second by the seconds a pair spans); text tokens have three
+  equal components that go on from the largest position before them. `positions()` computes them,
+  as the model's get_rope_index does.
 - Qwen2.5-VL's tower differs in its blocks (RMSNorm, gated MLP) and in attention: most layers
   attend within windows of window_size pixels (8x8 patches at 14 pixels), a few
   (fullatt_block_indexes) over the whole image.
@@ -24,12 +33,14 @@ import numpy as np
 
 from .. import images as im
 from ..errors import CheckpointError, ImageError, PromptError
-from ..prompt import IMAGE_MARKER
+from ..prompt import IMAGE_MARKER, VIDEO_MARKER
+from ..video import VideoFrames, sample_frame_indices
 from ..gguf_names import QWEN2VL_BLOCK, QWEN2VL_TOWER, QWEN25VL_BLOCK
 from .base import ClipShape, Family, GGUFPlan, GGUFRefusal, TorchParts, VisionInputs
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 MAX_ASPECT = 200  # the processor refuses images longer than this many times their width (or height)
+UNKNOWN_VIDEO_FPS = 24.0  # what transformers takes a clip's frame rate to be when it is not given
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -52,6 +63,7 @@ class Qwen2VLFamily(Family):
     name = "qwen2vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     default_image_token = "<|image_pad|>"
+    default_video_token = "<|video_pad|>"
     position_dims = 3
     tiles_keep_size = True
 
@@ -68,12 +80,31 @@ class Qwen2VLFamily(Family):
         self.do_resize = ip.get("do_resize", True)
         self.resample = ip.get("resample", 3)
         self.norm = im.Normalization.from_config(ip, im.OPENAI_CLIP_MEAN, im.OPENAI_CLIP_STD)
+        self._video_settings(files.video_processor_config)
         vcfg = self.config.get("vision_config") or {}
+        self.tokens_per_second = float(vcfg.get("tokens_per_second", 4))  # HF's Qwen2.5-VL default
         for key, mine in (("patch_size", self.patch), ("spatial_merge_size", self.merge),
                           ("temporal_patch_size", self.temporal)):
             if key in vcfg and int(vcfg[key]) != mine:
                 raise CheckpointError(f"{files.root}: the image processor's {key.replace('spatial_', '')} {mine} "
                                       f"differs from the vision tower's {vcfg[key]}")
+
+    def _video_settings(self, vp: dict) -> None:
+        """The video processor's settings (its class defaults where the config is silent; min/max_pixels
+        override size, as in its constructor)."""
+        size = vp.get("size") or {}
+        low, high = vp.get("min_pixels"), vp.get("max_pixels")
+        self.video_min_pixels = int(low if low is not None else size.get("shortest_edge", 128 * 28 * 28))
+        self.video_max_pixels = int(high if high is not None else size.get("longest_edge", 28 * 28 * 768))
+        self.video_sample = bool(vp.get("do_sample_frames", False))
+        self.video_fps = vp.get("fps")  # the rate it samples clips down to (do_sample_frames)
+        self.video_min_frames = int(vp.get("min_frames", 4))
+        self.video_max_frames = int(vp.get("max_frames", 768))
+        # qwen-vl-utils' bound on a whole clip's pixels (off unless the config turns it on, as in transformers 5.24)
+        self.video_cap_pixels = bool(vp.get("cap_pixels_per_frame", False))
+        self.video_max_tokens = int(vp.get("max_video_tokens", 128000))
+        self.video_resample = vp.get("resample", 3)
+        self.video_norm = im.Normalization.from_config(vp, im.OPENAI_CLIP_MEAN, im.OPENAI_CLIP_STD)
 
     # ---- images ----
     def target_size(self, height: int, width: int, index: int = 0) -> tuple[int, int]:
@@ -98,16 +129,60 @@ class Qwen2VLFamily(Family):
         return height // step, width // step
 
     def preprocess(self, images):
-        tiles, replacements, grids = [], [], []
-        for i, img in enumerate(images):
-            h, w = self.target_size(img.shape[0], img.shape[1], i)
-            tile = self.norm.apply(im.resize(img, h, w, self.resample) if self.do_resize else img)
-            tiles.append(tile[None])
-            rows, cols = self.token_grid(h, w)
+        return self.preprocess_media(images)
+
+    def preprocess_media(self, items):
+        """Each image one frame pair [1, 2, 3, H, W] (the image twice, as the processor repeats it in
+        time); each video its frames in pairs [G, 2, 3, H, W]."""
+        tiles, replacements, grids, kinds, seconds, sizes = [], [], [], [], [], []
+        for i, item in enumerate(items):
+            if isinstance(item, VideoFrames):
+                pairs, spg = self._video_pairs(item, i)
+                kinds.append("video")
+            else:
+                h, w = self.target_size(item.shape[0], item.shape[1], i)
+                frame = self.norm.apply(im.resize(item, h, w, self.resample) if self.do_resize else item)
+                pairs, spg = np.repeat(frame[None, None], self.temporal, axis=1), None
+                kinds.append("image")
+            tiles.append(pairs)
+            rows, cols = self.token_grid(pairs.shape[-2], pairs.shape[-1])
             grids.append((rows, cols))
-            replacements.append(self.image_token * (rows * cols))
-        return VisionInputs(tiles, None, [1] * len(tiles), replacements, [i.shape[:2] for i in images],
-                            token_grids=grids)
+            seconds.append(spg)
+            sizes.append(item.shape[1:3] if isinstance(item, VideoFrames) else item.shape[:2])
+            token = self.video_token if kinds[-1] == "video" else self.image_token
+            replacements.append(token * (len(pairs) * rows * cols))
+        return VisionInputs(tiles, None, [len(t) for t in tiles], replacements, sizes, token_grids=grids,
+                            kinds=kinds, seconds_per_group=seconds)
+
+    def _video_pairs(self, video: VideoFrames, index: int) -> tuple[np.ndarray, float]:
+        """A clip's frames -> [G, 2, 3, H, W] frame pairs and the seconds each pair spans."""
+        frames, fps = video.frames, video.fps
+        if self.video_sample and self.video_fps:
+            if fps is None:
+                raise ImageError(f"video {index + 1}: this model's video processor samples clips at {self.video_fps:g} "
+                                 "frames a second, which needs the clip's own frame rate (Video(frames, fps=...))")
+            keep = sample_frame_indices(len(frames), fps, float(self.video_fps), self.temporal, self.video_min_frames,
+                                        self.video_max_frames)
+            frames, fps = frames[keep], len(keep) / len(frames) * fps  # HF's sampled_fps
+        height, width = frames.shape[1:3]
+        if max(height, width) / min(height, width) > MAX_ASPECT:
+            raise ImageError(f"video {index + 1}: frames of {width}x{height} pixels are more than {MAX_ASPECT} times "
+                             "longer than wide")
+        factor = self.patch * self.merge
+        max_pixels = self.video_max_pixels
+        if self.video_cap_pixels:  # an even share of the clip's budget per frame, floored
+            budget = int(self.video_max_tokens * factor * factor * 0.9)
+            max_pixels = max(min(max_pixels, budget * self.temporal // len(frames)), int(self.video_min_pixels * 1.05))
+        h, w = smart_resize(height, width, factor, self.video_min_pixels, max_pixels)
+        if not h or not w:
+            raise ImageError(f"video {index + 1}: frames of {width}x{height} pixels are too small for one "
+                             f"{factor}-pixel token")
+        normed = np.stack([self.video_norm.apply(im.resize(f, h, w, self.video_resample)) for f in frames])
+        short = -len(normed) % self.temporal  # an odd last frame is repeated to complete its pair
+        if short:
+            normed = np.concatenate([normed, np.repeat(normed[-1:], short, axis=0)])
+        pairs = normed.reshape(-1, self.temporal, *normed.shape[1:])
+        return np.ascontiguousarray(pairs), self.temporal / (fps or UNKNOWN_VIDEO_FPS)
 
     def verify_image_sizes(self, sizes):
         """verify's images (about 64 pixels a side) fit in one of Qwen2.5-VL's attention windows:
@@ -122,39 +197,63 @@ class Qwen2VLFamily(Family):
         # without a template keeps edgelmm's <image> markers.
         return text.count(IMAGE_MARKER) + text.count(self.image_token)
 
+    def count_video_markers(self, text: str) -> int:
+        return text.count(VIDEO_MARKER) + text.count(self.video_token)
+
     def expand_prompt(self, text, vision):
         text = text.replace(IMAGE_MARKER, f"{VISION_START}{self.image_token}{VISION_END}")
+        text = text.replace(VIDEO_MARKER, f"{VISION_START}{self.video_token}{VISION_END}")
         return self.substitute_images(text, vision)
 
     def positions(self, input_ids: np.ndarray, vision: VisionInputs) -> np.ndarray:
         """[3, S] M-RoPE positions of a prompt, as the model's get_rope_index computes them: text runs
         count on from the position after the largest before them; an image's tokens take their
-        (row, column) in the token grid, offset by where the image starts, and the text after it
-        starts that offset plus the grid's longer side."""
+        (row, column) in the token grid, offset by where the image starts, and a video's also their
+        frame pair's index in time (Qwen2.5-VL: times tokens_per_second and the seconds a pair
+        spans, in float32 and truncated, as the model does); the text after an image or video
+        starts after the largest position in it."""
         ids = np.asarray(input_ids)
         out = np.empty((3, len(ids)), np.int64)
-        is_image = ids == self.image_token_id
+        kind = np.zeros(len(ids), np.int8)
+        kind[ids == self.image_token_id] = 1
+        if self.video_token_id is not None:
+            kind[ids == self.video_token_id] = 2
         start, i, k = 0, 0, 0
         while i < len(ids):
             j = i
-            while j < len(ids) and is_image[j] == is_image[i]:
+            while j < len(ids) and kind[j] == kind[i]:
                 j += 1
-            if not is_image[i]:
+            if not kind[i]:
                 out[:, i:j] = start + np.arange(j - i)
                 start += j - i
                 i = j
                 continue
-            if k >= len(vision.token_grids) or j - i != vision.token_grids[k][0] * vision.token_grids[k][1]:
-                raise PromptError(f"image tokens {i}..{j - 1} of the prompt are not one image's grid (images "
-                                  "must be separated by text, as the chat template writes them)")
-            rows, cols = vision.token_grids[k]
-            cells = np.arange(j - i)
-            out[0, i:j] = start
-            out[1, i:j] = start + cells // cols
-            out[2, i:j] = start + cells % cols
-            start += max(rows, cols)
-            k += 1
-            i = j
+            want = "video" if kind[i] == 2 else "image"
+            # a run of media tokens may hold several items of one kind (no text between them)
+            while i < j:
+                if k >= vision.num_images or vision.kind(k) != want:
+                    raise PromptError(f"{want} tokens {i}..{j - 1} of the prompt do not match the prompt's media "
+                                      "(images and videos must be separated by text, as the chat template writes "
+                                      "them)")
+                rows, cols = vision.token_grids[k]
+                groups = vision.tiles_per_image[k] if want == "video" else 1
+                n = groups * rows * cols
+                if i + n > j:
+                    raise PromptError(f"{want} tokens {i}..{j - 1} of the prompt are not item {k + 1}'s "
+                                      f"{groups}x{rows}x{cols} grid")
+                cells = np.arange(rows * cols)
+                t = np.zeros(groups, np.int64)
+                if want == "video":
+                    t = np.arange(groups)
+                    if self.is_25:  # pair index x (tokens_per_second x seconds per pair), in float32, truncated
+                        step = np.float32(self.tokens_per_second) * np.float32(vision.seconds_per_group[k])
+                        t = (t.astype(np.float32) * step).astype(np.int64)
+                out[0, i:i + n] = start + np.repeat(t, rows * cols)
+                out[1, i:i + n] = start + np.tile(cells // cols, groups)
+                out[2, i:i + n] = start + np.tile(cells % cols, groups)
+                start = int(out[:, i:i + n].max()) + 1
+                k += 1
+                i += n
         return out
 
     # ---- GGUF (llama.cpp's qwen2vl text architecture and qwen2vl_merger / qwen2.5vl_merger) ----
@@ -216,12 +315,13 @@ class Qwen2VLFamily(Family):
 
 
 def vision_function(visual, patch: int, merge: int, temporal: int):
-    """The vision tower over images of one size, [N, 3, H, W] -> [N, tokens, D], tensor-only.
+    """The vision tower over frame pairs of one size, [N, 2, 3, H, W] -> [N, tokens, D], tensor-only
+    (an image is a pair of two equal frames; a video's pairs are its consecutive frames).
 
-    The same steps as the model's forward for N images of one grid, written without its per-image
+    The same steps as the model's forward for N pairs of one grid, written without its per-item
     Python loops (which the ONNX exporter would unroll for one image size): the patches cut in the
-    processor's block order from the resized image and repeated along time, 2-D rotary positions
-    from the grid, attention within each image, and the 2x2 merger.
+    processor's block order from the resized frames, 2-D rotary positions from the grid, attention
+    within each pair (the model attends within each temporal slice of a video), and the 2x2 merger.
 
     Qwen2.5-VL's windowed layers: the model reorders the patches window by window and attends
     within each run; attention does not depend on the order of the tokens it is given (each keeps
@@ -238,12 +338,11 @@ def vision_function(visual, patch: int, merge: int, temporal: int):
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def forward(pixel_values, mask=None):
-        n_img, c, height, width = pixel_values.shape
+        n_img, frames, c, height, width = pixel_values.shape
         gh, gw = height // patch, width // patch
         bh, bw = gh // merge, gw // merge
-        x = pixel_values.reshape(n_img, c, bh, merge, patch, bw, merge, patch)
-        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)      # N, bh, bw, m, m, C, 1, p, p
-        x = x.expand(n_img, bh, bw, merge, merge, c, temporal, patch, patch)
+        x = pixel_values.reshape(n_img, temporal, c, bh, merge, patch, bw, merge, patch)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                 # N, bh, bw, m, m, C, T, p, p
         hidden = visual.patch_embed(x.reshape(n_img * gh * gw, c * temporal * patch * patch))
         n_patch, dim = gh * gw, hidden.shape[-1]
         hidden = hidden.reshape(n_img, n_patch, dim)

@@ -216,23 +216,29 @@ class LlamaCppBackend:
                              "normalised 8-bit image (preprocess with the bundle's family)")
         return np.ascontiguousarray(u8.astype(np.uint8).transpose(1, 2, 0))
 
-    def _encode_tile(self, hwc: np.ndarray, index: int) -> np.ndarray:
+    def _encode_tile(self, frames: list[np.ndarray], index: int) -> np.ndarray:
+        """One tile's features: a single image, or (Qwen2-VL) a video's pair of frames, which mtmd
+        merges in time into one image chunk when both bitmaps are marked mergeable."""
         M = self.M
-        h, w, _ = hwc.shape
-        data = (ctypes.c_uint8 * hwc.size).from_buffer_copy(hwc.tobytes())
-        bitmap = M.mtmd_bitmap_init(w, h, data)
+        h, w, _ = frames[0].shape
+        datas = [(ctypes.c_uint8 * f.size).from_buffer_copy(f.tobytes()) for f in frames]
+        bitmaps = [M.mtmd_bitmap_init(w, h, d) for d in datas]
         chunks = M.mtmd_input_chunks_init()
         try:
-            part = M.mtmd_input_part()
-            part.text, part.bitmap = None, bitmap
-            parts = (ctypes.POINTER(M.mtmd_input_part) * 1)(ctypes.pointer(part))
-            if M.mtmd_tokenize_from_parts(self._mctx, chunks, parts, 1, False) != 0:
+            if len(bitmaps) > 1:
+                for b in bitmaps:
+                    self._set_mergeable(b)
+            parts = [M.mtmd_input_part() for _ in bitmaps]
+            for part, bitmap in zip(parts, bitmaps):
+                part.text, part.bitmap = None, bitmap
+            array = (ctypes.POINTER(M.mtmd_input_part) * len(parts))(*(ctypes.pointer(p) for p in parts))
+            if M.mtmd_tokenize_from_parts(self._mctx, chunks, array, len(parts), False) != 0:
                 raise ImageError(f"tile {index + 1}: mtmd could not take a {w}x{h} image ({_recent_log()})")
             images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
             images = [c for c in images if M.mtmd_input_chunk_get_type(c) == _MTMD_CHUNK_IMAGE]
             # The idefics3 preprocessor always emits an overview and the slices; for a tile of exactly the
-            # model's size both are that tile unchanged, so one of them is encoded.
-            if not 1 <= len(images) <= 2:
+            # model's size both are that tile unchanged, so one of them is encoded. A frame pair is one chunk.
+            if not 1 <= len(images) <= (1 if len(frames) > 1 else 2):
                 raise ImageError(f"tile {index + 1}: mtmd split one {w}x{h} tile into {len(images)} images; the "
                                  "mmproj's preprocessing size should equal its image size")
             n_tokens = M.mtmd_input_chunk_get_n_tokens(images[0])
@@ -242,15 +248,29 @@ class LlamaCppBackend:
             return np.ctypeslib.as_array(out, shape=(n_tokens * self.hidden,)).reshape(n_tokens, self.hidden).copy()
         finally:
             M.mtmd_input_chunks_free(chunks)
-            M.mtmd_bitmap_free(bitmap)
+            for b in bitmaps:
+                M.mtmd_bitmap_free(b)
+
+    def _set_mergeable(self, bitmap) -> None:
+        fn = getattr(self.M, "mtmd_bitmap_set_mergeable", None)
+        if fn is None:  # llama-cpp-python before mtmd's video support
+            raise BackendUnavailable("this llama-cpp-python has no mtmd_bitmap_set_mergeable: it cannot encode "
+                                     "video frame pairs (update llama-cpp-python)")
+        fn(bitmap, True)
 
     def encode_images(self, pixel_values, pixel_attention_mask=None):
+        """Tiles [N, 3, H, W], or frame pairs [N, 2, 3, H, W] (Qwen2-VL: an image is a pair of equal
+        frames, which mtmd takes as one bitmap; a video's pairs go in as two mergeable bitmaps)."""
+        pixels = np.asarray(pixel_values, np.float32)
         feats = []
-        for i, tile in enumerate(np.asarray(pixel_values, np.float32)):
+        for i, tile in enumerate(pixels):
             if pixel_attention_mask is not None:  # padded tiles (Idefics): hand over the real pixels only
                 rows, cols = np.nonzero(pixel_attention_mask[i].any(1))[0], np.nonzero(pixel_attention_mask[i].any(0))[0]
                 tile = tile[:, : rows.max() + 1, : cols.max() + 1] if rows.size else tile
-            feats.append(self._encode_tile(self._to_bitmap_bytes(tile, i), i))
+            frames = list(tile) if tile.ndim == 4 else [tile]
+            if all(np.array_equal(frames[0], f) for f in frames[1:]):
+                frames = frames[:1]
+            feats.append(self._encode_tile([self._to_bitmap_bytes(f, i) for f in frames], i))
         if len({f.shape for f in feats}) > 1:
             raise ImageError(f"tiles gave different token counts {[f.shape[0] for f in feats]}")
         return np.stack(feats) if feats else np.zeros((0, 0, self.hidden), np.float32)

@@ -315,7 +315,7 @@ class TensorRTBackend:
             feeds["pixel_attention_mask"] = pixel_attention_mask
         if not runner.fits("pixel_values", tuple(pixel_values.shape)):
             lo, hi = runner.bounds("pixel_values")
-            raise ImageError(f"{pixel_values.shape[0]} tile(s) of {list(pixel_values.shape[2:])} pixels are outside "
+            raise ImageError(f"{pixel_values.shape[0]} tile(s) of {list(pixel_values.shape[-2:])} pixels are outside "
                              f"the vision engine's profile ({list(lo)} .. {list(hi)}); rebuild the engines with "
                              "`edgelmm build-engines --max-images N`")
         return runner.run(feeds)["image_features"].astype(np.float32, copy=False)

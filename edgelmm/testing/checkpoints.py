@@ -252,15 +252,19 @@ def build_idefics3(out: Path, seed: int = 0) -> Path:
 # ---------------------------------------------------------------- qwen2vl (Qwen2-VL-2B class)
 
 # The chat template Qwen2-VL checkpoints ship (a default system turn; each image part becomes
-# <|vision_start|><|image_pad|><|vision_end|>).
+# <|vision_start|><|image_pad|><|vision_end|>, each video part <|vision_start|><|video_pad|><|vision_end|>).
 QWEN2VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
     "<|im_end|>\n{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
     "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -272,9 +276,10 @@ def build_qwen2vl(out: Path, seed: int = 0, version: str = "2", window: int = 16
     counts; M-RoPE sections [2, 3, 3] of a 16-wide head; RMSNorm epsilon 1e-6 as in the released
     models. Qwen2.5-VL's first vision layer attends within 16-pixel windows (2x2 tokens), its second
     over the whole image; `window` 112 (the released models' 112 pixels, which llama.cpp assumes)
-    with a larger `max_pixels` gives 14x14-token windows that images over 112 pixels split. The video processor is
-    not saved: transformers builds it with torchvision, which the workstation side does not
-    install (images only)."""
+    with a larger `max_pixels` gives 14x14-token windows that images over 112 pixels split. The video
+    processor's settings are saved as its video_preprocessor_config.json (transformers builds the
+    processor itself only with torchvision, which the workstation side does not install): the same
+    area budget as images, so short clips stay a few tokens a frame."""
     import torch
     import transformers
     from transformers import Qwen2VLImageProcessorPil
@@ -315,6 +320,10 @@ def build_qwen2vl(out: Path, seed: int = 0, version: str = "2", window: int = 16
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 256, "longest_edge": max_pixels},
                                                patch_size=patch, merge_size=merge, temporal_patch_size=2)
     image_processor.save_pretrained(out)
+    (out / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 256, "longest_edge": max_pixels},
+        "patch_size": patch, "merge_size": merge, "temporal_patch_size": 2, "do_sample_frames": False,
+        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std)}, indent=2))
     (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
     _write_generation_config(out, tok.token_to_id(im_start), [tok.token_to_id(im_end), tok.token_to_id(eot)],
                              tok.token_to_id(eot))

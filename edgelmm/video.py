@@ -1,0 +1,142 @@
+"""Video clips in prompts: a `<video>` marker takes a `Video`, the frames of a clip in order.
+
+A model that reads videos (Qwen2-VL / Qwen2.5-VL) encodes them as frame pairs; the frames given
+are the frames it sees, as HF's video processors take them by default (`do_sample_frames` off).
+Sampling a long clip down to a frame rate is done here only where the checkpoint's video
+processor asks for it, and then only with the clip's own `fps` known (`Family.preprocess_media`).
+From Python, frames come as images (decode with whatever you like); `video_from_path` (the CLI's
+`--video`) reads a directory of frames, or a video file with OpenCV (the `watch` extra).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ImageError
+from .images import load_image
+
+# HF's Qwen2-VL video processor samples at most this many frames; more in one prompt would be
+# hundreds of thousands of tokens on any model edgelmm runs.
+MAX_VIDEO_FRAMES = 768
+
+
+@dataclass(frozen=True)
+class Video:
+    """One clip for a `<video>` marker: `frames` is a list of images (paths, PIL images or HxWx3
+    arrays) or one [T, H, W, 3] uint8 array, all of one size; `fps` is the rate they were taken
+    at (Qwen2.5-VL places frames in time by it; HF's processor assumes 2 frames a second)."""
+    frames: Any
+    fps: float | None = None
+
+
+@dataclass
+class VideoFrames:
+    """A loaded clip: [T, H, W, 3] uint8 RGB and its frame rate (None: not given)."""
+    frames: np.ndarray
+    fps: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.frames.shape
+
+
+def load_video(video: Video, index: int | None = None) -> VideoFrames:
+    """A Video -> its frames as one [T, H, W, 3] uint8 array. Raises ImageError naming the video
+    (its position among the prompt's media) and the frame."""
+    where = f"video {index + 1}" if index is not None else "video"
+    if not isinstance(video, Video):
+        raise ImageError(f"{where}: want an edgelmm.Video, got {type(video).__name__}")
+    fps = video.fps
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
+                            or fps <= 0):
+        raise ImageError(f"{where}: fps must be a positive number of frames per second, got {fps!r}")
+    raw = video.frames
+    if isinstance(raw, np.ndarray) and raw.ndim == 4:
+        frames: Sequence[Any] = list(raw)
+    elif isinstance(raw, (list, tuple)):
+        frames = raw
+    else:
+        raise ImageError(f"{where}: frames must be a list of images or a [T, H, W, 3] array, got "
+                         f"{type(raw).__name__}" + (f" of shape {raw.shape}" if isinstance(raw, np.ndarray) else ""))
+    if not frames:
+        raise ImageError(f"{where}: has no frames")
+    if len(frames) > MAX_VIDEO_FRAMES:
+        raise ImageError(f"{where}: has {len(frames)} frames; at most {MAX_VIDEO_FRAMES} are taken "
+                         "(sample the clip down first)")
+    loaded = []
+    for f, frame in enumerate(frames):
+        try:
+            rgb = load_image(frame)
+        except ImageError as exc:
+            raise ImageError(f"{where} frame {f + 1}: {exc}") from None
+        if loaded and rgb.shape != loaded[0].shape:
+            raise ImageError(f"{where} frame {f + 1} is {rgb.shape[1]}x{rgb.shape[0]} pixels but frame 1 is "
+                             f"{loaded[0].shape[1]}x{loaded[0].shape[0]}: a clip's frames share one size")
+        loaded.append(rgb)
+    return VideoFrames(np.stack(loaded), None if fps is None else float(fps))
+
+
+def sample_frame_indices(total: int, source_fps: float, fps: float, pair: int, min_frames: int,
+                         max_frames: int) -> np.ndarray:
+    """Which of `total` frames taken at `source_fps` to keep to see the clip at `fps`, as HF's
+    video processors sample (a multiple of `pair` frames, within [min_frames, max_frames] and the
+    clip's length, evenly spaced from the first)."""
+    most = math.floor(min(max_frames, total) / pair) * pair
+    count = min(max(total / source_fps * fps, min_frames), most, total)
+    count = math.floor(count / pair) * pair
+    if count <= 0:
+        raise ImageError(f"a clip of {total} frames is too short to sample {pair}-frame pairs from")
+    return (np.arange(0, total, total / count)).astype(np.int64)[:count]
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def video_from_path(path: str | os.PathLike, fps: float | None = None) -> Video:
+    """A clip from disk: a directory of frame images (in name order; `fps` their rate, if known) or a
+    video file, decoded with OpenCV and sampled at `fps` frames a second (default 2, the rate Qwen's
+    own tools sample at), the clip then carrying that rate."""
+    p = Path(path)
+    if p.is_dir():
+        frames = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+        if not frames:
+            raise ImageError(f"{str(p)!r}: a directory of frames, and it holds no {'/'.join(FRAME_SUFFIXES)} files")
+        return Video([str(f) for f in frames], fps=fps)
+    if not p.is_file():
+        raise ImageError(f"{str(p)!r}: no such video file or directory of frames")
+    try:
+        import cv2
+    except ImportError:
+        raise ImageError(f"{str(p)!r}: decoding a video file needs OpenCV (pip install 'edgelmm[watch]'); "
+                         "or give a directory of its frames") from None
+    rate = float(fps or 2.0)
+    cap = cv2.VideoCapture(str(p))
+    try:
+        if not cap.isOpened():
+            raise ImageError(f"{str(p)!r}: OpenCV cannot open it as a video")
+        source_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        if not math.isfinite(source_fps) or source_fps <= 0:
+            source_fps = rate  # unknown: every frame is taken
+        frames, index, next_time = [], 0, 0.0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if index / source_fps >= next_time - 1e-9:
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                next_time += 1.0 / rate
+                if len(frames) > MAX_VIDEO_FRAMES:
+                    raise ImageError(f"{str(p)!r}: more than {MAX_VIDEO_FRAMES} frames at {rate:g} per second; "
+                                     "give a lower --fps")
+            index += 1
+    finally:
+        cap.release()
+    if not frames:
+        raise ImageError(f"{str(p)!r}: OpenCV decoded no frames from it")
+    return Video(frames, fps=rate)
