@@ -97,17 +97,24 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
 
 def info(path: str | Path, prompt_style: str | None = None, sizes=((224, 224), (480, 640), (1080, 1920))) -> dict:
     """What edgelmm knows about a checkpoint without loading weights: family, prompt style, and
-    how many tokens images of a few sizes become."""
+    how many tokens images (and, where the model reads videos, pairs of video frames) of a few
+    sizes become."""
     files = ModelFiles.open(path)
     family = detect(files, prompt_style=prompt_style)
-    return {
+    out = {
         **family.describe(),
         "architecture": family.hf_model_class,
         "context_length": files.context_length,
         "image_token": family.image_token,
         "chat_template": files.chat_template is not None,
         "image_tokens": [{"height": h, "width": w, "tokens": family.num_image_tokens(h, w)} for h, w in sizes],
+        "reads_videos": family.reads_videos,
     }
+    if family.reads_videos:
+        out["video_token"] = family.video_token
+        out["video_tokens_per_frame_pair"] = [{"height": h, "width": w, "tokens": family.num_video_tokens(h, w)}
+                                              for h, w in sizes]
+    return out
 
 
 __all__ = ["BACKENDS", "BACKEND_FORMAT", "LAYOUTS", "bundle_backend", "bundle_formats", "bundle_precisions",

@@ -694,7 +694,8 @@ def info(
     prompt_style: Optional[str] = typer.Option(None, help="llava only: 'mantis' or 'plain'."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Show the model family, prompt style and how many tokens images of common sizes become."""
+    """Show the model family, prompt style and how many tokens images (and video frames, for models that read
+    videos) of common sizes become."""
     from . import api
 
     try:
@@ -709,9 +710,10 @@ def info(
     out = Console()
     for key in ("family", "architecture", "model_type", "prompt_style", "context_length", "image_token", "chat_template"):
         out.print(f"[bold]{key}[/]: {data[key]}")
-    table = Table("image (HxW)", "tokens")
-    for row in data["image_tokens"]:
-        table.add_row(f"{row['height']}x{row['width']}", str(row["tokens"]))
+    table = Table("image (HxW)", "tokens", *(["tokens per pair of video frames"] if data["reads_videos"] else []))
+    pairs = data.get("video_tokens_per_frame_pair") or [None] * len(data["image_tokens"])
+    for row, pair in zip(data["image_tokens"], pairs):
+        table.add_row(f"{row['height']}x{row['width']}", str(row["tokens"]), *([str(pair["tokens"])] if pair else []))
     out.print(table)
 
 

@@ -18,7 +18,7 @@ from .images import ImageInput, load_image
 from .modelfiles import ModelFiles
 from .prompt import MARKERS, VIDEO_MARKER, PromptInput, messages_as_plain_text, parse_prompt, render_chat
 from .runtimes.base import Backend, capabilities_of
-from .video import Video, load_video
+from .video import Video, VideoFrames, load_video
 
 
 @dataclass
@@ -149,6 +149,12 @@ class Pipeline:
         else:
             text = messages_as_plain_text(parsed.messages)
         media = [load_video(s, i) if isinstance(s, Video) else load_image(s, index=i) for i, s in enumerate(sources)]
+        if videos:  # before the frames are resized: a clip's pixels in float32 can be gigabytes
+            counts = {i + 1: self.family.video_tokens(m, i) for i, m in enumerate(media) if isinstance(m, VideoFrames)}
+            if sum(counts.values()) >= self.context_length:
+                each = ", ".join(f"video {i} {n}" for i, n in counts.items())
+                raise PromptError(f"the prompt's videos are {sum(counts.values())} tokens ({each}) but the model's "
+                                  f"context window is {self.context_length}: give fewer or smaller frames")
         vision = self.family.preprocess_media(media)
         expanded = self.family.expand_prompt(text, vision)
         # As HF's apply_chat_template: a template that writes BOS itself gets no second one.

@@ -268,3 +268,32 @@ def test_run_takes_videos_from_the_command_line(checkpoint, pipelines, tmp_path)
 
     r = CliRunner().invoke(app, [*args[:8], *args[10:]])  # the <video> marker without a --video
     assert r.exit_code != 0 and "has 1 <image> and 1 <video> marker(s) but 1 image(s) were given" in r.output
+
+
+def test_info_says_what_a_pair_of_frames_costs(checkpoint):
+    """`edgelmm info`: a model that reads videos says so, with the tokens a pair of frames becomes
+    at the video processor's budget (here the tiny model's 256..2304 pixels, 8-pixel tokens)."""
+    data = edgelmm.info(checkpoint("qwen2vl"), sizes=((40, 56), (480, 640)))
+    assert data["reads_videos"] and data["video_token"] == "<|video_pad|>"
+    assert [r["tokens"] for r in data["video_tokens_per_frame_pair"]] == [5 * 7, 5 * 6]  # 640x480 shrinks to 48x40
+    assert edgelmm.info(checkpoint("llava-siglip"))["reads_videos"] is False
+
+
+def test_a_clip_too_long_for_the_context_is_refused_before_its_frames_are_resized(pipelines, tmp_path):
+    """The tiny model's 1024 positions: 80 frames of 40x56 are 40 pairs x 35 tokens = 1400 tokens,
+    refused from the frame count and size alone; damaged or missing video files are named."""
+    qwen = pipelines("qwen2vl")
+    frames = np.zeros((80, 40, 56, 3), np.uint8)
+    with pytest.raises(PromptError, match=r"videos are 1400 tokens \(video 1 1400\) but the model's context window "
+                                          r"is 1024"):
+        qwen.prepare("<video>", [Video(frames)])
+    assert qwen.family.video_tokens(edgelmm.video.load_video(Video(frames[:5]))) == 3 * 35
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00AVI LIST" + bytes(range(256)) * 8)
+    with pytest.raises(ImageError, match="broken.avi"):
+        edgelmm.video.video_from_path(broken)
+    with pytest.raises(ImageError, match="no such video file"):
+        edgelmm.video.video_from_path(tmp_path / "missing.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="holds no"):
+        edgelmm.video.video_from_path(tmp_path / "empty")

@@ -237,6 +237,16 @@ class Family(ABC):
         dummy = np.zeros((height, width, 3), dtype=np.uint8)
         return self.preprocess([dummy]).replacements[0].count(self.image_token)
 
+    def video_tokens(self, video: VideoFrames, index: int = 0) -> int:
+        """How many tokens a clip becomes, from its frame count and size alone (before any pixel is
+        resized: a clip too long for the context is refused before it costs memory)."""
+        raise PromptError(f"{self.name} models read images only")
+
+    def num_video_tokens(self, height: int, width: int) -> int:
+        """How many tokens a pair of video frames of this size becomes (families that read videos)."""
+        pair = VideoFrames(np.zeros((2, height, width, 3), np.uint8))
+        return self.preprocess_media([pair]).replacements[0].count(self.video_token)
+
     @abstractmethod
     def torch_parts(self, model) -> TorchParts:
         """Split a loaded HF model along the graph contract."""

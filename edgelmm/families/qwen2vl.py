@@ -154,8 +154,9 @@ class Qwen2VLFamily(Family):
         return VisionInputs(tiles, None, [len(t) for t in tiles], replacements, sizes, token_grids=grids,
                             kinds=kinds, seconds_per_group=seconds)
 
-    def _video_pairs(self, video: VideoFrames, index: int) -> tuple[np.ndarray, float]:
-        """A clip's frames -> [G, 2, 3, H, W] frame pairs and the seconds each pair spans."""
+    def _video_plan(self, video: VideoFrames, index: int) -> tuple[np.ndarray, float | None, int, int]:
+        """A clip's frames as the processor keeps them (sampled where its config asks), their rate,
+        and the (H, W) they are resized to."""
         frames, fps = video.frames, video.fps
         if self.video_sample and self.video_fps:
             if fps is None:
@@ -177,6 +178,16 @@ class Qwen2VLFamily(Family):
         if not h or not w:
             raise ImageError(f"video {index + 1}: frames of {width}x{height} pixels are too small for one "
                              f"{factor}-pixel token")
+        return frames, fps, h, w
+
+    def video_tokens(self, video: VideoFrames, index: int = 0) -> int:
+        frames, _, h, w = self._video_plan(video, index)
+        rows, cols = self.token_grid(h, w)
+        return -(-len(frames) // self.temporal) * rows * cols
+
+    def _video_pairs(self, video: VideoFrames, index: int) -> tuple[np.ndarray, float]:
+        """A clip's frames -> [G, 2, 3, H, W] frame pairs and the seconds each pair spans."""
+        frames, fps, h, w = self._video_plan(video, index)
         normed = np.stack([self.video_norm.apply(im.resize(f, h, w, self.video_resample)) for f in frames])
         short = -len(normed) % self.temporal  # an odd last frame is repeated to complete its pair
         if short:
