@@ -886,6 +886,12 @@ def serve(
     max_image_mb: float = typer.Option(20.0, help="Most bytes of one image (its file, not its pixels), in MB."),
     max_image_pixels: int = typer.Option(4096 * 4096, help="Most pixels of one image (width x height); larger ones "
                                                            "are refused before they are decoded."),
+    max_videos: int = typer.Option(1, help="Most video_url parts in one request (models that read videos: a clip "
+                                           "file, decoded with OpenCV)."),
+    max_video_mb: float = typer.Option(64.0, help="Most bytes of one video file, in MB."),
+    max_video_frames: int = typer.Option(32, help="Most frames taken from one video, after sampling at --video-fps; "
+                                                  "a longer clip is refused (413)."),
+    video_fps: float = typer.Option(2.0, help="The rate videos are sampled at, in frames a second."),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens one answer may ask for (max_tokens)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Most prompt tokens, image tokens included "
                                                                "(default: the model's context window)."),
@@ -898,7 +904,8 @@ def serve(
                                                         "and errors as JSON."),
 ):
     """Serve a bundle over HTTP with OpenAI's chat-completions API: POST /v1/chat/completions (text
-    and image_url parts, several images per request, streaming), GET /v1/models, GET /health and
+    and image_url parts, several images per request, streaming; video_url parts for models that read
+    videos), GET /v1/models, GET /health and
     GET /metrics (Prometheus). Concurrent requests are decoded together in batches. Ctrl-C or
     SIGTERM finishes the requests in flight, then stops."""
     from . import api
@@ -909,7 +916,9 @@ def serve(
         check_int("port", port, 0, 65535)
         limits = Limits(max_image_bytes=int(max_image_mb * 2**20), max_image_pixels=max_image_pixels,
                         max_images=max_images, max_output_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                        allow_files=str(allow_files) if allow_files else None, allow_remote=allow_remote_images)
+                        allow_files=str(allow_files) if allow_files else None, allow_remote=allow_remote_images,
+                        max_videos=max_videos, max_video_bytes=int(max_video_mb * 2**20),
+                        max_video_frames=max_video_frames, video_fps=video_fps)
         if allow_files is not None and not allow_files.is_dir():
             raise OptionError(f"--allow-files: {allow_files} is not a folder")
         options = ServerOptions(max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,

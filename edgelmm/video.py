@@ -98,10 +98,16 @@ def sample_frame_indices(total: int, source_fps: float, fps: float, pair: int, m
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def video_from_path(path: str | os.PathLike, fps: float | None = None) -> Video:
+class VideoTooLarge(ImageError):
+    """A video file holds more frames at the sampling rate, or larger frames, than may be taken."""
+
+
+def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frames: int = MAX_VIDEO_FRAMES,
+                    max_pixels: int | None = None) -> Video:
     """A clip from disk: a directory of frame images (in name order; `fps` their rate, if known) or a
     video file, decoded with OpenCV and sampled at `fps` frames a second (default 2, the rate Qwen's
-    own tools sample at), the clip then carrying that rate."""
+    own tools sample at), the clip then carrying that rate; at most `max_frames` of them, of at most
+    `max_pixels` each (decoding stops there: VideoTooLarge)."""
     p = Path(path)
     if p.is_dir():
         frames = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
@@ -128,12 +134,15 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None) -> Video:
             ok, frame = cap.read()
             if not ok:
                 break
+            if max_pixels is not None and frame.shape[0] * frame.shape[1] > max_pixels:
+                raise VideoTooLarge(f"{str(p)!r}: its frames are {frame.shape[1]}x{frame.shape[0]} pixels; at most "
+                                    f"{max_pixels} pixels a frame are taken")
             if index / source_fps >= next_time - 1e-9:
                 frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
                 next_time += 1.0 / rate
-                if len(frames) > MAX_VIDEO_FRAMES:
-                    raise ImageError(f"{str(p)!r}: more than {MAX_VIDEO_FRAMES} frames at {rate:g} per second; "
-                                     "give a lower --fps")
+                if len(frames) > max_frames:
+                    raise VideoTooLarge(f"{str(p)!r}: more than {max_frames} frames at {rate:g} a second; sample it "
+                                       "at a lower rate, or send a shorter clip")
             index += 1
     finally:
         cap.release()

@@ -297,3 +297,69 @@ def test_a_clip_too_long_for_the_context_is_refused_before_its_frames_are_resize
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageError, match="holds no"):
         edgelmm.video.video_from_path(tmp_path / "empty")
+
+
+def test_serve_takes_a_video_url(bundle, tmp_path):
+    """`edgelmm serve` on a Qwen bundle: a video_url part (a data: URL of an AVI file, vLLM's
+    extension of the chat API) is decoded with OpenCV, sampled at the server's fps, and answered
+    with exactly the tokens Pipeline.generate gives for the same frames; a clip over the frame limit
+    is 413, a damaged one 400, a video for a model that reads none 400, and the server stays up."""
+    import base64
+    import http.client
+    import json
+
+    import cv2
+
+    from edgelmm.serve import Limits, Server, ServerOptions
+
+    movie = tmp_path / "clip.avi"  # 12 frames at 6 fps: 2 s, sampled at 2 fps -> 4 frames
+    writer = cv2.VideoWriter(str(movie), cv2.VideoWriter_fourcc(*"MJPG"), 6.0, (56, 40))
+    for f in clip(12, seed=12):
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    url = "data:video/x-msvideo;base64," + base64.b64encode(movie.read_bytes()).decode()
+    pipe = edgelmm.load(bundle("qwen2vl"), backend="onnxruntime", provider="cpu", precision="fp32")
+
+    def post(server, content, max_tokens=6):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        reply = json.loads(r.read().decode())
+        conn.close()
+        return r.status, reply
+
+    limits = Limits(max_video_frames=4)
+    with Server(lambda: pipe, ServerOptions(limits=limits), port=0) as server:
+        assert server.wait_ready(60)
+        status, reply = post(server, [{"type": "text", "text": "What happens in "},
+                                      {"type": "video_url", "video_url": {"url": url}},
+                                      {"type": "text", "text": "?"}])
+        assert status == 200, reply
+        decoded = edgelmm.video.video_from_path(movie, 2.0)
+        want = pipe.generate("What happens in <video>?", [decoded], max_new_tokens=6)
+        assert reply["choices"][0]["message"]["content"] == want.text
+        assert reply["usage"]["prompt_tokens"] == want.prompt_tokens
+        assert reply["usage"]["completion_tokens"] == len(want.token_ids)
+
+        long = tmp_path / "long.avi"  # 30 frames at 6 fps: 5 s -> 10 frames at 2 fps, over the limit of 4
+        writer = cv2.VideoWriter(str(long), cv2.VideoWriter_fourcc(*"MJPG"), 6.0, (56, 40))
+        for f in clip(30, seed=13):
+            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        writer.release()
+        too_long = "data:video/x-msvideo;base64," + base64.b64encode(long.read_bytes()).decode()
+        status, reply = post(server, [{"type": "video_url", "video_url": {"url": too_long}}])
+        assert status == 413 and "more than 4 frames at 2 a second" in reply["error"]["message"]
+        assert reply["error"]["param"] == "messages[0].content[0].video_url"
+        status, reply = post(server, [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}}])
+        assert status == 400 and "OpenCV cannot open it as a video" in reply["error"]["message"]
+        two = [{"type": "video_url", "video_url": {"url": url}}] * 2
+        status, reply = post(server, two)
+        assert status == 400 and "more than 1 videos" in reply["error"]["message"]
+        status, reply = post(server, [{"type": "text", "text": "Say hi."}])
+        assert status == 200
+    llava = edgelmm.load(bundle("llava-siglip"), backend="onnxruntime", provider="cpu", precision="fp32")
+    with Server(lambda: llava, ServerOptions(), port=0) as server:
+        assert server.wait_ready(60)
+        status, reply = post(server, [{"type": "video_url", "video_url": {"url": url}}])
+        assert status == 400 and "llava models read images only" in reply["error"]["message"]

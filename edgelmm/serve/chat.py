@@ -37,10 +37,17 @@ class Limits:
     allow_files: str | None = None                # file:// images are read only under this folder
     allow_remote: bool = False                    # http(s):// images are fetched only when set
     remote_timeout_s: float = 10.0
+    # video_url parts (models that read videos; vLLM's extension of the API): a clip file, decoded
+    # with OpenCV and sampled at video_fps, at most max_video_frames frames of max_image_pixels each
+    max_videos: int = 1
+    max_video_bytes: int = 64 * 2**20
+    max_video_frames: int = 32
+    video_fps: float = 2.0
 
     @property
     def max_body_bytes(self) -> int:
-        return self.max_images * math.ceil(self.max_image_bytes * 4 / 3) + 2**20
+        return (self.max_images * math.ceil(self.max_image_bytes * 4 / 3)
+                + self.max_videos * math.ceil(self.max_video_bytes * 4 / 3) + 2**20)
 
 
 class RequestError(Exception):
@@ -73,6 +80,7 @@ class ChatRequest:
     model: str | None = None
     image_count: int = 0
     image_bytes: int = 0
+    video_count: int = 0
 
 
 def _bad(message: str, param: str | None, code: str | None = None, status: int = 400) -> RequestError:
@@ -196,9 +204,21 @@ def _messages(messages: Any, limits: Limits, request: ChatRequest) -> list[dict]
                     raise _bad(f"more than {limits.max_images} images in one request (the server's --max-images)",
                                pwhere, "too_many_images")
                 parts.append({"type": "image", "image": _image(url, f"{pwhere}.image_url", limits, request)})
+            elif kind == "video_url":
+                if role != "user":
+                    raise _bad(f"{pwhere}: videos are only taken in user messages", pwhere, "invalid_value")
+                ref = part.get("video_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str):
+                    raise _bad(f"{pwhere}.video_url must be {{'url': string}}", f"{pwhere}.video_url", "invalid_type")
+                request.video_count += 1
+                if request.video_count > limits.max_videos:
+                    raise _bad(f"more than {limits.max_videos} videos in one request (the server's --max-videos)",
+                               pwhere, "too_many_videos")
+                parts.append({"type": "video", "video": _video(url, f"{pwhere}.video_url", limits, request)})
             else:
-                raise _bad(f"{pwhere}: unknown content part type {kind!r} (want 'text' or 'image_url')", pwhere,
-                           "invalid_value")
+                raise _bad(f"{pwhere}: unknown content part type {kind!r} (want 'text', 'image_url' or 'video_url')",
+                           pwhere, "invalid_value")
         out.append({"role": role, "content": parts})
     return out
 
@@ -225,46 +245,70 @@ def _image(url: str, where: str, limits: Limits, request: ChatRequest) -> Image.
     return img
 
 
-def _image_bytes(url: str, where: str, limits: Limits) -> bytes:
-    limit = limits.max_image_bytes
+def _video(url: str, where: str, limits: Limits, request: ChatRequest):
+    """A video_url part's clip: its file's bytes (data:, file:// or http(s):// as for images), decoded
+    with OpenCV (through a temporary file: OpenCV reads videos from paths) and sampled at the server's
+    video fps; every frame within the image pixel limit."""
+    import tempfile
+
+    from ..errors import ImageError
+    from ..video import VideoTooLarge, video_from_path
+
+    data = _image_bytes(url, where, limits, what="video")
+    request.image_bytes += len(data)
+    with tempfile.TemporaryDirectory(prefix="edgelmm-video-") as tmp:
+        path = Path(tmp) / "clip"
+        path.write_bytes(data)
+        try:
+            clip = video_from_path(path, limits.video_fps, max_frames=limits.max_video_frames,
+                                   max_pixels=limits.max_image_pixels)
+        except ImageError as exc:  # named by the part, not by the temporary file
+            status, code = (413, "video_too_large") if isinstance(exc, VideoTooLarge) else (400, "invalid_video")
+            raise _bad(f"{where}: {str(exc).replace(repr(str(path)) + ': ', '')}", where, code, status=status) from None
+    return clip
+
+
+def _image_bytes(url: str, where: str, limits: Limits, what: str = "image") -> bytes:
+    limit = limits.max_image_bytes if what == "image" else limits.max_video_bytes
+    flag = "--max-image-mb" if what == "image" else "--max-video-mb"
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise _bad(f"{where}: a data URL must be data:image/...;base64,<data>", where, "invalid_image_url")
+            raise _bad(f"{where}: a data URL must be data:{what}/...;base64,<data>", where, f"invalid_{what}_url")
         if len(payload) * 3 // 4 > limit:
-            raise _bad(f"{where}: the image is over {limit} bytes (the server's --max-image-mb)", where,
-                       "image_too_large", status=413)
+            raise _bad(f"{where}: the {what} is over {limit} bytes (the server's {flag})", where,
+                       f"{what}_too_large", status=413)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise _bad(f"{where}: the data URL is not valid base64 ({exc})", where, "invalid_image_url") from None
+            raise _bad(f"{where}: the data URL is not valid base64 ({exc})", where, f"invalid_{what}_url") from None
     if url.startswith("file://"):
         if not limits.allow_files:
-            raise _bad(f"{where}: file:// images are not enabled (start the server with --allow-files DIR)", where,
-                       "invalid_image_url")
+            raise _bad(f"{where}: file:// {what}s are not enabled (start the server with --allow-files DIR)", where,
+                       f"invalid_{what}_url")
         root = Path(limits.allow_files).resolve()
         path = Path(urllib.request.url2pathname(url[len("file://"):])).resolve()
         if not path.is_relative_to(root):
             raise _bad(f"{where}: {path} is outside the folder this server may read ({root})", where,
-                       "invalid_image_url")
+                       f"invalid_{what}_url")
         if not path.is_file():
-            raise _bad(f"{where}: {path} is not a file", where, "invalid_image_url")
+            raise _bad(f"{where}: {path} is not a file", where, f"invalid_{what}_url")
         if path.stat().st_size > limit:
-            raise _bad(f"{where}: the image is over {limit} bytes", where, "image_too_large", status=413)
+            raise _bad(f"{where}: the {what} is over {limit} bytes", where, f"{what}_too_large", status=413)
         return path.read_bytes()
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote:
-            raise _bad(f"{where}: remote image URLs are not fetched (send a data: URL, or start the server with "
-                       "--allow-remote-images)", where, "invalid_image_url")
+            raise _bad(f"{where}: remote {what} URLs are not fetched (send a data: URL, or start the server with "
+                       "--allow-remote-images)", where, f"invalid_{what}_url")
         try:
             with urllib.request.urlopen(url, timeout=limits.remote_timeout_s) as response:  # noqa: S310 (opt-in)
                 data = response.read(limit + 1)
         except (OSError, ValueError) as exc:
-            raise _bad(f"{where}: could not fetch the image ({exc})", where, "invalid_image_url") from None
+            raise _bad(f"{where}: could not fetch the {what} ({exc})", where, f"invalid_{what}_url") from None
         if len(data) > limit:
-            raise _bad(f"{where}: the image is over {limit} bytes", where, "image_too_large", status=413)
+            raise _bad(f"{where}: the {what} is over {limit} bytes", where, f"{what}_too_large", status=413)
         return data
     scheme = url.split(":", 1)[0] if ":" in url else url[:20]
-    raise _bad(f"{where}: unsupported image URL {scheme!r}... (want data:, file:// or http(s)://)", where,
-               "invalid_image_url")
+    raise _bad(f"{where}: unsupported {what} URL {scheme!r}... (want data:, file:// or http(s)://)", where,
+               f"invalid_{what}_url")
 

@@ -25,6 +25,10 @@ class ServerOptions:
         check_int("max_images", lim.max_images, 0, 1024)
         check_int("max_image_bytes", lim.max_image_bytes, 1)
         check_int("max_image_pixels", lim.max_image_pixels, 16)
+        check_int("max_videos", lim.max_videos, 0, 64)
+        check_int("max_video_bytes", lim.max_video_bytes, 1)
+        check_int("max_video_frames", lim.max_video_frames, 1, 768)
+        check_number("video_fps", lim.video_fps, 0, 120, lo_open=True)
         check_int("max_output_tokens", lim.max_output_tokens, 1)
         if lim.max_prompt_tokens is not None:
             check_int("max_prompt_tokens", lim.max_prompt_tokens, 1)
