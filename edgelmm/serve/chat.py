@@ -192,30 +192,8 @@ def _messages(messages: Any, limits: Limits, request: ChatRequest) -> list[dict]
                 if not isinstance(part.get("text"), str):
                     raise _bad(f"{pwhere}.text must be a string", f"{pwhere}.text", "invalid_type")
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                if role != "user":
-                    raise _bad(f"{pwhere}: images are only taken in user messages", pwhere, "invalid_value")
-                ref = part.get("image_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                if not isinstance(url, str):
-                    raise _bad(f"{pwhere}.image_url must be {{'url': string}}", f"{pwhere}.image_url", "invalid_type")
-                request.image_count += 1
-                if request.image_count > limits.max_images:
-                    raise _bad(f"more than {limits.max_images} images in one request (the server's --max-images)",
-                               pwhere, "too_many_images")
-                parts.append({"type": "image", "image": _image(url, f"{pwhere}.image_url", limits, request)})
-            elif kind == "video_url":
-                if role != "user":
-                    raise _bad(f"{pwhere}: videos are only taken in user messages", pwhere, "invalid_value")
-                ref = part.get("video_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                if not isinstance(url, str):
-                    raise _bad(f"{pwhere}.video_url must be {{'url': string}}", f"{pwhere}.video_url", "invalid_type")
-                request.video_count += 1
-                if request.video_count > limits.max_videos:
-                    raise _bad(f"more than {limits.max_videos} videos in one request (the server's --max-videos)",
-                               pwhere, "too_many_videos")
-                parts.append({"type": "video", "video": _video(url, f"{pwhere}.video_url", limits, request)})
+            elif kind in ("image_url", "video_url"):
+                parts.append(_media_part(part, kind, pwhere, role, limits, request))
             else:
                 raise _bad(f"{pwhere}: unknown content part type {kind!r} (want 'text', 'image_url' or 'video_url')",
                            pwhere, "invalid_value")
@@ -243,6 +221,27 @@ def _image(url: str, where: str, limits: Limits, request: ChatRequest) -> Image.
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise _bad(f"{where}: the image cannot be decoded ({exc})", where, "invalid_image") from None
     return img
+
+
+def _media_part(part: dict, kind: str, where: str, role: str, limits: Limits, request: ChatRequest) -> dict:
+    """An image_url or video_url part -> edgelmm's image or video part, within the request's count."""
+    what = kind.removesuffix("_url")  # "image" or "video"
+    if role != "user":
+        raise _bad(f"{where}: {what}s are only taken in user messages", where, "invalid_value")
+    ref = part.get(kind)
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise _bad(f"{where}.{kind} must be {{'url': string}}", f"{where}.{kind}", "invalid_type")
+    if what == "image":
+        request.image_count += 1
+        count, most = request.image_count, limits.max_images
+    else:
+        request.video_count += 1
+        count, most = request.video_count, limits.max_videos
+    if count > most:
+        raise _bad(f"more than {most} {what}s in one request (the server's --max-{what}s)", where, f"too_many_{what}s")
+    decode = _image if what == "image" else _video
+    return {"type": what, what: decode(url, f"{where}.{kind}", limits, request)}
 
 
 def _video(url: str, where: str, limits: Limits, request: ChatRequest):
