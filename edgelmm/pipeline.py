@@ -129,6 +129,8 @@ class Pipeline:
         if videos and not self.family.reads_videos:
             raise PromptError(f"the prompt has {videos} {VIDEO_MARKER} marker(s), and {self.family.name} models "
                               "read images only")
+        if not self.family.reads_videos and any(isinstance(s, Video) for s in sources):
+            raise PromptError(f"a Video was given, and {self.family.name} models read images only")
         if parsed.n_image_parts != len(sources):
             given = sum(isinstance(s, Video) for s in sources)
             what = f"{len(sources)} image(s)" if not given else f"{len(sources) - given} image(s) and {given} video(s)"
@@ -148,11 +150,13 @@ class Pipeline:
                                   "video markers")
         else:
             text = messages_as_plain_text(parsed.messages)
-        media = [load_video(s, i) if isinstance(s, Video) else load_image(s, index=i) for i, s in enumerate(sources)]
+        numbers = np.cumsum([isinstance(s, Video) for s in sources])  # each video's number among the videos
+        media = [load_video(s, i, int(numbers[i])) if isinstance(s, Video) else load_image(s, index=i)
+                 for i, s in enumerate(sources)]
         if videos:  # before the frames are resized: a clip's pixels in float32 can be gigabytes
-            counts = {i + 1: self.family.video_tokens(m, i) for i, m in enumerate(media) if isinstance(m, VideoFrames)}
+            counts = {m.label: self.family.video_tokens(m) for m in media if isinstance(m, VideoFrames)}
             if sum(counts.values()) >= self.context_length:
-                each = ", ".join(f"video {i} {n}" for i, n in counts.items())
+                each = ", ".join(f"{label} {n}" for label, n in counts.items())
                 raise PromptError(f"the prompt's videos are {sum(counts.values())} tokens ({each}) but the model's "
                                   f"context window is {self.context_length}: give fewer or smaller frames")
         vision = self.family.preprocess_media(media)

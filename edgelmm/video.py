@@ -30,26 +30,31 @@ MAX_VIDEO_FRAMES = 768
 class Video:
     """One clip for a `<video>` marker: `frames` is a list of images (paths, PIL images or HxWx3
     arrays) or one [T, H, W, 3] uint8 array, all of one size; `fps` is the rate they were taken
-    at (Qwen2.5-VL places frames in time by it; HF's processor assumes 2 frames a second)."""
+    at (Qwen2.5-VL places frames in time by it; transformers takes 24 frames a second when not told)."""
     frames: Any
     fps: float | None = None
 
 
 @dataclass
 class VideoFrames:
-    """A loaded clip: [T, H, W, 3] uint8 RGB and its frame rate (None: not given)."""
+    """A loaded clip: [T, H, W, 3] uint8 RGB, its frame rate (None: not given) and how errors name it."""
     frames: np.ndarray
     fps: float | None = None
+    label: str = "video"
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.frames.shape
 
 
-def load_video(video: Video, index: int | None = None) -> VideoFrames:
-    """A Video -> its frames as one [T, H, W, 3] uint8 array. Raises ImageError naming the video
-    (its position among the prompt's media) and the frame."""
-    where = f"video {index + 1}" if index is not None else "video"
+def load_video(video: Video, index: int | None = None, number: int | None = None) -> VideoFrames:
+    """A Video -> its frames as one [T, H, W, 3] uint8 array. Raises ImageError naming the video (its
+    number among the prompt's videos and, where that differs, its place among all its media: 0-based
+    `index`) and the frame."""
+    number = number or (index + 1 if index is not None else None)
+    where = "video" if number is None else f"video {number}"
+    if index is not None and index + 1 != number:
+        where += f" (item {index + 1} of the prompt's media)"
     if not isinstance(video, Video):
         raise ImageError(f"{where}: want an edgelmm.Video, got {type(video).__name__}")
     fps = video.fps
@@ -79,7 +84,7 @@ def load_video(video: Video, index: int | None = None) -> VideoFrames:
             raise ImageError(f"{where} frame {f + 1} is {rgb.shape[1]}x{rgb.shape[0]} pixels but frame 1 is "
                              f"{loaded[0].shape[1]}x{loaded[0].shape[0]}: a clip's frames share one size")
         loaded.append(rgb)
-    return VideoFrames(np.stack(loaded), None if fps is None else float(fps))
+    return VideoFrames(np.stack(loaded), None if fps is None else float(fps), where)
 
 
 def sample_frame_indices(total: int, source_fps: float, fps: float, pair: int, min_frames: int,

@@ -199,13 +199,16 @@ def test_video_mistakes_are_named(pipelines):
         llava.prepare([{"role": "user", "content": [{"type": "video", "video": Video(frames)}]}])
     # for a model that reads no videos "<video>" is text, as its HF processor takes it
     assert "<video>" in llava.prepare("What is a <video> tag?").expanded
-    with pytest.raises(PromptError, match=r"has 0 <image> marker\(s\) but 0 image\(s\) and 1 video\(s\)"):
+    with pytest.raises(PromptError, match=r"a Video was given, and llava models read images only"):
         llava.prepare("What happens in <video>?", [Video(frames)])
+    with pytest.raises(PromptError, match=r"has 0 <image> marker\(s\) but 0 image\(s\) and 1 video\(s\)"):
+        qwen.prepare("What happens?", [Video(frames)])
     with pytest.raises(PromptError, match=r"marker 1 of the prompt is <image> but item 1 of its media is a Video"):
         qwen.prepare("<image> then <video>", [Video(frames), frames[0]])
     with pytest.raises(PromptError, match=r"has 1 <image> and 1 <video> marker\(s\) but 1 image\(s\) were given"):
         qwen.prepare("<image> then <video>", [frames[0]])
-    with pytest.raises(ImageError, match=r"video 2 frame 3 is 72x24 pixels but frame 1 is 56x40"):
+    with pytest.raises(ImageError, match=r"video 1 \(item 2 of the prompt's media\) frame 3 is 72x24 pixels but "
+                                          r"frame 1 is 56x40"):
         qwen.prepare("<image> then <video>", [frames[0], Video([*frames[:2], sample_images(1, sizes=[(24, 72)])[0]])])
     with pytest.raises(ImageError, match=r"video 1: has no frames"):
         qwen.prepare("<video>", [Video([])])

@@ -237,7 +237,7 @@ class Family(ABC):
         dummy = np.zeros((height, width, 3), dtype=np.uint8)
         return self.preprocess([dummy]).replacements[0].count(self.image_token)
 
-    def video_tokens(self, video: VideoFrames, index: int = 0) -> int:
+    def video_tokens(self, video: VideoFrames) -> int:
         """How many tokens a clip becomes, from its frame count and size alone (before any pixel is
         resized: a clip too long for the context is refused before it costs memory)."""
         raise PromptError(f"{self.name} models read images only")

@@ -137,7 +137,7 @@ class Qwen2VLFamily(Family):
         tiles, replacements, grids, kinds, seconds, sizes = [], [], [], [], [], []
         for i, item in enumerate(items):
             if isinstance(item, VideoFrames):
-                pairs, spg = self._video_pairs(item, i)
+                pairs, spg = self._video_pairs(item)
                 kinds.append("video")
             else:
                 h, w = self.target_size(item.shape[0], item.shape[1], i)
@@ -154,20 +154,20 @@ class Qwen2VLFamily(Family):
         return VisionInputs(tiles, None, [len(t) for t in tiles], replacements, sizes, token_grids=grids,
                             kinds=kinds, seconds_per_group=seconds)
 
-    def _video_plan(self, video: VideoFrames, index: int) -> tuple[np.ndarray, float | None, int, int]:
+    def _video_plan(self, video: VideoFrames) -> tuple[np.ndarray, float | None, int, int]:
         """A clip's frames as the processor keeps them (sampled where its config asks), their rate,
         and the (H, W) they are resized to."""
         frames, fps = video.frames, video.fps
         if self.video_sample and self.video_fps:
             if fps is None:
-                raise ImageError(f"video {index + 1}: this model's video processor samples clips at {self.video_fps:g} "
+                raise ImageError(f"{video.label}: this model's video processor samples clips at {self.video_fps:g} "
                                  "frames a second, which needs the clip's own frame rate (Video(frames, fps=...))")
             keep = sample_frame_indices(len(frames), fps, float(self.video_fps), self.temporal, self.video_min_frames,
                                         self.video_max_frames)
             frames, fps = frames[keep], len(keep) / len(frames) * fps  # HF's sampled_fps
         height, width = frames.shape[1:3]
         if max(height, width) / min(height, width) > MAX_ASPECT:
-            raise ImageError(f"video {index + 1}: frames of {width}x{height} pixels are more than {MAX_ASPECT} times "
+            raise ImageError(f"{video.label}: frames of {width}x{height} pixels are more than {MAX_ASPECT} times "
                              "longer than wide")
         factor = self.patch * self.merge
         max_pixels = self.video_max_pixels
@@ -176,18 +176,18 @@ class Qwen2VLFamily(Family):
             max_pixels = max(min(max_pixels, budget * self.temporal // len(frames)), int(self.video_min_pixels * 1.05))
         h, w = smart_resize(height, width, factor, self.video_min_pixels, max_pixels)
         if not h or not w:
-            raise ImageError(f"video {index + 1}: frames of {width}x{height} pixels are too small for one "
+            raise ImageError(f"{video.label}: frames of {width}x{height} pixels are too small for one "
                              f"{factor}-pixel token")
         return frames, fps, h, w
 
-    def video_tokens(self, video: VideoFrames, index: int = 0) -> int:
-        frames, _, h, w = self._video_plan(video, index)
+    def video_tokens(self, video: VideoFrames) -> int:
+        frames, _, h, w = self._video_plan(video)
         rows, cols = self.token_grid(h, w)
         return -(-len(frames) // self.temporal) * rows * cols
 
-    def _video_pairs(self, video: VideoFrames, index: int) -> tuple[np.ndarray, float]:
+    def _video_pairs(self, video: VideoFrames) -> tuple[np.ndarray, float]:
         """A clip's frames -> [G, 2, 3, H, W] frame pairs and the seconds each pair spans."""
-        frames, fps, h, w = self._video_plan(video, index)
+        frames, fps, h, w = self._video_plan(video)
         normed = np.stack([self.video_norm.apply(im.resize(f, h, w, self.video_resample)) for f in frames])
         short = -len(normed) % self.temporal  # an odd last frame is repeated to complete its pair
         if short:
