@@ -166,6 +166,12 @@ def test_the_onnx_bundle_reads_videos_as_pytorch(pipelines, bundle, kind):
         assert np.abs(la - lb).max() <= 1e-3 and ta == tb
     want = [ref.generate(p, m, max_new_tokens=10).token_ids for p, m in requests]
     assert [g.token_ids for g in pipe.generate_batch(requests, max_new_tokens=10)] == want
+    # pixels of the wrong rank (what an older bundle's [N, 3, H, W] graph meets) are named, not ORT's error
+    from edgelmm.errors import BundleError
+
+    with pytest.raises(BundleError, match=r"vision.*takes pixel values of rank 5 and this model's preprocessing "
+                                          r"gives rank 4 .*export it again"):
+        pipe.backend.encode_images(np.zeros((1, 3, 16, 16), np.float32))
 
 
 @pytest.fixture(scope="module")

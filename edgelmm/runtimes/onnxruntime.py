@@ -286,6 +286,7 @@ class OnnxRuntimeBackend:
                                   path=str(bundle.path(bundle.artifact(graph, "onnx", precision))))
         # fp16 graphs take and give fp16; the backend contract stays float32 at the boundary.
         self.pixel_dtype = _np_dtype(self.sessions["vision"].get_inputs()[0].type)
+        self.pixel_rank = len(self.sessions["vision"].get_inputs()[0].shape)
         self.kv_dtype = _np_dtype(self.sessions["decoder"].get_inputs()[0].type)
         # Where the KV cache lives between steps: on the GPU when a GPU provider runs the decoder.
         self.kv_device = "cuda" if self.providers[0] in PROVIDER_ORDER[:2] else "cpu"
@@ -319,6 +320,11 @@ class OnnxRuntimeBackend:
 
     def vision_feeds(self, pixel_values, pixel_attention_mask=None) -> dict[str, np.ndarray]:
         """The vision graph's inputs, as ONNX Runtime takes them (calibration records these)."""
+        if np.ndim(pixel_values) != self.pixel_rank:  # Qwen2-VL graphs before videos took [N, 3, H, W]
+            raise BundleError(f"the vision graph takes pixel values of rank {self.pixel_rank} and this model's "
+                              f"preprocessing gives rank {np.ndim(pixel_values)} (Qwen2-VL: frame pairs "
+                              "[N, 2, 3, H, W]): the bundle was exported by an older edgelmm; export it again",
+                              path=str(self.bundle.path(self.bundle.artifact("vision", "onnx", self.precision))))
         feeds = {"pixel_values": np.ascontiguousarray(pixel_values, self.pixel_dtype)}
         if "pixel_attention_mask" in self.vision_inputs:
             if pixel_attention_mask is None:
