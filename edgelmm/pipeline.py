@@ -125,20 +125,8 @@ class Pipeline:
         if parsed.inline_images and images:
             raise PromptError("images were given both inside the messages and as images=; use one or the other")
         sources = list(parsed.inline_images or images or [])
+        self._check_media_fits_markers(parsed, sources)
         videos = parsed.media_kinds.count("video")
-        if videos and not self.family.reads_videos:
-            raise PromptError(f"the prompt has {videos} {VIDEO_MARKER} marker(s), and {self.family.name} models "
-                              "read images only")
-        if not self.family.reads_videos and any(isinstance(s, Video) for s in sources):
-            raise PromptError(f"a Video was given, and {self.family.name} models read images only")
-        if parsed.n_image_parts != len(sources):
-            given = sum(isinstance(s, Video) for s in sources)
-            what = f"{len(sources)} image(s)" if not given else f"{len(sources) - given} image(s) and {given} video(s)"
-            raise PromptError(f"the prompt has {parsed.describe_markers()} but {what} were given")
-        for i, (kind, src) in enumerate(zip(parsed.media_kinds, sources)):
-            if (kind == "video") != isinstance(src, Video):
-                raise PromptError(f"marker {i + 1} of the prompt is {MARKERS[kind]} but item {i + 1} of its media "
-                                  f"is {'a Video' if isinstance(src, Video) else 'an image'}")
         template = self.files.chat_template if chat else None
         if template:
             text = render_chat(template, parsed.messages, self.files.special_tokens_map)
@@ -150,35 +138,62 @@ class Pipeline:
                                   "video markers")
         else:
             text = messages_as_plain_text(parsed.messages)
-        numbers = np.cumsum([isinstance(s, Video) for s in sources])  # each video's number among the videos
-        media = [load_video(s, i, int(numbers[i])) if isinstance(s, Video) else load_image(s, index=i)
-                 for i, s in enumerate(sources)]
-        if videos:  # before the frames are resized: a clip's pixels in float32 can be gigabytes
-            counts = {m.label: self.family.video_tokens(m) for m in media if isinstance(m, VideoFrames)}
-            if sum(counts.values()) >= self.context_length:
-                each = ", ".join(f"{label} {n}" for label, n in counts.items())
-                raise PromptError(f"the prompt's videos are {sum(counts.values())} tokens ({each}) but the model's "
-                                  f"context window is {self.context_length}: give fewer or smaller frames")
-        vision = self.family.preprocess_media(media)
+        vision = self.family.preprocess_media(self._load_media(sources))
         expanded = self.family.expand_prompt(text, vision)
         # As HF's apply_chat_template: a template that writes BOS itself gets no second one.
         add_special = not (self._bos and expanded.startswith(self._bos))
         ids = np.asarray(self.tokenizer.encode(expanded, add_special_tokens=add_special).ids, dtype=np.int64)
+        self._check_media_tokens(ids, vision, len(sources), videos)
+        positions = self.family.positions(ids, vision) if self.family.position_dims > 1 else None
+        return PreparedPrompt(text=text, input_ids=ids, vision=vision, expanded=expanded, add_special=add_special,
+                              positions=positions)
+
+    def _check_media_fits_markers(self, parsed, sources: list) -> None:
+        """As many images and videos as the prompt has markers, each of the kind its marker asks for,
+        and videos only for a model that reads them."""
+        videos = parsed.media_kinds.count("video")
+        if videos and not self.family.reads_videos:
+            raise PromptError(f"the prompt has {videos} {VIDEO_MARKER} marker(s), and {self.family.name} models "
+                              "read images only")
+        given = sum(isinstance(s, Video) for s in sources)
+        if given and not self.family.reads_videos:
+            raise PromptError(f"a Video was given, and {self.family.name} models read images only")
+        if parsed.n_image_parts != len(sources):
+            what = f"{len(sources)} image(s)" if not given else f"{len(sources) - given} image(s) and {given} video(s)"
+            raise PromptError(f"the prompt has {parsed.describe_markers()} but {what} were given")
+        for i, (kind, src) in enumerate(zip(parsed.media_kinds, sources)):
+            if (kind == "video") != isinstance(src, Video):
+                raise PromptError(f"marker {i + 1} of the prompt is {MARKERS[kind]} but item {i + 1} of its media "
+                                  f"is {'a Video' if isinstance(src, Video) else 'an image'}")
+
+    def _load_media(self, sources: list) -> list:
+        """Images as arrays and videos as VideoFrames; a clip too long for the context is refused from
+        its frame count and size, before its frames are resized (in float32 they can be gigabytes)."""
+        numbers = np.cumsum([isinstance(s, Video) for s in sources])  # each video's number among the videos
+        media = [load_video(s, i, int(numbers[i])) if isinstance(s, Video) else load_image(s, index=i)
+                 for i, s in enumerate(sources)]
+        counts = {m.label: self.family.video_tokens(m) for m in media if isinstance(m, VideoFrames)}
+        if sum(counts.values()) >= self.context_length:
+            each = ", ".join(f"{label} {n}" for label, n in counts.items())
+            raise PromptError(f"the prompt's videos are {sum(counts.values())} tokens ({each}) but the model's "
+                              f"context window is {self.context_length}: give fewer or smaller frames")
+        return media
+
+    def _check_media_tokens(self, ids: np.ndarray, vision: VisionInputs, n_media: int, videos: int) -> None:
+        """The tokenized prompt holds exactly its media's tokens (no stray image or video tokens typed
+        into the text) and fits the context window."""
         tokens = [self.family.image_token] + ([self.family.video_token] if self.family.reads_videos else [])
         for token, token_id in zip(tokens, self.family.media_token_ids):
             found = int((ids == token_id).sum())
             expected = sum(r.count(token) for r in vision.replacements)
             if found != expected:
                 raise PromptError(f"prompt text contains {found - expected:+d} stray {token!r} tokens beyond the "
-                                  f"{len(sources)} image(s)" + (" and video(s)" if videos else ""))
+                                  f"{n_media} image(s)" + (" and video(s)" if videos else ""))
         if len(ids) >= self.context_length:
-            n_media = int(np.isin(ids, self.family.media_token_ids).sum())
-            raise PromptError(f"the prompt is {len(ids)} tokens ({n_media} of them image"
+            media_tokens = int(np.isin(ids, self.family.media_token_ids).sum())
+            raise PromptError(f"the prompt is {len(ids)} tokens ({media_tokens} of them image"
                               f"{' and video' if videos else ''} tokens) but the model's context window is "
                               f"{self.context_length}")
-        positions = self.family.positions(ids, vision) if self.family.position_dims > 1 else None
-        return PreparedPrompt(text=text, input_ids=ids, vision=vision, expanded=expanded, add_special=add_special,
-                              positions=positions)
 
     def prompt_positions(self, prepared: PreparedPrompt) -> np.ndarray:
         """[P, S] position ids of the prompt's tokens (P = the family's position_dims)."""
