@@ -372,3 +372,29 @@ def test_serve_takes_a_video_url(bundle, tmp_path):
         assert server.wait_ready(60)
         status, reply = post(server, [{"type": "video_url", "video_url": {"url": url}}])
         assert status == 400 and "llava models read images only" in reply["error"]["message"]
+
+
+def test_processor_settings_of_the_wrong_type_are_the_checkpoints_error(checkpoint, tmp_path):
+    """A video (or image) processor config is read like any file: a value of the wrong type or range
+    is a CheckpointError naming the checkpoint and the setting; an integral float is taken."""
+    import json
+    import shutil
+
+    from edgelmm.errors import CheckpointError
+
+    src = tmp_path / "q"
+    shutil.copytree(checkpoint("qwen2vl"), src)
+    video_cfg = src / "video_preprocessor_config.json"
+    good = json.loads(video_cfg.read_text())
+    for change, message in [({"min_pixels": "abc"}, r"video processor's settings: min_pixels must be an integer"),
+                            ({"size": {"shortest_edge": 5000, "longest_edge": 100}}, r"max_pixels must be >= 5000"),
+                            ({"do_sample_frames": True, "fps": -1}, r"fps must be in \(0, 1000\]")]:
+        video_cfg.write_text(json.dumps({**good, **change}))
+        with pytest.raises(CheckpointError, match=message):
+            edgelmm.info(src)
+    video_cfg.write_text(json.dumps({**good, "min_pixels": 256.0}))
+    assert edgelmm.info(src)["reads_videos"]
+    image_cfg = src / "preprocessor_config.json"
+    image_cfg.write_text(json.dumps({**json.loads(image_cfg.read_text()), "patch_size": "x"}))
+    with pytest.raises(CheckpointError, match=r"image processor's settings: patch_size must be an integer"):
+        edgelmm.info(src)

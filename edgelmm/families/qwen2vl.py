@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import images as im
 from ..errors import CheckpointError, ImageError, PromptError
+from ..options import check_int, check_number
 from ..prompt import IMAGE_MARKER, VIDEO_MARKER
 from ..video import VideoFrames, sample_frame_indices
 from ..gguf_names import QWEN2VL_BLOCK, QWEN2VL_TOWER, QWEN25VL_BLOCK
@@ -41,6 +42,13 @@ from .base import ClipShape, Family, GGUFPlan, GGUFRefusal, TorchParts, VisionIn
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 MAX_ASPECT = 200  # the processor refuses images longer than this many times their width (or height)
 UNKNOWN_VIDEO_FPS = 24.0  # what transformers takes a clip's frame rate to be when it is not given
+
+
+def _setting_int(name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    """A processor setting that must be a whole number (a JSON 3136.0 is taken as 3136)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_int(name, value, lo, hi, error=CheckpointError)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -69,18 +77,14 @@ class Qwen2VLFamily(Family):
 
     def __init__(self, files, prompt_style=None):
         super().__init__(files, prompt_style or "plain")
-        ip = files.image_processor_config
-        size = ip.get("size") or {}
-        self.patch = int(ip.get("patch_size", 14))
-        self.merge = int(ip.get("merge_size", 2))
-        self.temporal = int(ip.get("temporal_patch_size", 2))
-        # Top-level min/max_pixels win over `size`, as in the processor's constructor.
-        self.min_pixels = int(ip.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
-        self.max_pixels = int(ip.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
-        self.do_resize = ip.get("do_resize", True)
-        self.resample = ip.get("resample", 3)
-        self.norm = im.Normalization.from_config(ip, im.OPENAI_CLIP_MEAN, im.OPENAI_CLIP_STD)
-        self._video_settings(files.video_processor_config)
+        # A processor config is read like any file: a value of the wrong type or range is the
+        # checkpoint's error, named, not a ValueError from deep in preprocessing.
+        for which, read, cfg in (("image", self._image_settings, files.image_processor_config),
+                                 ("video", self._video_settings, files.video_processor_config)):
+            try:
+                read(cfg if isinstance(cfg, dict) else {})
+            except (TypeError, ValueError, AttributeError, CheckpointError) as exc:
+                raise CheckpointError(f"{files.root}: the {which} processor's settings: {exc}") from None
         vcfg = self.config.get("vision_config") or {}
         self.tokens_per_second = float(vcfg.get("tokens_per_second", 4))  # HF's Qwen2.5-VL default
         for key, mine in (("patch_size", self.patch), ("spatial_merge_size", self.merge),
@@ -89,20 +93,36 @@ class Qwen2VLFamily(Family):
                 raise CheckpointError(f"{files.root}: the image processor's {key.replace('spatial_', '')} {mine} "
                                       f"differs from the vision tower's {vcfg[key]}")
 
+    def _image_settings(self, ip: dict) -> None:
+        size = ip.get("size") or {}
+        self.patch = _setting_int("patch_size", ip.get("patch_size", 14), 1, 1024)
+        self.merge = _setting_int("merge_size", ip.get("merge_size", 2), 1, 64)
+        self.temporal = _setting_int("temporal_patch_size", ip.get("temporal_patch_size", 2), 1, 64)
+        # Top-level min/max_pixels win over `size`, as in the processor's constructor.
+        self.min_pixels = _setting_int("min_pixels", ip.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+        self.max_pixels = _setting_int("max_pixels", ip.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280,
+                                       self.min_pixels)
+        self.do_resize = ip.get("do_resize", True)
+        self.resample = ip.get("resample", 3)
+        self.norm = im.Normalization.from_config(ip, im.OPENAI_CLIP_MEAN, im.OPENAI_CLIP_STD)
+
     def _video_settings(self, vp: dict) -> None:
         """The video processor's settings (its class defaults where the config is silent; min/max_pixels
         override size, as in its constructor)."""
         size = vp.get("size") or {}
         low, high = vp.get("min_pixels"), vp.get("max_pixels")
-        self.video_min_pixels = int(low if low is not None else size.get("shortest_edge", 128 * 28 * 28))
-        self.video_max_pixels = int(high if high is not None else size.get("longest_edge", 28 * 28 * 768))
+        low = size.get("shortest_edge", 128 * 28 * 28) if low is None else low
+        high = size.get("longest_edge", 28 * 28 * 768) if high is None else high
+        self.video_min_pixels = _setting_int("min_pixels", low)
+        self.video_max_pixels = _setting_int("max_pixels", high, self.video_min_pixels)
         self.video_sample = bool(vp.get("do_sample_frames", False))
-        self.video_fps = vp.get("fps")  # the rate it samples clips down to (do_sample_frames)
-        self.video_min_frames = int(vp.get("min_frames", 4))
-        self.video_max_frames = int(vp.get("max_frames", 768))
+        fps = vp.get("fps")  # the rate it samples clips down to (do_sample_frames)
+        self.video_fps = None if fps is None else check_number("fps", fps, 0, 1000, lo_open=True, error=CheckpointError)
+        self.video_min_frames = _setting_int("min_frames", vp.get("min_frames", 4))
+        self.video_max_frames = _setting_int("max_frames", vp.get("max_frames", 768), self.video_min_frames)
         # qwen-vl-utils' bound on a whole clip's pixels (off unless the config turns it on, as in transformers 5.24)
         self.video_cap_pixels = bool(vp.get("cap_pixels_per_frame", False))
-        self.video_max_tokens = int(vp.get("max_video_tokens", 128000))
+        self.video_max_tokens = _setting_int("max_video_tokens", vp.get("max_video_tokens", 128000))
         self.video_resample = vp.get("resample", 3)
         self.video_norm = im.Normalization.from_config(vp, im.OPENAI_CLIP_MEAN, im.OPENAI_CLIP_STD)
 
