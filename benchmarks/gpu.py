@@ -1,7 +1,8 @@
 """The reference model on an NVIDIA GPU against the CPU, one run on one machine: held-out accuracy,
 parity against the fp32 PyTorch reference, vision ms/image and decode ms/token for the PyTorch
 reference (CPU, CUDA) and ONNX Runtime (CPU provider at 1 thread and at every core, CUDA provider)
-at every ONNX precision the bundle has (fp32, fp16, the calibrated ones).
+at every ONNX precision the bundle has (fp32, fp16, the calibrated ones), and the fused fp16
+decoder on the CUDA provider with and without its decode step captured as a CUDA graph.
 
     python benchmarks/gpu.py [--model reference|60m|200m] [--bundle DIR] [--samples 900] [--json OUT.json]
 
@@ -23,6 +24,7 @@ from edgelmm.calib import CalibrationOptions, calibrate
 from edgelmm.evaluate import evaluate
 from edgelmm.export import export
 from edgelmm.models import reference_model
+from edgelmm.runtimes.onnxruntime import GpuOptions
 from edgelmm.testing.checkpoints import build_bench_checkpoint
 from edgelmm.verify import THRESHOLDS, verify
 
@@ -32,11 +34,12 @@ QUANTIZED = ["int8", "int4", "int8-vision+int4"]
 
 
 def row(name, pipe, reference, precision, samples, thresholds=None):
+    """One configuration: accuracy, parity, and the greedy decode step's ms/token."""
     t = time.perf_counter()
     acc = evaluate(pipe, samples=samples).accuracy if samples else None
     eval_s = time.perf_counter() - t
     parity = verify(pipe, reference, precision, thresholds=thresholds)
-    vision_ms, decode_ms = timings(pipe)
+    vision_ms, decode_ms = timings(pipe, greedy=True)
     out = {"config": name, "precision": precision, "describe": pipe.describe(), "accuracy": acc,
            "eval_seconds": round(eval_s, 1), "vision_ms_per_image": vision_ms, "decode_ms_per_token": decode_ms,
            "parity_passed": parity["passed"], "parity": parity["summary"]}
@@ -78,6 +81,13 @@ def main():
     for p in ["fp32", "fp16", *quantized]:
         pipe = edgelmm.load(root, backend="onnxruntime", provider="cuda", precision=p)
         rows.append(row(f"onnxruntime cuda {p}", pipe, reference, p, samples))
+    # The fused fp16 decoder on the CUDA provider, its step run normally and captured as a CUDA graph.
+    rows.append(row("onnxruntime cuda fp16 fused", edgelmm.load(root, backend="onnxruntime", provider="cuda",
+                                                                precision="fp16", layout="fused"),
+                    reference, "fp16", samples))
+    rows.append(row("onnxruntime cuda fp16 fused cuda-graph",
+                    edgelmm.load(root, backend="onnxruntime", provider="cuda", precision="fp16",
+                                 gpu_options=GpuOptions(cuda_graph=True)), reference, "fp16", samples))
     auto = edgelmm.load(root)
     print("edgelmm.load(bundle) picks:", json.dumps(auto.describe().get("selection")), flush=True)
     if args.json:

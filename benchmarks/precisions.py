@@ -23,7 +23,9 @@ from edgelmm.models import reference_model
 PRECISIONS = ["int8", "int4", "int8-vision+int4"]
 
 
-def timings(pipe, repeats=5, steps=48):
+def timings(pipe, repeats=5, steps=48, greedy=False):
+    """Median vision ms/image and decode ms/token; with `greedy`, the step a greedy generation runs
+    (decode_greedy where the backend has it: ids, not logits, back to the host)."""
     s = synthetic.make_sample("test", 3)
     prep = pipe.prepare(s.messages, s.images)
     px = prep.vision.pixel_values[:1]
@@ -42,8 +44,9 @@ def timings(pipe, repeats=5, steps=48):
         pipe.backend.decode(embeds, np.ones((1, n), np.int64), np.arange(n)[None], cache)
         step = embeds[:, -1:]
         t = time.perf_counter()
+        run = pipe.backend.decode_greedy if greedy and hasattr(pipe.backend, "decode_greedy") else pipe.backend.decode
         for k in range(steps):
-            pipe.backend.decode(step, np.ones((1, n + k + 1), np.int64), np.array([[n + k]]), cache)
+            run(step, np.ones((1, n + k + 1), np.int64), np.array([[n + k]]), cache)
         decode.append((time.perf_counter() - t) / steps * 1e3)
     return statistics.median(vision), statistics.median(decode)
 

@@ -58,7 +58,9 @@ def load(path: str | Path, backend: str = "auto", *, provider: str = "auto", pro
     llama.cpp was built with CUDA and a GPU is here; max_context sizes its context, whose KV cache
     is allocated up front: default the model's limit or 8192, the smaller); "torch" is the PyTorch reference
     (checkpoints; device "cpu" or "cuda"). gpu_options (runtimes.onnxruntime.GpuOptions) sets ONNX
-    Runtime's GPU providers: device id, fp16, the TensorRT provider's engine cache directory.
+    Runtime's GPU providers: device id, fp16, the TensorRT provider's engine cache directory, and
+    cuda_graph (provider "cuda", the fused fp16 decoder: the decode step captured once as a CUDA
+    graph and replayed, over buffers of cuda_graph_context positions per batch size).
     A bundle is checked against its manifest's checksums before any session is created.
     prompt_style: llava family only, "mantis" (numbered images) or "plain"; default from the checkpoint name.
     layout: ONNX Runtime's decoder, "fused" (GroupQueryAttention, KV cache written in place: the

@@ -152,6 +152,11 @@ def run(
                                             "traced graph), or auto (fused where the bundle has it and the "
                                             "decoder runs on the CPU)."),
     max_memory: Optional[str] = _MAX_MEMORY,
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="onnxruntime on an NVIDIA GPU: capture the decode step "
+                                                                "once as a CUDA graph and replay it for every token "
+                                                                "(one launch instead of hundreds). Needs the CUDA "
+                                                                "provider and the bundle's fused fp16 decoder "
+                                                                "(--precision fp16)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, tokens, timings) instead of streaming."),
 ):
     """Answer a prompt about one or more images (or videos), streaming the answer as it is generated."""
@@ -161,9 +166,17 @@ def run(
 
     try:
         SamplingParams(max_new_tokens, temperature, top_p, seed).validate()  # before the model loads
+        gpu_options = None
+        if cuda_graph:
+            from .runtimes.onnxruntime import GpuOptions
+
+            if backend not in ("auto", "onnxruntime") or provider not in ("auto", "cuda"):
+                raise OptionError(f"--cuda-graph runs ONNX Runtime's CUDA provider, not --backend {backend} "
+                                  f"--provider {provider}")
+            backend, provider, gpu_options = "onnxruntime", "cuda", GpuOptions(cuda_graph=True)
         pipe = api.load(model, backend=backend, provider=provider, prompt_style=prompt_style, threads=threads,
                         device=device, gpu_layers=gpu_layers, max_context=max_context, precision=precision,
-                        max_memory=parse_size(max_memory), layout=layout)
+                        max_memory=parse_size(max_memory), layout=layout, gpu_options=gpu_options)
         kw = dict(chat=not raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         media = _media_in_marker_order(prompt, image, video, fps)
         if as_json:

@@ -259,13 +259,15 @@ class Pipeline:
         t2 = time.perf_counter()
         timings.update(vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, decode_ms=0.0)
         ends = () if params.ignore_eos else self.eos_ids
+        greedy = params.temperature <= 0
+        token = sample_token(logits[0], params, rng)
         for i in range(budget):
-            token = sample_token(logits[0], params, rng)
             yield token
             if token in ends or i == budget - 1:
                 break
             t = time.perf_counter()
-            logits = self.decode_step(token, after + i, cache)
+            token = self.greedy_step(token, after + i, cache) if greedy else \
+                sample_token(self.decode_step(token, after + i, cache)[0], params, rng)
             timings["decode_ms"] += (time.perf_counter() - t) * 1e3
 
     def greedy_from_embeddings(self, embeds: np.ndarray, max_new_tokens: int,
@@ -283,13 +285,12 @@ class Pipeline:
             cache = self.backend.new_cache(1)
             logits = self.backend.decode(embeds, np.ones((1, n), np.int64), self.as_position_ids(positions[:, None]),
                                          cache)
-            first, tokens = logits, []
-            for i in range(budget):
-                tokens.append(int(np.argmax(logits[0])))
-                if tokens[-1] in self.eos_ids or i == budget - 1:
+            tokens = [int(np.argmax(logits[0]))] if budget > 0 else []
+            for i in range(1, budget):
+                if tokens[-1] in self.eos_ids:
                     break
-                logits = self.decode_step(tokens[-1], after + i, cache)
-        return first, tokens
+                tokens.append(self.greedy_step(tokens[-1], after + i - 1, cache))
+        return logits, tokens
 
     def decode_step(self, token: int, position: int, cache) -> np.ndarray:
         """One generated token (batch 1) at `position` through the decoder -> logits [1, V]. A
@@ -303,6 +304,16 @@ class Pipeline:
         # The mask covers the cache; with M-RoPE a token's position is not its index in the cache.
         return self.backend.decode(self.backend.embed_tokens(ids), np.ones((1, cache.length + 1), np.int64), pos,
                                    cache)
+
+    def greedy_step(self, token: int, position: int, cache) -> int:
+        """decode_step's greedy choice. A backend that takes the argmax where its logits are
+        (`greedy_ids`: ONNX Runtime's fused decoder) sends back one id instead of the logits."""
+        if capabilities_of(self.backend).greedy_ids and not capabilities_of(self.backend).decode_ids:
+            ids = np.array([[token]], np.int64)
+            pos = self.as_position_ids(np.full((self.family.position_dims, 1, 1), position, np.int64))
+            return int(self.backend.decode_greedy(self.backend.embed_tokens(ids), np.ones((1, cache.length + 1), np.int64),
+                                                  pos, cache)[0])
+        return int(np.argmax(self.decode_step(token, position, cache)[0]))
 
     def generate_batch(self, requests: Sequence[tuple[PromptInput, Sequence[ImageInput] | None]], *,
                        chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -382,10 +393,16 @@ class Pipeline:
         rngs = [np.random.default_rng(p.seed) for p in params]
         cache = self.backend.new_cache(batch)
         logits = self.backend.decode(embeds, mask, positions, cache)
+        # Every row greedy: the steps' ids come from the backend where it takes the argmax itself.
+        greedy_ids = capabilities_of(self.backend).greedy_ids and all(p.temperature <= 0 for p in params)
         made = [0] * batch
         done = [stop(i) for i in range(batch)]
+        ids = None
         while not all(done):
-            tokens = [sample_token(logits[i], params[i], rngs[i]) if not done[i] else 0 for i in range(batch)]
+            if ids is not None:
+                tokens = [int(ids[i]) if not done[i] else 0 for i in range(batch)]
+            else:
+                tokens = [sample_token(logits[i], params[i], rngs[i]) if not done[i] else 0 for i in range(batch)]
             for i, token in enumerate(tokens):
                 if done[i]:
                     continue
@@ -398,8 +415,11 @@ class Pipeline:
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = self.as_position_ids(np.tile(after[None, :, None], (self.family.position_dims, 1, 1)))
             after = after + 1
-            logits = self.backend.decode(self.backend.embed_tokens(np.asarray(tokens, np.int64)[:, None]),
-                                         mask, positions, cache)
+            step = (self.backend.embed_tokens(np.asarray(tokens, np.int64)[:, None]), mask, positions, cache)
+            if greedy_ids:
+                ids = self.backend.decode_greedy(*step)
+            else:
+                logits = self.backend.decode(*step)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -170,3 +170,142 @@ def test_fused_graph_with_external_data_loads_and_matches(checkpoint, tmp_path, 
         feeds.update((i.name, np.zeros((1, i.shape[1], 8, i.shape[3]), np.float32)) for i in ins[4:])
         outs[name] = sess.run(["logits"], feeds)[0]
     np.testing.assert_array_equal(outs["embedded"], outs["external"])
+
+
+def test_greedy_ids_come_from_the_graph(bundle):
+    """The fused graph's next_token is the argmax of its logits (ties to the lowest id, as numpy's);
+    a greedy generation reads only it at each step, and answers as the logits path and the plain
+    layout do, batched too."""
+    b = bundle("llava-siglip")
+    pipe = _fused(b)
+    be = pipe.backend
+    assert be.has_next_token and "next_token" not in be.present_names
+    rng = np.random.default_rng(4)
+    embeds = (rng.standard_normal((2, 7, be.hidden_size)) * 0.5).astype(np.float32)
+    mask, pos = np.ones((2, 7), np.int64), np.tile(np.arange(7), (2, 1))
+    by_logits, by_ids = be.new_cache(2), be.new_cache(2)
+    be.decode(embeds, mask, pos, by_logits)
+    be.decode_greedy(embeds, mask, pos, by_ids)
+    for k in range(7, 12):
+        step = (embeds[:, k - 7:k - 6], np.ones((2, k + 1), np.int64), np.full((2, 1), k))
+        logits = be.decode(*step, by_logits)
+        ids = be.decode_greedy(*step, by_ids)
+        assert ids.dtype == np.int64 and ids.shape == (2,)
+        np.testing.assert_array_equal(ids, np.argmax(logits, axis=-1))
+        assert be.sessions["decoder"].get_outputs()[1].name == "next_token"
+    calls = []
+    original = be.decode_greedy
+    be.decode_greedy = lambda *a: calls.append(1) or original(*a)
+    images = sample_images(2, seed=5)
+    fused = pipe.generate(PROMPT, images, max_new_tokens=10)
+    plain = edgelmm.load(b, backend="onnxruntime", provider="cpu", precision="fp32", layout="plain")
+    assert fused.token_ids == plain.generate(PROMPT, images, max_new_tokens=10).token_ids
+    assert len(calls) == len(fused.token_ids) - 1  # every step after the prompt's
+    requests = [(PROMPT, images), ("What is in <image>?", sample_images(1, seed=6))]
+    assert [g.token_ids for g in pipe.generate_batch(requests, max_new_tokens=8)] == \
+        [g.token_ids for g in plain.generate_batch(requests, max_new_tokens=8)]
+    calls.clear()
+    sampled = pipe.generate(PROMPT, images, max_new_tokens=6, temperature=0.8, seed=3)  # sampling: logits, not ids
+    assert not calls
+    assert sampled.token_ids == plain.generate(PROMPT, images, max_new_tokens=6, temperature=0.8, seed=3).token_ids
+
+
+def test_cuda_graph_slots_keep_their_buffers(bundle):
+    """The bookkeeping a captured step relies on, run here on the CPU provider (which ignores the
+    graph id; the capture itself is tests/test_gpu.py's): one slot per batch size whose buffers every
+    generation borrowing it reuses, a second generation at the same time on buffers of its own, a
+    generation that outgrows the slot leaving it, and the answers those of the uncaptured path."""
+    from edgelmm.runtimes.ort_fused import GraphSlots
+
+    b = bundle("llava-siglip")
+    want = _fused(b)
+    pipe = _fused(b)
+    be = pipe.backend
+    be.graph_slots = GraphSlots(be, 64)
+    assert be.run_options(1).get_run_config_entry("gpu_graph_id") == "1"
+    first = be.new_cache(1)
+    address = [v.data_ptr() for v in first.values]
+    assert first.graph_id == 1 and first.capacity == 64 and first.step is be.graph_slots.slots[1].step
+    second = be.new_cache(1)  # the slot is taken: its own buffers, uncaptured
+    assert second.graph_id == -1 and [v.data_ptr() for v in second.values] != address
+    del first, second
+    again = be.new_cache(1)
+    assert again.graph_id == 1 and [v.data_ptr() for v in again.values] == address
+    del again
+    images = sample_images(1, seed=7)
+    short = "What is in <image>?"
+    assert pipe.generate(short, images, max_new_tokens=8).token_ids == want.generate(short, images, max_new_tokens=8).token_ids
+    assert be.graph_slots.slots[1].owner() is None  # the generation gave it back when it ended
+    # a prompt past the slot's 64 positions: the cache leaves the slot, the answer is the same
+    long_prompt = PROMPT
+    got = pipe.generate(long_prompt, sample_images(2, seed=8), max_new_tokens=8)
+    assert len(pipe.prepare(long_prompt, sample_images(2, seed=8)).input_ids) > 64
+    assert got.token_ids == want.generate(long_prompt, sample_images(2, seed=8), max_new_tokens=8).token_ids
+    fresh = be.new_cache(1)
+    assert fresh.graph_id == 1 and [v.data_ptr() for v in fresh.values] == address
+    del fresh
+    requests = [(short, images), (short, sample_images(1, seed=9))]
+    assert [g.token_ids for g in pipe.generate_batch(requests, max_new_tokens=6)] == \
+        [g.token_ids for g in want.generate_batch(requests, max_new_tokens=6)]
+    assert sorted(be.graph_slots.slots) == [1, 2] and be.describe()["cuda_graph"] == {"capacity": 64, "batch_sizes": [1, 2]}
+
+
+def test_cuda_graph_needs_the_cuda_provider_and_the_fused_layout(bundle):
+    """cuda_graph is refused, saying what it needs, where it cannot run: another provider than
+    CUDA, the plain layout, a bad context size (on a GPU, an fp32 decoder too: tests/test_gpu.py)."""
+    from edgelmm.errors import BackendUnavailable
+    from edgelmm.runtimes.onnxruntime import GpuOptions
+
+    b = bundle("llava-siglip")
+    for provider in ("cpu", "auto"):
+        with pytest.raises(BackendUnavailable, match="cuda_graph .* provider 'cuda'"):
+            edgelmm.load(b, backend="onnxruntime", provider=provider, gpu_options=GpuOptions(cuda_graph=True))
+    with pytest.raises(BackendUnavailable, match="layout 'plain' cannot be captured"):
+        edgelmm.load(b, backend="onnxruntime", provider="cuda", layout="plain", gpu_options=GpuOptions(cuda_graph=True))
+    with pytest.raises(OptionError, match="cuda_graph_context"):
+        edgelmm.load(b, backend="onnxruntime", provider="cuda", gpu_options=GpuOptions(cuda_graph=True,
+                                                                                       cuda_graph_context=0))
+
+
+def test_cli_cuda_graph_flag(bundle, tmp_path):
+    """`edgelmm run --cuda-graph` asks for ONNX Runtime's CUDA provider: other backends are refused
+    before loading, and where the provider does not run (no GPU here) the error says so, typed."""
+    import json
+
+    from PIL import Image
+
+    from .test_cli import cli
+
+    image = tmp_path / "a.png"
+    Image.fromarray(sample_images(1)[0]).save(image)
+    args = ["run", bundle("llava-siglip"), "-p", "What is in <image>?", "-i", image, "--cuda-graph", "--json"]
+    r = cli(*args, "--backend", "llamacpp")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "OptionError"
+    assert "--cuda-graph runs ONNX Runtime's CUDA provider" in json.loads(r.stdout)["message"]
+    from edgelmm.runtimes.onnxruntime import nvidia_gpu_present
+
+    if not nvidia_gpu_present():
+        r = cli(*args, "--precision", "fp32")
+        assert r.returncode == 2 and json.loads(r.stdout)["error"] == "BackendUnavailable", r.stdout
+        assert "provider 'cuda'" in json.loads(r.stdout)["message"]
+
+
+def test_fp16_fused_decoder_through_the_graph_slots(checkpoint, tmp_path):
+    """The fp16 fused decoder (what a CUDA graph captures) on the CPU provider: its step buffers hold
+    fp16 embeddings and logits, borrowed from a slot or not, and the answers are the same; its next
+    token is the argmax of its fp16 logits."""
+    from edgelmm.export import export
+    from edgelmm.runtimes.ort_fused import GraphSlots
+
+    path = export(checkpoint("llava-siglip"), tmp_path / "bundle", ["onnx"], precisions=["fp32", "fp16"],
+                  verify=False, quiet=True)
+    alone = edgelmm.load(path, backend="onnxruntime", provider="cpu", precision="fp16", layout="fused")
+    slotted = edgelmm.load(path, backend="onnxruntime", provider="cpu", precision="fp16", layout="fused")
+    slotted.backend.graph_slots = GraphSlots(slotted.backend, 96)
+    assert slotted.backend.kv_dtype == np.float16
+    for prompt, images in (("What is in <image>?", sample_images(1, seed=1)), (PROMPT, sample_images(2, seed=2))):
+        want = alone.generate(prompt, images, max_new_tokens=10)
+        assert slotted.generate(prompt, images, max_new_tokens=10).token_ids == want.token_ids
+    step = slotted.backend.graph_slots.slots[1].step
+    assert step.host["inputs_embeds"].dtype == np.float16 and step.host["logits"].dtype == np.float16
+    assert int(step.next_tokens()[0]) == int(np.argmax(step.logits()[0]))

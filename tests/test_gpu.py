@@ -57,6 +57,46 @@ def test_onnxruntime_cuda_provider_matches_cpu(bundle):
     assert gpu.backend.sessions["decoder"].get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
 
 
+@pytest.mark.skipif(not _ort_provider_runs("CUDAExecutionProvider"),
+                    reason=NO_GPU if not PLATFORM.has_gpu else
+                    "ONNX Runtime's CUDA provider does not run here (see `edgelmm doctor`)")
+def test_cuda_graph_decode_matches_the_uncaptured_step(checkpoint, tmp_path):
+    """GpuOptions.cuda_graph: the fused fp16 decoder's step captured as a CUDA graph and replayed
+    gives the greedy tokens of the same graph run step by step, over several generations (ONNX
+    Runtime warms up, captures, then replays), batched, after a prompt too long for the slot (that
+    generation runs uncaptured), and with the slot reused afterwards; an fp32 decoder is refused."""
+    import edgelmm
+    from edgelmm.errors import BackendUnavailable
+    from edgelmm.export import export
+    from edgelmm.images import sample_images
+    from edgelmm.runtimes.onnxruntime import GpuOptions
+
+    path = export(checkpoint("llava-siglip"), tmp_path / "bundle", ["onnx"], precisions=["fp32", "fp16"],
+                  verify=False, quiet=True)
+    stepwise = edgelmm.load(path, backend="onnxruntime", provider="cuda", precision="fp16", layout="fused")
+    graph = edgelmm.load(path, backend="onnxruntime", provider="cuda", precision="fp16",
+                         gpu_options=GpuOptions(cuda_graph=True, cuda_graph_context=128))
+    assert graph.describe()["decoder_layout"] == "fused" and graph.describe()["kv_device"] == "cuda"
+    options = graph.backend.sessions["decoder"].get_provider_options()["CUDAExecutionProvider"]
+    assert options["enable_cuda_graph"] == "1"
+    assert "enable_cuda_graph" not in graph.backend.sessions["vision"].get_provider_options()["CUDAExecutionProvider"] \
+        or graph.backend.sessions["vision"].get_provider_options()["CUDAExecutionProvider"]["enable_cuda_graph"] == "0"
+    short = ("What is in <image>?", sample_images(1, seed=1))
+    long = ("Compare <image> and <image>: which has more shapes?", sample_images(2, seed=2))
+    assert len(graph.prepare(*long).input_ids) > 128 > len(graph.prepare(*short).input_ids)
+    for prompt, images in (short, short, short, long, short):
+        want = stepwise.generate(prompt, images, max_new_tokens=12, chat=False).token_ids
+        assert graph.generate(prompt, images, max_new_tokens=12, chat=False).token_ids == want
+    requests = [short, ("Describe <image>.", sample_images(1, seed=3))]
+    for _ in range(3):
+        assert [g.token_ids for g in graph.generate_batch(requests, max_new_tokens=8)] == \
+            [g.token_ids for g in stepwise.generate_batch(requests, max_new_tokens=8)]
+    assert graph.describe()["cuda_graph"]["batch_sizes"] == [1, 2]
+    with pytest.raises(BackendUnavailable, match="fused fp16 decoder"):
+        edgelmm.load(path, backend="onnxruntime", provider="cuda", precision="fp32",
+                     gpu_options=GpuOptions(cuda_graph=True))
+
+
 @pytest.mark.skipif(not PLATFORM.has_gpu or not probe_tensorrt(PLATFORM)[0].runs,
                     reason=NO_GPU if not PLATFORM.has_gpu else "TensorRT 10 does not run here (see `edgelmm doctor`)")
 def test_tensorrt_engines_build_load_and_match(bundle, tmp_path):

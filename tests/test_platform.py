@@ -521,7 +521,7 @@ def test_backends_declare_their_capabilities(reference_bundle):
     assert LlamaCppBackend.capabilities == Capabilities(thread_safe=False, decode_ids=True, tokenize=True, close=True)
     assert TensorRTBackend.capabilities.thread_safe is False and TorchBackend.capabilities == Capabilities()
     ort = edgelmm.load(reference_bundle, backend="onnxruntime", threads=1).backend
-    assert capabilities_of(ort) == Capabilities(thread_safe=True)
+    assert capabilities_of(ort) == Capabilities(thread_safe=True, greedy_ids=True)
     assert capabilities_of(SerializedBackend(ort)).thread_safe   # a wrapper forwards what it wraps
 
     class Theirs:

@@ -7,7 +7,9 @@ time grows with the context. This graph uses ONNX Runtime's fused kernels instea
   inputs_embeds [batch, seq, D], seqlens_k [batch] int32 (each row's total length - 1),
   total_sequence_length [] int32, last_index [batch] int64 (each row's last real position in seq),
   past_key_values.{i}.key/value [batch, kv_heads, capacity, head_dim]
-  -> logits [batch, vocab] (at last_index), present.{i}.key/value (the same buffers)
+  -> logits [batch, vocab] (at last_index), next_token [batch] int64 (the greedy choice: ArgMax of
+     logits, taken where the logits are, so a GPU step sends one id per row to the host),
+     present.{i}.key/value (the same buffers)
 
   per layer: SimplifiedLayerNormalization -> one QKV MatMul -> GroupQueryAttention (rotary inside,
   the new keys/values written in place into a buffer of the cache's full capacity, the runtime binds
@@ -168,7 +170,8 @@ def io_description(dims: dict[str, int], dtype: str) -> tuple[list[dict], list[d
               {"name": "total_sequence_length", "dtype": "int32", "shape": []},
               {"name": "last_index", "dtype": "int64", "shape": ["batch"]}]
     inputs += [kv(f"past_key_values.{i}.{k}") for i in range(n) for k in ("key", "value")]
-    outputs = [{"name": "logits", "dtype": dtype, "shape": ["batch", dims["vocab_size"]]}]
+    outputs = [{"name": "logits", "dtype": dtype, "shape": ["batch", dims["vocab_size"]]},
+               {"name": "next_token", "dtype": "int64", "shape": ["batch"]}]
     outputs += [kv(f"present.{i}.{k}") for i in range(n) for k in ("key", "value")]
     return inputs, outputs
 
@@ -277,6 +280,9 @@ def build_fused_decoder(config: dict[str, Any], decoder, lm_head, path: Path, pr
                                           ["logits"], name="lm_head/Add"))
         else:
             nodes.append(helper.make_node("MatMul", ["last_hidden", head], ["logits"], name="lm_head/MatMul"))
+        # Ties go to the lowest id, as numpy's argmax (ONNX ArgMax, select_last_index 0).
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["next_token"], name="greedy/ArgMax", axis=-1,
+                                      keepdims=0))
     finally:
         weights.close()
 

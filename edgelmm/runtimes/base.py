@@ -49,6 +49,9 @@ class Capabilities:
     thread_safe: bool = False    # generations may run at once (else the Pipeline runs one at a time)
     decode_ids: bool = False     # decode_ids(input_ids [1, S], position_ids [1, S], cache) -> logits [1, V]:
                                  # text tokens of a batch-1 generation, embeddings looked up inside
+    greedy_ids: bool = False     # decode_greedy(inputs_embeds, attention_mask, position_ids, cache) -> ids [B]:
+                                 # decode and each row's argmax, taken where the logits are (on a GPU
+                                 # one id per row crosses to the host, not the vocabulary's logits)
     tokenize: bool = False       # tokenize(text, add_special) -> ids: its own tokenizer (verify compares it)
     close: bool = False          # close(): releases what it holds before garbage collection
 
@@ -61,5 +64,6 @@ def capabilities_of(backend) -> Capabilities:
         return declared
     return Capabilities(thread_safe=bool(getattr(backend, "thread_safe", False)),
                         decode_ids=callable(getattr(backend, "decode_ids", None)),
+                        greedy_ids=callable(getattr(backend, "decode_greedy", None)),
                         tokenize=callable(getattr(backend, "tokenize", None)),
                         close=callable(getattr(backend, "close", None)))

@@ -22,6 +22,9 @@ from ..manifest import FUSED_DECODER as FUSED_GRAPH, QUANTIZED_PRECISIONS
 from ..onnx_file import check_external_data
 from ..options import check_int, check_threads, default_threads
 from .base import Capabilities
+from .ort_fused import CUDA_GRAPH_CONTEXT, FUSED_FIRST_PAST, FUSED_INITIAL_CAPACITY, FusedCache, GraphSlots
+
+__all__ = ["OnnxRuntimeBackend", "GpuOptions", "FusedCache", "FUSED_INITIAL_CAPACITY"]
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"auto": PROVIDER_ORDER, "tensorrt": PROVIDER_ORDER, "cuda": PROVIDER_ORDER[1:],
@@ -58,10 +61,18 @@ class GpuOptions:
     # graphs are the fast path.
     tf32: bool = False
     engine_cache_dir: str | None = None  # default ~/.cache/edgelmm/ort-tensorrt/<decoder hash>-<precision>
+    # CUDA provider, fused fp16 decoder: each decode step captured once as a CUDA graph and replayed
+    # (one launch instead of hundreds of kernels), over buffers of cuda_graph_context positions per
+    # batch size kept for the backend's life (runtimes/ort_fused.GraphSlots).
+    cuda_graph: bool = False
+    cuda_graph_context: int = CUDA_GRAPH_CONTEXT
 
-    def provider_options(self, provider: str, bundle: Bundle, precision: str) -> dict[str, Any]:
+    def provider_options(self, provider: str, bundle: Bundle, precision: str, graph: str = "decoder") -> dict[str, Any]:
         if provider == "CUDAExecutionProvider":
-            return {"device_id": self.device_id, "use_tf32": int(self.tf32)}
+            options = {"device_id": self.device_id, "use_tf32": int(self.tf32)}
+            if self.cuda_graph and graph == "decoder":  # the vision and embed graphs run as before
+                options["enable_cuda_graph"] = 1
+            return options
         if provider != "TensorrtExecutionProvider":
             return {}
         # Keyed by the decoder graph's hash: another bundle, or a re-export, never reuses stale engines.
@@ -120,68 +131,12 @@ class OrtCache:
         return int((v.shape() if callable(v.shape) else v.shape)[2])
 
 
-# Where the fused decoder's past inputs start (after inputs_embeds, seqlens_k, total_sequence_length,
-# last_index).
-FUSED_FIRST_PAST = 4
-# Positions a fused cache holds when made; it doubles (copying what it holds) when a generation needs more.
-FUSED_INITIAL_CAPACITY = 256
-
-
-class FusedCache:
-    """The fused decoder's KV buffers, [batch, kv_heads, capacity, head_dim] per layer for keys and
-    values, allocated once per generation (and grown by doubling), bound as the graph's past and
-    present at once: GroupQueryAttention writes each new position in place. `lengths` holds each
-    row's positions. On the CPU the buffers are numpy arrays the OrtValues share, so a row's slice
-    is a view a batch-1 run writes through."""
-
-    def __init__(self, backend: "OnnxRuntimeBackend", batch_size: int):
-        self.backend, self.batch_size = backend, batch_size
-        self.lengths = np.zeros(batch_size, np.int64)
-        self.capacity = 0
-        self.values: list = []
-        self.host_arrays: list | None = None
-        self.binding = None  # the decoder's IO binding over these buffers, made at the first run
-        self.reserve(1)
-
-    @property
-    def length(self) -> int:
-        return int(self.lengths.max(initial=0))
-
-    def reserve(self, positions: int) -> None:
-        be = self.backend
-        if positions <= self.capacity:
-            return
-        if positions > be.max_context:
-            raise PromptError(f"{positions} positions exceed the fused decoder's {be.max_context} (the model's "
-                              "rotary table)")
-        capacity = max(FUSED_INITIAL_CAPACITY, self.capacity)
-        while capacity < positions:
-            capacity *= 2
-        capacity = min(capacity, be.max_context)
-        shape = (self.batch_size, be.kv_heads, capacity, be.head_dim)
-        old = self.host_arrays if self.host_arrays is not None else [v.numpy() for v in self.values]
-        arrays = [np.zeros(shape, be.kv_dtype) for _ in range(2 * be.num_layers)]
-        for new, prev in zip(arrays, old):
-            new[:, :, :prev.shape[2]] = prev
-        if be.kv_device == "cpu":
-            self.host_arrays = arrays
-            self.values = [be.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        else:
-            self.values = [be.ort.OrtValue.ortvalue_from_numpy(a, be.kv_device, be.gpu.device_id) for a in arrays]
-        self.capacity = capacity
-        self.binding = None
-
-    def row_values(self, row: int) -> list:
-        """OrtValues over one row's slice of the (host) buffers: a batch-1 run writes through them."""
-        return [self.backend.ort.OrtValue.ortvalue_from_numpy(a[row:row + 1]) for a in self.host_arrays]
-
-
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     # InferenceSession.run may be called from several threads at once (`edgelmm watch` encodes
     # frames while its verifier decodes); the KV cache is per generation, so nothing is shared.
     thread_safe = True
-    capabilities = Capabilities(thread_safe=True)
+    capabilities = Capabilities(thread_safe=True, greedy_ids=True)
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, precision: str = "fp32",
                  io_binding: bool | None = None, gpu: GpuOptions | None = None, vision_chunk: int = VISION_CHUNK,
@@ -210,8 +165,12 @@ class OnnxRuntimeBackend:
             if missing:
                 available.discard("TensorrtExecutionProvider")
         self.gpu = gpu or GpuOptions()
-        providers = [p for p in PROVIDER_ALIASES[provider] if p in available]
-        providers = [(p, self.gpu.provider_options(p, bundle, precision)) for p in providers]
+        if self.gpu.cuda_graph:
+            check_int("cuda_graph_context", self.gpu.cuda_graph_context, 1)
+            if provider != "cuda":
+                raise BackendUnavailable(f"cuda_graph captures the decode step on ONNX Runtime's CUDA provider: ask "
+                                         f"for provider 'cuda' (this load asked for {provider!r})")
+        names = [p for p in PROVIDER_ALIASES[provider] if p in available]
         ort.set_default_logger_severity(3)  # missing CUDA libraries are reported by us, below, not as log spam
 
         def session_options(prepack: bool):
@@ -232,9 +191,10 @@ class OnnxRuntimeBackend:
         self.vision_chunk = check_int("vision_chunk", vision_chunk, 1)
         self.prefill_chunk = check_int("prefill_chunk", prefill_chunk, 1)
         self.sessions, self.prepacked = {}, {}
-        self.layout = self._pick_layout(bundle, precision, layout, provider)
+        self.layout = self._pick_layout(bundle, precision, layout, provider, self.gpu.cuda_graph)
         decoder_graph = FUSED_GRAPH if self.layout == "fused" else "decoder"
         for graph in ("vision", "embed", "decoder"):
+            providers = [(p, self.gpu.provider_options(p, bundle, precision, graph)) for p in names]
             art = bundle.artifact(decoder_graph if graph == "decoder" else graph, "onnx", precision)
             path = bundle.path(art)
             # ONNX Runtime opens the graph's external data itself: only files the manifest hashes.
@@ -265,7 +225,10 @@ class OnnxRuntimeBackend:
         self.vision_inputs = [i.name for i in self.sessions["vision"].get_inputs()]
         first_past = FUSED_FIRST_PAST if self.layout == "fused" else 3
         self.past_names = [i.name for i in self.sessions["decoder"].get_inputs()][first_past:]
-        self.present_names = [o.name for o in self.sessions["decoder"].get_outputs()][1:]
+        outputs = self.sessions["decoder"].get_outputs()
+        # The fused graph's greedy id (bundles before it have none: the host takes the argmax)
+        self.has_next_token = self.layout == "fused" and any(o.name == "next_token" for o in outputs)
+        self.present_names = [o.name for o in outputs[1:] if o.name != "next_token"]
         # M-RoPE decoders (Qwen2-VL) take position_ids [3, batch, seq]; text-only positions [batch, seq]
         # given to them are the same in all three components.
         self.position_rank = next((len(i.shape) for i in self.sessions["decoder"].get_inputs()
@@ -294,21 +257,60 @@ class OnnxRuntimeBackend:
         # already zero-copy, and binding measured no faster (7.53 vs 7.45 ms/token on a 60M model).
         # The fused layout always binds: its cache buffers are the decoder's outputs too.
         self.io_binding = self.kv_device == "cuda" if io_binding is None else io_binding
+        self.graph_slots: GraphSlots | None = None
+        self._run_options: dict[int, Any] = {}
         if self.layout == "fused":
             self.io_binding = True
             art = bundle.artifact(FUSED_GRAPH, "onnx", precision)
             self.max_context = art["max_context"]  # checked by the manifest's validator
+            self.hidden_size = self.sessions["decoder"].get_inputs()[0].shape[2]
+            self.vocab_size = self.sessions["decoder"].get_outputs()[0].shape[1]
+            if not isinstance(self.hidden_size, int) or not isinstance(self.vocab_size, int):
+                raise BundleError(f"the fused decoder's inputs_embeds {self.sessions['decoder'].get_inputs()[0].shape} "
+                                  f"and logits {self.sessions['decoder'].get_outputs()[0].shape} need fixed hidden and "
+                                  "vocabulary sizes", path=str(bundle.path(art)))
+        if self.gpu.cuda_graph:
+            self._check_cuda_graph()
+            self.graph_slots = GraphSlots(self, min(self.gpu.cuda_graph_context, self.max_context))
+
+    def _check_cuda_graph(self) -> None:
+        """What a captured decode step needs, said before the first prompt: the CUDA provider running
+        the fused decoder, in fp16 (ONNX Runtime's CUDA GroupQueryAttention takes fp16 and bf16 only;
+        an fp32 graph would put it on the CPU, and a graph with CPU nodes cannot be captured)."""
+        if self.providers[0] != "CUDAExecutionProvider":
+            raise BackendUnavailable(f"cuda_graph needs the CUDA provider but the decoder runs on {self.providers}: "
+                                     "install onnxruntime-gpu with a matching CUDA and check the GPU driver")
+        if self.kv_dtype != np.float16:
+            raise BackendUnavailable(f"cuda_graph needs the fused fp16 decoder (ONNX Runtime's CUDA GroupQueryAttention "
+                                     f"takes fp16) and precision {self.precision!r} has a float32 one: load "
+                                     "precision='fp16' (export with --precision fp16 if the bundle has none)")
+
+    def run_options(self, graph_id: int = -1):
+        """RunOptions for a decoder run: under cuda_graph, the graph this run replays (one id per
+        batch size) or -1: run uncaptured (a prompt, a cache that left its slot); else None."""
+        if self.graph_slots is None:
+            return None
+        if graph_id not in self._run_options:
+            opts = self.ort.RunOptions()
+            opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._run_options[graph_id] = opts
+        return self._run_options[graph_id]
 
     @staticmethod
-    def _pick_layout(bundle: Bundle, precision: str, layout: str, provider: str) -> str:
+    def _pick_layout(bundle: Bundle, precision: str, layout: str, provider: str, cuda_graph: bool = False) -> str:
         """The decoder layout: "fused" (GroupQueryAttention, in-place KV cache) where the bundle has it
-        for this precision and the decoder runs on the CPU provider, else "plain"; a layout asked for
-        by name must be there. On GPU providers auto stays plain until the fused graph has been
-        measured there (ORT's CUDA GroupQueryAttention takes fp16 only; TensorRT's parser has no
-        contrib ops)."""
+        for this precision and the decoder runs on the CPU provider or is captured as a CUDA graph,
+        else "plain"; a layout asked for by name must be there. On GPU providers auto stays plain
+        until the fused graph has been measured there (ORT's CUDA GroupQueryAttention takes fp16
+        only; TensorRT's parser has no contrib ops)."""
         if layout not in ("auto", "plain", "fused"):
             raise BackendUnavailable(f"unknown decoder layout {layout!r}; choose from auto, plain, fused")
         has_fused = bool(bundle.artifacts(graph=FUSED_GRAPH, format="onnx", precision=precision))
+        if cuda_graph:  # the plain graph's cache grows by Concat: no step of it has fixed shapes to capture
+            if layout == "plain":
+                raise BackendUnavailable("cuda_graph captures the fused decoder's step; layout 'plain' cannot be "
+                                         "captured (its KV cache changes shape every step)")
+            layout = "fused"
         if layout == "fused" and not has_fused:
             raise BundleError(f"this bundle has no fused {precision} decoder: the exporter writes one for Llama-style "
                               "text models with 1-D rotary positions (not M-RoPE), and only since it learnt to; "
@@ -418,14 +420,23 @@ class OnnxRuntimeBackend:
         cache.values = present
         return logits.numpy().astype(np.float32, copy=False)
 
-    # ---- the fused layout (export/fused_decoder.py) ----
-    def _decode_fused(self, inputs_embeds, attention_mask, position_ids, cache: FusedCache):
+    def decode_greedy(self, inputs_embeds, attention_mask, position_ids, cache) -> np.ndarray:
+        """decode, then each row's greedy choice: token ids [B]. In the fused layout a decode step's
+        argmax is the graph's own (next_token), so on a GPU one id per row crosses to the host
+        instead of the vocabulary's logits."""
+        if self.layout == "fused":
+            return self._decode_fused(inputs_embeds, attention_mask, position_ids, cache, greedy=True)
+        return np.argmax(self.decode(inputs_embeds, attention_mask, position_ids, cache), axis=-1)
+
+    # ---- the fused layout (export/fused_decoder.py, runtimes/ort_fused.py) ----
+    def _decode_fused(self, inputs_embeds, attention_mask, position_ids, cache: FusedCache, greedy: bool = False):
         """The same contract as the plain graph's (left-padded rows, a mask, positions), on buffers
         that hold each row's keys/values from position 0 with no padding: a row's new tokens are its
         unmasked ones, and their positions must continue the row. A step of one token per row runs
-        batched; a prompt runs row by row in chunks of `prefill_chunk` into that row's slice of the
-        buffers (GroupQueryAttention takes a continued prompt at batch 1 only), or, where the
-        buffers are on a GPU, all rows at once right-padded."""
+        batched on the cache's bound step buffers (replayed as a CUDA graph under cuda_graph); a
+        prompt runs row by row in chunks of `prefill_chunk` into that row's slice of the buffers
+        (GroupQueryAttention takes a continued prompt at batch 1 only), or, where the buffers are on
+        a GPU, all rows at once right-padded. Logits [B, V], or with `greedy` token ids [B]."""
         embeds = np.asarray(inputs_embeds)
         B, S, _ = embeds.shape
         if B != cache.batch_size:
@@ -442,9 +453,15 @@ class OnnxRuntimeBackend:
                                   "(its rotary embedding follows the cache); use layout 'plain' for others")
         cache.reserve(int((cache.lengths + counts).max()))
         if (counts == 1).all():  # a decode step
-            logits = self._run_fused(np.stack(rows), cache.lengths + 1, np.zeros(B, np.int64),
-                                     cache.values, cache)
-        elif B == 1 or cache.host_arrays is not None:
+            step = cache.step_buffers()
+            step.load(np.stack(rows), cache.lengths)
+            self._run_bound(step.binding, cache.graph_id)
+            cache.lengths = cache.lengths + 1
+            if greedy and self.has_next_token:
+                return step.next_tokens()
+            logits = step.logits()
+            return np.argmax(logits, axis=-1) if greedy else logits
+        if B == 1 or cache.host_arrays is not None:
             per_row = []
             for b in range(B):
                 values = cache.row_values(b) if B > 1 else cache.values
@@ -452,53 +469,55 @@ class OnnxRuntimeBackend:
                 for start in range(0, int(counts[b]), self.prefill_chunk):
                     piece = rows[b][start:start + self.prefill_chunk]
                     done += len(piece)
-                    last = self._run_fused(piece[None], np.array([done]), np.array([len(piece) - 1]), values,
-                                           cache if B == 1 else None)[0]
+                    last = self._run_fused(piece[None], np.array([done]), np.array([len(piece) - 1]), values)[0]
                 per_row.append(last)
             logits = np.stack(per_row)
         elif not cache.lengths.any():  # a first prompt on GPU buffers: right-padded, one run
             padded = np.zeros((B, int(counts.max()), embeds.shape[2]), embeds.dtype)
             for b in range(B):
                 padded[b, :counts[b]] = rows[b]
-            logits = self._run_fused(padded, counts, counts - 1, cache.values, cache)
+            logits = self._run_fused(padded, counts, counts - 1, cache.values)
         else:
             raise PromptError("a batch continuing its prompt with several tokens per row runs on CPU buffers only")
         cache.lengths = cache.lengths + counts
-        return logits
+        return np.argmax(logits, axis=-1) if greedy else logits
 
-    def _run_fused(self, embeds: np.ndarray, totals: np.ndarray, last_index: np.ndarray, values: list,
-                   cache: FusedCache | None = None) -> np.ndarray:
-        """One fused decoder run: rows of `embeds` end at total lengths `totals` (GroupQueryAttention's
-        seqlens_k is each row's total - 1); keys/values written in place into `values`. With `cache`
-        (whose buffers `values` are), its binding is made once and reused: a step binds only its
-        four small inputs."""
-        session = self.sessions["decoder"]
-        binding = cache.binding if cache is not None else None
-        if binding is None:
-            binding = session.io_binding()
-            binding.bind_output("logits", "cpu")
-            for past, present, value in zip(self.past_names, self.present_names, values):
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)
-            if cache is not None:
-                cache.binding = binding
+    def _run_fused(self, embeds: np.ndarray, totals: np.ndarray, last_index: np.ndarray, values: list) -> np.ndarray:
+        """One fused decoder run over a prompt (or a piece of one): rows of `embeds` end at total
+        lengths `totals` (GroupQueryAttention's seqlens_k is each row's total - 1); keys/values written
+        in place into `values`. Never captured: a prompt's shapes change from run to run."""
+        binding = self.sessions["decoder"].io_binding()
+        binding.bind_output("logits", "cpu")
+        if self.has_next_token:
+            binding.bind_output("next_token", "cpu")
+        for past, present, value in zip(self.past_names, self.present_names, values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.kv_dtype))
         binding.bind_cpu_input("seqlens_k", (np.asarray(totals) - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(int(np.max(totals)), np.int32))
         binding.bind_cpu_input("last_index", np.asarray(last_index, np.int64))
+        self._run_bound(binding, -1)
+        return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def _run_bound(self, binding, graph_id: int) -> None:
         try:
-            session.run_with_iobinding(binding)
+            if self.graph_slots is None:
+                self.sessions["decoder"].run_with_iobinding(binding)
+                return
+            with self.graph_slots.lock:  # captured and uncaptured runs of one session, one at a time
+                self.sessions["decoder"].run_with_iobinding(binding, self.run_options(graph_id))
         except Exception as exc:  # ORT's pybind types, as in _run
             path = self.bundle.path(self.bundle.artifact(FUSED_GRAPH, "onnx", self.precision))
             raise BundleError(f"onnxruntime failed to run this graph ({type(exc).__name__}: {str(exc)[:500]})",
                               path=str(path)) from None
-        return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.providers, "requested_provider": self.requested,
                 "decoder_layout": self.layout,
                 "precision": self.precision, "threads": self.threads or "default",
                 "io_binding": self.io_binding, "kv_device": self.kv_device if self.io_binding else "host",
+                "cuda_graph": self.graph_slots.describe() if self.graph_slots is not None else False,
                 "prepacked_weights": self.prepacked,
                 "provider_options": (self.sessions["decoder"].get_provider_options().get(self.providers[0], {})
                                      if self.kv_device == "cuda" else {}),
