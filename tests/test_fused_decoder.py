@@ -309,3 +309,41 @@ def test_fp16_fused_decoder_through_the_graph_slots(checkpoint, tmp_path):
     step = slotted.backend.graph_slots.slots[1].step
     assert step.host["inputs_embeds"].dtype == np.float16 and step.host["logits"].dtype == np.float16
     assert int(step.next_tokens()[0]) == int(np.argmax(step.logits()[0]))
+
+
+def test_a_fused_graph_without_next_token_still_runs(bundle, tmp_path):
+    """A bundle exported before the fused graph had its next_token output: the steps bind logits
+    only, greedy ids are the host's argmax, and the answers are the same."""
+    import json
+    import shutil
+
+    import onnx
+
+    from edgelmm.bundle import file_entry
+
+    b = bundle("llava-siglip")
+    old = tmp_path / "before-next-token"
+    shutil.copytree(b, old)
+    manifest = json.loads((old / "edgelmm.json").read_text())
+    art = next(a for a in manifest["artifacts"] if a["graph"] == "decoder_fused" and a["precision"] == "fp32")
+    model = onnx.load(str(old / art["file"]))
+    graph = model.graph
+    kept = [n for n in graph.node if n.op_type != "ArgMax"]
+    del graph.node[:]
+    graph.node.extend(kept)
+    outputs = [o for o in graph.output if o.name != "next_token"]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    onnx.save(model, str(old / art["file"]))
+    art["outputs"] = [o for o in art["outputs"] if o["name"] != "next_token"]
+    art["files"] = [file_entry(old, art["file"])] + art["files"][1:]
+    art["sha256"] = art["files"][0]["sha256"]
+    for entry in manifest["files"]:
+        if entry["file"] == art["file"]:
+            entry.update(art["files"][0])
+    (old / "edgelmm.json").write_text(json.dumps(manifest))
+    before, now = _fused(old), _fused(b)
+    assert not before.backend.has_next_token and now.backend.has_next_token
+    images = sample_images(2, seed=11)
+    assert before.generate(PROMPT, images, max_new_tokens=10).token_ids == \
+        now.generate(PROMPT, images, max_new_tokens=10).token_ids
