@@ -311,9 +311,9 @@ def test_fp16_fused_decoder_through_the_graph_slots(checkpoint, tmp_path):
     assert int(step.next_tokens()[0]) == int(np.argmax(step.logits()[0]))
 
 
-def test_a_fused_graph_without_next_token_still_runs(bundle, tmp_path):
-    """A bundle exported before the fused graph had its next_token output: the steps bind logits
-    only, greedy ids are the host's argmax, and the answers are the same."""
+def _rewritten_fused(b, out, edit):
+    """A copy of bundle `b` at `out` whose fp32 fused graph `edit(model, artifact)` changed, re-hashed
+    (the manifest's checksums match: what the runtime then sees is the graph itself)."""
     import json
     import shutil
 
@@ -321,29 +321,53 @@ def test_a_fused_graph_without_next_token_still_runs(bundle, tmp_path):
 
     from edgelmm.bundle import file_entry
 
-    b = bundle("llava-siglip")
-    old = tmp_path / "before-next-token"
-    shutil.copytree(b, old)
-    manifest = json.loads((old / "edgelmm.json").read_text())
+    shutil.copytree(b, out)
+    manifest = json.loads((out / "edgelmm.json").read_text())
     art = next(a for a in manifest["artifacts"] if a["graph"] == "decoder_fused" and a["precision"] == "fp32")
-    model = onnx.load(str(old / art["file"]))
-    graph = model.graph
-    kept = [n for n in graph.node if n.op_type != "ArgMax"]
-    del graph.node[:]
-    graph.node.extend(kept)
-    outputs = [o for o in graph.output if o.name != "next_token"]
-    del graph.output[:]
-    graph.output.extend(outputs)
-    onnx.save(model, str(old / art["file"]))
-    art["outputs"] = [o for o in art["outputs"] if o["name"] != "next_token"]
-    art["files"] = [file_entry(old, art["file"])] + art["files"][1:]
+    model = onnx.load(str(out / art["file"]))
+    edit(model, art)
+    onnx.save(model, str(out / art["file"]))
+    art["files"] = [file_entry(out, art["file"])] + art["files"][1:]
     art["sha256"] = art["files"][0]["sha256"]
-    for entry in manifest["files"]:
+    for entry in manifest.get("files", []):
         if entry["file"] == art["file"]:
             entry.update(art["files"][0])
-    (old / "edgelmm.json").write_text(json.dumps(manifest))
-    before, now = _fused(old), _fused(b)
+    (out / "edgelmm.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_fused_graph_without_next_token_still_runs(bundle, tmp_path):
+    """A bundle exported before the fused graph had its next_token output: the steps bind logits
+    only, greedy ids are the host's argmax, and the answers are the same."""
+    def drop_next_token(model, art):
+        graph = model.graph
+        kept = [n for n in graph.node if n.op_type != "ArgMax"]
+        del graph.node[:]
+        graph.node.extend(kept)
+        outputs = [o for o in graph.output if o.name != "next_token"]
+        del graph.output[:]
+        graph.output.extend(outputs)
+        art["outputs"] = [o for o in art["outputs"] if o["name"] != "next_token"]
+
+    b = bundle("llava-siglip")
+    before, now = _fused(_rewritten_fused(b, tmp_path / "before-next-token", drop_next_token)), _fused(b)
     assert not before.backend.has_next_token and now.backend.has_next_token
     images = sample_images(2, seed=11)
     assert before.generate(PROMPT, images, max_new_tokens=10).token_ids == \
         now.generate(PROMPT, images, max_new_tokens=10).token_ids
+
+
+def test_a_fused_graph_of_other_names_is_a_bundle_error(bundle, tmp_path):
+    """The step buffers bind the fused graph's inputs and outputs by name and size: a graph whose
+    logits are renamed is refused at load, naming its file, not at the first step from inside ONNX
+    Runtime. (A symbolic vocabulary size in the graph's declared output is no case: ONNX Runtime
+    reports the size its shape inference finds.)"""
+    def rename_logits(model, art):
+        for node in model.graph.node:
+            node.output[:] = ["scores" if x == "logits" else x for x in node.output]
+            node.input[:] = ["scores" if x == "logits" else x for x in node.input]
+        model.graph.output[0].name = "scores"
+        art["outputs"][0]["name"] = "scores"
+
+    with pytest.raises(BundleError, match=r"decoder_fused\.onnx: the fused decoder .* gives scores"):
+        _fused(_rewritten_fused(bundle("llava-siglip"), tmp_path / "renamed", rename_logits))

@@ -263,15 +263,27 @@ class OnnxRuntimeBackend:
             self.io_binding = True
             art = bundle.artifact(FUSED_GRAPH, "onnx", precision)
             self.max_context = art["max_context"]  # checked by the manifest's validator
-            self.hidden_size = self.sessions["decoder"].get_inputs()[0].shape[2]
-            self.vocab_size = self.sessions["decoder"].get_outputs()[0].shape[1]
-            if not isinstance(self.hidden_size, int) or not isinstance(self.vocab_size, int):
-                raise BundleError(f"the fused decoder's inputs_embeds {self.sessions['decoder'].get_inputs()[0].shape} "
-                                  f"and logits {self.sessions['decoder'].get_outputs()[0].shape} need fixed hidden and "
-                                  "vocabulary sizes", path=str(bundle.path(art)))
+            self.hidden_size, self.vocab_size = self._fused_sizes(bundle.path(art))
         if self.gpu.cuda_graph:
             self._check_cuda_graph()
             self.graph_slots = GraphSlots(self, min(self.gpu.cuda_graph_context, self.max_context))
+
+    def _fused_sizes(self, path) -> tuple[int, int]:
+        """(hidden, vocab) of the fused decoder, whose inputs and outputs the step buffers bind by name
+        and size: checked here, so a graph that differs is a BundleError naming it, not an error from
+        inside ONNX Runtime at the first step."""
+        sess = self.sessions["decoder"]
+        ins, outs = sess.get_inputs(), sess.get_outputs()
+        names = [i.name for i in ins[:FUSED_FIRST_PAST]]
+        embeds, logits = ins[0].shape, outs[0].shape
+        if names != ["inputs_embeds", "seqlens_k", "total_sequence_length", "last_index"] or outs[0].name != "logits" \
+                or len(embeds) != 3 or len(logits) != 2 or not isinstance(embeds[2], int) \
+                or not isinstance(logits[1], int):
+            raise BundleError(f"the fused decoder takes {names} and gives {outs[0].name} {logits} (inputs_embeds "
+                              f"{embeds}): edgelmm's takes inputs_embeds [batch, seq, hidden], seqlens_k, "
+                              "total_sequence_length and last_index, and gives logits [batch, vocab] first, with "
+                              "fixed hidden and vocabulary sizes", path=str(path))
+        return embeds[2], logits[1]
 
     def _check_cuda_graph(self) -> None:
         """What a captured decode step needs, said before the first prompt: the CUDA provider running
