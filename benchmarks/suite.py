@@ -94,7 +94,7 @@ def raw_llamacpp(gguf_path: Path, prompt_tokens: int, opts: BenchOptions) -> dic
     quiet_llamacpp()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = 0
-    mp.use_extra_bufts = extra_buffer_types_safe(0)  # as edgelmm's backend: AMX CPUs crash with them
+    mp.use_extra_bufts = extra_buffer_types_safe()  # as edgelmm's backend: AMX CPUs crash with them
     model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mp)
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = 4096, 512, 512

@@ -99,13 +99,13 @@ def cpu_has_amx() -> bool:
     return False
 
 
-def extra_buffer_types_safe(gpu_layers: int) -> bool:
-    """llama_model_params.use_extra_bufts for a model with `gpu_layers` offloaded. ggml's AMX matmul
-    (an "extra" CPU buffer type that takes Q8_0/Q4_K weights on Sapphire Rapids and later) kills the
-    process with SIGSEGV in ggml_backend_amx_mul_mat (seen here on every quantized test model;
-    upstream llama.cpp#20824, on full-size models too). Without the extra buffer types the same
-    weights run on the AVX-512 kernels, unrepacked."""
-    return not (gpu_layers == 0 and cpu_has_amx())
+def extra_buffer_types_safe() -> bool:
+    """llama_model_params.use_extra_bufts on this CPU. ggml's AMX matmul (an "extra" CPU buffer type
+    that takes Q8_0/Q4_K weights on Sapphire Rapids and later) kills the process with SIGSEGV in
+    ggml_backend_amx_mul_mat (seen here on every quantized test model; upstream llama.cpp#20824, on
+    full-size models too). Without the extra buffer types the same weights run on the AVX-512
+    kernels, unrepacked; off even with GPU offload, since layers left on the CPU would take AMX."""
+    return not cpu_has_amx()
 
 
 class LlamaCppCache:
@@ -150,7 +150,7 @@ class LlamaCppBackend:
                                      "--no-cache-dir llama-cpp-python")
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = self.gpu_layers
-        self.extra_buffer_types = mp.use_extra_bufts = extra_buffer_types_safe(self.gpu_layers)
+        self.extra_buffer_types = mp.use_extra_bufts = extra_buffer_types_safe()
         # Read the weights, do not map them: on a CPU llama.cpp repacks the k-quant weights into
         # interleaved copies for its GEMM kernels, and a mapped file keeps the pages it read from
         # resident beside them (Mantis-1B q4_k_m: 2.13 GB mapped, 1.69 GB read, the same speed).
@@ -494,7 +494,7 @@ def run_probe_model(gpu_layers: int = 0) -> tuple[bool, str]:
         _write_probe_gguf(path)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers
-        mp.use_extra_bufts = extra_buffer_types_safe(gpu_layers)
+        mp.use_extra_bufts = extra_buffer_types_safe()
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not model:
             return False, f"llama.cpp could not load a probe model ({_recent_log()})"
