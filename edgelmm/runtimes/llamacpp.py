@@ -511,6 +511,8 @@ def run_probe_model(gpu_layers: int = 0) -> tuple[bool, str]:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(8,)).copy()
             ok = bool(np.isfinite(logits).all() and np.ptp(logits) > 0)
             where = f"{gpu_layers} layer(s) offloaded" if gpu_layers else "CPU"
+            if not mp.use_extra_bufts:
+                where += "; AMX CPU: extra buffer types off, llama.cpp#20824"
             return ok, f"loaded and decoded a probe model ({where})" + ("" if ok else f"; bad logits {logits}")
         finally:
             if ctx:
