@@ -1,7 +1,8 @@
 """The ONNX Runtime decode step in its two decoder layouts (plain: the traced graph, KV cache by
 Concat; fused: GroupQueryAttention writing the KV cache in place), measured in one run on 1 thread:
 
-  - decode tokens/s and its fraction of this machine's memory-bandwidth roofline, fp32 and INT4;
+  - decode tokens/s and its fraction of this machine's memory-bandwidth roofline (a streaming read's
+    and a streaming copy's bandwidth, one thread; see edgelmm/bench.py), fp32 and INT4;
   - INT4 fused against INT4 plain (the same weights, the same prompts);
   - decode step ms after 100 and after 2000 positions of context, and their ratio.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from edgelmm.bench import BenchOptions, memory_bandwidth, run_worker  # noqa: E402
+from edgelmm.bench import BenchOptions, memory_bandwidth, read_bandwidth, run_worker  # noqa: E402
 
 CONFIGS = [("fp32", "plain"), ("fp32", "fused"), ("int8-vision+int4", "plain"), ("int8-vision+int4", "fused")]
 
@@ -47,19 +48,21 @@ def bundle_for(name: str, workdir: Path) -> Path:
     return out
 
 
-def one_round(path: Path, opts: BenchOptions, bandwidth: float) -> dict:
+def one_round(path: Path, opts: BenchOptions, bandwidth: float, read: float) -> dict:
     rows = {}
     for precision, layout in CONFIGS:
         row = run_worker(str(path), "onnxruntime", precision, opts, layout)
         if "error" in row:
             raise SystemExit(f"{path.name} {precision} {layout}: {row['error']}")
         row["roofline_fraction"] = row["decode_tokens_per_s"]["median"] / (bandwidth * 1e9 / row["decode_bytes_per_token"])
+        row["read_roofline_fraction"] = row["decode_tokens_per_s"]["median"] / (read * 1e9 / row["decode_bytes_per_token"])
         rows[f"{precision} {layout}"] = row
     tok = {k: r["decode_tokens_per_s"]["median"] for k, r in rows.items()}
     steps = {k: r["decode_ms_at_context"] for k, r in rows.items()}
     return {
         "decode_tokens_per_s": tok,
         "roofline_fraction": {k: round(r["roofline_fraction"], 3) for k, r in rows.items()},
+        "read_roofline_fraction": {k: round(r["read_roofline_fraction"], 3) for k, r in rows.items()},
         "int4_fused_vs_plain": round(tok["int8-vision+int4 fused"] / tok["int8-vision+int4 plain"], 3),
         "fp32_fused_vs_plain": round(tok["fp32 fused"] / tok["fp32 plain"], 3),
         "step_ms_at_context": steps,
@@ -74,7 +77,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def summarise(rounds: list[dict]) -> dict:
     out = {}
-    for key in ("roofline_fraction", "step_2000_vs_100", "decode_tokens_per_s"):
+    for key in ("roofline_fraction", "read_roofline_fraction", "step_2000_vs_100", "decode_tokens_per_s"):
         out[key] = {k: spread([r[key][k] for r in rounds]) for k in rounds[0][key]}
     for key in ("int4_fused_vs_plain", "fp32_fused_vs_plain"):
         out[key] = spread([r[key] for r in rounds])
@@ -101,11 +104,13 @@ def main() -> None:
         print(f"[{name}] bundle ready in {time.perf_counter() - t:.0f} s", flush=True)
         rounds = []
         for i in range(args.rounds):
-            bandwidth = memory_bandwidth()
-            rounds.append({"memory_bandwidth_gb_s": round(bandwidth, 2), **one_round(path, opts, bandwidth)})
+            bandwidth, read = memory_bandwidth(), read_bandwidth()
+            rounds.append({"memory_bandwidth_gb_s": round(bandwidth, 2), "read_bandwidth_gb_s": round(read, 2),
+                           **one_round(path, opts, bandwidth, read)})
             r = rounds[-1]
-            print(f"[{name}] round {i + 1}: bandwidth {bandwidth:.1f} GB/s; roofline "
-                  + ", ".join(f"{k} {v:.0%}" for k, v in r["roofline_fraction"].items())
+            print(f"[{name}] round {i + 1}: bandwidth {read:.1f} GB/s read, {bandwidth:.1f} copy; roofline read/copy "
+                  + ", ".join(f"{k} {v:.0%}/{r['roofline_fraction'][k]:.0%}"
+                              for k, v in r["read_roofline_fraction"].items())
                   + f"; INT4 fused/plain {r['int4_fused_vs_plain']:.2f}x; step 2000/100 "
                   + ", ".join(f"{k} {v:.2f}" for k, v in r["step_2000_vs_100"].items()), flush=True)
         result["models"][name] = {"rounds": rounds, "summary": summarise(rounds),

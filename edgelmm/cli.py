@@ -643,7 +643,8 @@ def bench(
     _print_rows("speed and memory, per backend and precision", TABLE_COLUMNS,
                 [[escape(c) for c in row] for row in table_rows(report)], names=2)
     out.print(f"{m['cpu']} ({m['cores']} cores), {report['threads']} thread(s), median of {report['repeats']}; "
-              f"memory bandwidth {report['memory_bandwidth_gb_s']} GB/s (streaming copy), last-level cache "
+              f"memory bandwidth {report['read_bandwidth_gb_s']} GB/s read, {report['memory_bandwidth_gb_s']} GB/s "
+              f"copy (one thread, streaming), last-level cache "
               f"{report['last_level_cache_mib']} MiB")
     for why in report["skipped"]:
         err.print(f"skipped {why}")

@@ -16,7 +16,7 @@ def test_bench_smoke(bundle, capsys, monkeypatch):
                                  "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
-    assert report["memory_bandwidth_gb_s"] > 0 and report["threads"] == 1
+    assert report["memory_bandwidth_gb_s"] > 0 and report["read_bandwidth_gb_s"] > 0 and report["threads"] == 1
     rows = report["results"]
     # ONNX Runtime in both decoder layouts the bundle has
     assert [(row["backend"], row["precision"], row["layout"]) for row in rows] == \
@@ -28,8 +28,14 @@ def test_bench_smoke(bundle, capsys, monkeypatch):
     for field in FIELDS:
         assert row[field]["median"] > 0 and row[field]["spread"] >= 0, field
     for field in ("peak_rss_mib", "size_mib", "decode_bytes_per_token", "roofline_tokens_per_s", "roofline_fraction",
-                  "prompt_tokens"):
+                  "read_roofline_tokens_per_s", "read_roofline_fraction", "prompt_tokens"):
         assert row[field] > 0, field
+    # each roofline is its bandwidth over the bytes a step reads, and the fraction the decode speed over it
+    for prefix, bandwidth in (("", "memory_bandwidth_gb_s"), ("read_", "read_bandwidth_gb_s")):
+        roof = report[bandwidth] * 1e9 / row["decode_bytes_per_token"]
+        assert abs(row[prefix + "roofline_tokens_per_s"] - roof) <= 0.05 + 1e-3 * roof, prefix
+        fraction = row["decode_tokens_per_s"]["median"] / roof
+        assert abs(row[prefix + "roofline_fraction"] - fraction) <= 1e-3 + 1e-3 * fraction, prefix
     assert row["new_tokens"] == 3 and row["prompt_images"] == 2
     assert row["gpu_memory_mib"] is None or row["gpu_memory_mib"] >= 0
     # the worker's own peak, not its parent's (the parent held the bandwidth buffers, 512 MiB)
@@ -64,3 +70,24 @@ def test_bench_runs_an_m_rope_model(bundle):
     rows = json.loads(r.output)["results"]
     assert rows and all("error" not in row for row in rows), rows
     assert all(row["decode_ms_at_context"]["100"] > 0 and row["decode_tokens_per_s"]["median"] > 0 for row in rows)
+
+
+def test_bandwidth_script_compares_gemv_to_both_rooflines():
+    """benchmarks/bandwidth.py on small buffers: every figure measured, and the ratios it prints are the
+    fastest GEMV over each bandwidth (speeds themselves are not asserted: CI shares its cores)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bandwidth.py"
+    r = subprocess.run([sys.executable, str(script), "--gemv-mib", "4", "--stream-mib", "8", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["gemv_weights_mib"] == 4.0
+    speeds = ("read_gb_s", "copy_gb_s", "openblas_dot_gb_s", "openblas_gemv_x_w_gb_s", "openblas_gemv_wt_x_gb_s",
+              "onnxruntime_matmul_gb_s")
+    assert all(out[k] > 0 for k in speeds), out
+    gemv = max(out["openblas_gemv_x_w_gb_s"], out["openblas_gemv_wt_x_gb_s"], out["onnxruntime_matmul_gb_s"])
+    assert abs(out["best_gemv_vs_read"] - gemv / out["read_gb_s"]) <= 1e-3 + 1e-3 * out["best_gemv_vs_read"]
+    assert abs(out["best_gemv_vs_copy"] - gemv / out["copy_gb_s"]) <= 1e-3 + 1e-3 * out["best_gemv_vs_copy"]
