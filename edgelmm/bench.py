@@ -90,6 +90,16 @@ def read_bandwidth(mib: int = 256, repeats: int = 10) -> float:
     return best
 
 
+def reads_from_cache(nbytes: int, llc: int | None, dram_read: float) -> bool:
+    """Whether a decode step's `nbytes` come from a cache rather than DRAM: they fit the last-level
+    cache sysfs reports, and reading them again and again is clearly faster than `dram_read` (the
+    streaming read of a larger buffer). Size alone misleads on virtual machines, where sysfs reports
+    the host's whole cache: 480 MiB on a 2-core VM here, on which 64 MiB already read at DRAM speed."""
+    if not llc or nbytes >= llc:
+        return False
+    return read_bandwidth(-(-nbytes // (1 << 20))) > 1.25 * dram_read
+
+
 @dataclass
 class BenchOptions:
     backends: Sequence[str] | None = None   # default: every backend the bundle has artifacts for and runs here
@@ -217,13 +227,18 @@ def measure(bundle_dir: str, backend: str, precision: str, options: BenchOptions
     kv_bytes = (4 if describe["kv_cache_type"] == "f32" else 2) if backend == "llamacpp" else \
         np.dtype(pipe.backend.kv_dtype).itemsize
     text = bundle.manifest["text"]
+    kv_per_position = 2 * text["num_layers"] * text["num_kv_heads"] * text["head_dim"] * kv_bytes
+    weight_bytes = decode_weight_bytes(bundle, backend, precision, layout)
     mean_ctx = row["prompt_tokens"] + options.new_tokens / 2
-    kv_read = 2 * text["num_layers"] * text["num_kv_heads"] * text["head_dim"] * kv_bytes * mean_ctx
     gpu_after = _gpu_free()
     return {"backend": backend, "precision": precision, **({"layout": layout} if layout else {}), **row,
             "gpu_memory_mib": round((gpu_before - gpu_after) / (1 << 20), 1) if gpu_before and gpu_after else None,
             "size_mib": round(artifact_bytes(bundle, backend, precision) / (1 << 20), 2),
-            "decode_bytes_per_token": int(decode_weight_bytes(bundle, backend, precision, layout) + kv_read)}
+            "decode_bytes_per_token": int(weight_bytes + kv_per_position * mean_ctx),
+            # what a step reads after each probed context: a step at the roofline takes time in proportion,
+            # so their ratio is the least a step's time can grow with the context
+            "decode_bytes_at_context": {n: int(weight_bytes + kv_per_position * int(n))
+                                        for n in row["decode_ms_at_context"]}}
 
 
 def measure_pipeline(pipe, options: BenchOptions) -> dict[str, Any]:
@@ -370,7 +385,7 @@ def bench(bundle_dir: str | Path, options: BenchOptions | None = None, *,
             read_roof = read * 1e9 / row["decode_bytes_per_token"]
             row["read_roofline_tokens_per_s"] = round(read_roof, 1)
             row["read_roofline_fraction"] = round(row["decode_tokens_per_s"]["median"] / read_roof, 3)
-            row["fits_in_cache"] = bool(llc and row["decode_bytes_per_token"] < llc)
+            row["fits_in_cache"] = reads_from_cache(row["decode_bytes_per_token"], llc, read)
         rows.append(row)
     say("done", len(todo), len(todo))
     plat = this_platform()

@@ -37,6 +37,15 @@ def test_bench_smoke(bundle, capsys, monkeypatch):
         fraction = row["decode_tokens_per_s"]["median"] / roof
         assert abs(row[prefix + "roofline_fraction"] - fraction) <= 1e-3 + 1e-3 * fraction, prefix
     assert row["new_tokens"] == 3 and row["prompt_images"] == 2
+    # bytes a step reads: the weights plus 2 x layers x kv heads x head dim fp32 values per position
+    from edgelmm.bundle import open_bundle
+
+    text = open_bundle(bundle("llava-siglip")).manifest["text"]
+    per_position = 2 * text["num_layers"] * text["num_kv_heads"] * text["head_dim"] * 4
+    assert set(row["decode_bytes_at_context"]) == {"100"}
+    mean_ctx = row["prompt_tokens"] + 3 / 2
+    assert abs(row["decode_bytes_per_token"] - row["decode_bytes_at_context"]["100"]
+               - per_position * (mean_ctx - 100)) <= 1
     assert row["gpu_memory_mib"] is None or row["gpu_memory_mib"] >= 0
     # the worker's own peak, not its parent's (the parent held the bandwidth buffers, 512 MiB)
     assert row["peak_rss_mib"] < 400
@@ -91,3 +100,15 @@ def test_bandwidth_script_compares_gemv_to_both_rooflines():
     gemv = max(out["openblas_gemv_x_w_gb_s"], out["openblas_gemv_wt_x_gb_s"], out["onnxruntime_matmul_gb_s"])
     assert abs(out["best_gemv_vs_read"] - gemv / out["read_gb_s"]) <= 1e-3 + 1e-3 * out["best_gemv_vs_read"]
     assert abs(out["best_gemv_vs_copy"] - gemv / out["copy_gb_s"]) <= 1e-3 + 1e-3 * out["best_gemv_vs_copy"]
+
+
+def test_in_cache_needs_both_the_size_and_a_faster_read():
+    """`fits_in_cache` is not the reported cache size alone (a VM reports its host's): the step's bytes
+    must fit AND read faster than the DRAM stream. Bounds far from any machine keep this off the clock."""
+    from edgelmm.bench import reads_from_cache
+
+    mib = 1 << 20
+    assert not reads_from_cache(2 * mib, None, 1e-3)       # no cache size known
+    assert not reads_from_cache(64 * mib, 32 * mib, 1e-3)  # larger than the cache
+    assert reads_from_cache(mib, 32 * mib, 1e-3)           # fits, and reads faster than 1 MB/s
+    assert not reads_from_cache(mib, 32 * mib, 1e6)        # fits, but no faster than a 1 PB/s "DRAM"
