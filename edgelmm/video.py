@@ -87,6 +87,17 @@ def load_video(video: Video, index: int | None = None, number: int | None = None
     return VideoFrames(np.stack(loaded), None if fps is None else float(fps), where)
 
 
+def evenly_spaced(total: int, count: int) -> np.ndarray:
+    """The processor's `torch.arange(0, total, total / count).int()`, exactly: the steps in float64,
+    the values stored as float32 (torch's default dtype), then truncated. Truncating the float64
+    values instead differs for 4% of (total, count) pairs (30 frames, 22 wanted: frame 14 where the
+    processor takes 15). The length is ceil(total / step), which float rounding makes count + 1 for
+    some pairs (15 frames, 13 wanted: 14); the processor keeps them all and pads an odd count with the
+    last frame. For a few pairs the float32 rounding lands on `total` itself (30 frames, 26 wanted),
+    past the clip, and HF's processor fails indexing it; edgelmm takes the last frame there."""
+    return np.minimum(np.arange(0, total, total / count).astype(np.float32).astype(np.int64), total - 1)
+
+
 def sample_frame_indices(total: int, source_fps: float, fps: float, pair: int, min_frames: int,
                          max_frames: int) -> np.ndarray:
     """Which of `total` frames taken at `source_fps` to keep to see the clip at `fps`, as HF's
@@ -97,7 +108,21 @@ def sample_frame_indices(total: int, source_fps: float, fps: float, pair: int, m
     count = math.floor(count / pair) * pair
     if count <= 0:
         raise ImageError(f"a clip of {total} frames is too short to sample {pair}-frame pairs from")
-    return (np.arange(0, total, total / count)).astype(np.int64)[:count]
+    return evenly_spaced(total, count)
+
+
+def fixed_count_frame_indices(total: int, num_frames: int, pair: int) -> np.ndarray:
+    """Which of `total` frames to keep where a video processor samples a fixed number (its
+    `num_frames`): that number rounded to a multiple of `pair` (Python's round: halves go to the even
+    multiple, 5 frames in pairs -> 4, 7 -> 8), not bounded by min/max_frames, evenly spaced."""
+    count = round(num_frames / pair) * pair
+    if count <= 0:
+        raise ImageError(f"this model's video processor samples num_frames={num_frames}, which rounds to no "
+                         f"{pair}-frame pair")
+    if count > total:
+        raise ImageError(f"a clip of {total} frames is too short for the {count} frames this model's video "
+                         f"processor samples (num_frames={num_frames})")
+    return evenly_spaced(total, count)
 
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -13,7 +13,7 @@ import edgelmm
 from edgelmm import Video
 from edgelmm.errors import ImageError, PromptError
 from edgelmm.images import sample_images
-from edgelmm.video import sample_frame_indices
+from edgelmm.video import VideoFrames, evenly_spaced, fixed_count_frame_indices, sample_frame_indices
 
 from .test_reference_parity import qwen_patches
 
@@ -237,6 +237,63 @@ def test_frame_sampling_follows_the_processors_rule():
         sample_frame_indices(1, 30.0, 2.0, 2, 4, 768)
 
 
+def test_frame_indices_are_the_processors_own():
+    """The processor spaces sampled frames with `torch.arange(0, total, total / count).int()` (float32
+    values, truncated; sometimes count + 1 of them): edgelmm's indices equal torch's for every pair,
+    except where torch's last one is past the clip (HF's processor fails there): the last frame."""
+    past = 0
+    for total in range(1, 161):
+        for count in range(1, total + 1):
+            want = torch.arange(0, total, total / count).int().numpy()
+            past += int(want.max() >= total)
+            assert evenly_spaced(total, count).tolist() == np.minimum(want, total - 1).tolist(), (total, count)
+    assert past > 0  # the case is real, not hypothetical
+    assert evenly_spaced(30, 22)[11] == 15         # float64 truncation would take frame 14
+    assert len(evenly_spaced(15, 13)) == 14        # torch's length, kept
+    assert evenly_spaced(30, 26)[-1] == 29         # torch's 30 is past the clip
+
+
+def test_a_fixed_frame_count_follows_the_processors_rule():
+    """`num_frames` in the video processor's config: rounded to whole pairs with Python's round (halves to
+    even), no min/max_frames bound, evenly spaced; more frames than the clip has is a named error."""
+    assert fixed_count_frame_indices(10, 4, 2).tolist() == [0, 2, 5, 7]
+    assert len(fixed_count_frame_indices(10, 5, 2)) == 4 and len(fixed_count_frame_indices(10, 7, 2)) == 8
+    assert fixed_count_frame_indices(40, 2, 2).tolist() == [0, 20]  # under min_frames (4): not raised to it
+    with pytest.raises(ImageError, match=r"num_frames=1, which rounds to no 2-frame pair"):
+        fixed_count_frame_indices(10, 1, 2)
+    with pytest.raises(ImageError, match=r"a clip of 5 frames is too short for the 6 frames"):
+        fixed_count_frame_indices(5, 6, 2)
+
+
+def test_the_video_processors_num_frames_is_read(checkpoint, tmp_path):
+    """A checkpoint whose video processor samples a fixed number of frames: a clip keeps that many (in
+    pairs), num_frames over fps as the processor ranks them, the rate scaled as its sampled_fps, and a
+    clip too short for it is refused naming the video."""
+    import json
+    import shutil
+
+    from edgelmm.families import detect
+    from edgelmm.modelfiles import ModelFiles
+
+    src = tmp_path / "q"
+    shutil.copytree(checkpoint("qwen2.5vl"), src)
+    video_cfg = src / "video_preprocessor_config.json"
+    video_cfg.write_text(json.dumps({**json.loads(video_cfg.read_text()), "do_sample_frames": True,
+                                     "num_frames": 4, "fps": 8}))
+    family = detect(ModelFiles.open(src))
+    frames = np.stack(clip(10))
+    vision = family.preprocess_media([VideoFrames(frames, 5.0, "video 1")])
+    assert vision.pixel_values[0].shape[:2] == (2, 2)   # 4 frames: 2 pairs (fps 8 alone would keep all 10)
+    assert vision.seconds_per_group[0] == pytest.approx(1.0)  # a pair at the sampled rate: 4 / 10 x 5 = 2 fps
+    alone = family.preprocess_media([VideoFrames(frames[[0, 2, 5, 7]], None, "video 1")])
+    assert np.array_equal(vision.pixel_values[0], alone.pixel_values[0])  # frames 0, 2, 5, 7 of the clip
+    video_cfg.write_text(json.dumps({**json.loads(video_cfg.read_text()), "num_frames": 8}))
+    family = detect(ModelFiles.open(src))
+    assert family.preprocess_media([VideoFrames(frames, None, "video 1")]).pixel_values[0].shape[0] == 4
+    with pytest.raises(ImageError, match=r"video 2: a clip of 6 frames is too short for the 8 frames"):
+        family.preprocess_media([VideoFrames(frames[:6], 5.0, "video 2")])
+
+
 def test_run_takes_videos_from_the_command_line(checkpoint, pipelines, tmp_path):
     """`edgelmm run --video`: a directory of frames (taken as they are) and a video file (decoded
     with OpenCV, sampled at --fps), merged with --image in the order of the prompt's markers."""
@@ -388,7 +445,8 @@ def test_processor_settings_of_the_wrong_type_are_the_checkpoints_error(checkpoi
     good = json.loads(video_cfg.read_text())
     for change, message in [({"min_pixels": "abc"}, r"video processor's settings: min_pixels must be an integer"),
                             ({"size": {"shortest_edge": 5000, "longest_edge": 100}}, r"max_pixels must be >= 5000"),
-                            ({"do_sample_frames": True, "fps": -1}, r"fps must be in \(0, 1000\]")]:
+                            ({"do_sample_frames": True, "fps": -1}, r"fps must be in \(0, 1000\]"),
+                            ({"do_sample_frames": True, "num_frames": 0}, r"num_frames must be >= 1, got 0")]:
         video_cfg.write_text(json.dumps({**good, **change}))
         with pytest.raises(CheckpointError, match=message):
             edgelmm.info(src)

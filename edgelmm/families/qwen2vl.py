@@ -35,7 +35,7 @@ from .. import images as im
 from ..errors import CheckpointError, ImageError, PromptError
 from ..options import check_int, check_number
 from ..prompt import IMAGE_MARKER, VIDEO_MARKER
-from ..video import VideoFrames, sample_frame_indices
+from ..video import VideoFrames, fixed_count_frame_indices, sample_frame_indices
 from ..gguf_names import QWEN2VL_BLOCK, QWEN2VL_TOWER, QWEN25VL_BLOCK
 from .base import ClipShape, Family, GGUFPlan, GGUFRefusal, TorchParts, VisionInputs
 
@@ -118,6 +118,9 @@ class Qwen2VLFamily(Family):
         self.video_sample = bool(vp.get("do_sample_frames", False))
         fps = vp.get("fps")  # the rate it samples clips down to (do_sample_frames)
         self.video_fps = None if fps is None else check_number("fps", fps, 0, 1000, lo_open=True, error=CheckpointError)
+        # or a fixed number of frames per clip, which takes precedence over fps (as in sample_frames)
+        count = vp.get("num_frames")
+        self.video_num_frames = None if count is None else _setting_int("num_frames", count)
         self.video_min_frames = _setting_int("min_frames", vp.get("min_frames", 4))
         self.video_max_frames = _setting_int("max_frames", vp.get("max_frames", 768), self.video_min_frames)
         # qwen-vl-utils' bound on a whole clip's pixels (off unless the config turns it on, as in transformers 5.24)
@@ -178,13 +181,20 @@ class Qwen2VLFamily(Family):
         """A clip's frames as the processor keeps them (sampled where its config asks), their rate,
         and the (H, W) they are resized to."""
         frames, fps = video.frames, video.fps
-        if self.video_sample and self.video_fps:
-            if fps is None:
-                raise ImageError(f"{video.label}: this model's video processor samples clips at {self.video_fps:g} "
-                                 "frames a second, which needs the clip's own frame rate (Video(frames, fps=...))")
-            keep = sample_frame_indices(len(frames), fps, float(self.video_fps), self.temporal, self.video_min_frames,
-                                        self.video_max_frames)
-            frames, fps = frames[keep], len(keep) / len(frames) * fps  # HF's sampled_fps
+        if self.video_sample and (self.video_num_frames or self.video_fps):
+            try:
+                if self.video_num_frames:
+                    keep = fixed_count_frame_indices(len(frames), self.video_num_frames, self.temporal)
+                else:
+                    if fps is None:
+                        raise ImageError(f"this model's video processor samples clips at {self.video_fps:g} frames "
+                                         "a second, which needs the clip's own frame rate (Video(frames, fps=...))")
+                    keep = sample_frame_indices(len(frames), fps, float(self.video_fps), self.temporal,
+                                                self.video_min_frames, self.video_max_frames)
+            except ImageError as e:
+                raise ImageError(f"{video.label}: {e}") from None
+            # HF's sampled_fps (a clip without a rate keeps none: positions then take the model's default)
+            frames, fps = frames[keep], None if fps is None else len(keep) / len(frames) * fps
         height, width = frames.shape[1:3]
         if max(height, width) / min(height, width) > MAX_ASPECT:
             raise ImageError(f"{video.label}: frames of {width}x{height} pixels are more than {MAX_ASPECT} times "
