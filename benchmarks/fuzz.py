@@ -1,5 +1,5 @@
 """The bad-input fuzz campaign: seeded damage to bundle manifests, GGUF headers, ONNX graphs, images,
-prompts and options, each case in its own process under a timeout and a memory limit, classified
+videos, prompts and options, each case in its own process under a timeout and a memory limit, classified
 as typed / accepted / unnamed / untyped / crash / hang / wrong (see edgelmm/testing/fuzz.py).
 
     python benchmarks/fuzz.py --cases 2000 --seed 0 [--jobs 2] [--kinds manifest,gguf,...]

@@ -1,5 +1,5 @@
 """A fast, seeded slice of the bad-input fuzz campaign (benchmarks/fuzz.py runs the whole one):
-damaged manifests, GGUF headers and ONNX graphs, bad images, prompts and options, each case in
+damaged manifests, GGUF headers and ONNX graphs, bad images, videos, prompts and options, each case in
 its own process. Every case must end typed (naming the culprit) or accepted where that is allowed:
 no crash, no hang, no traceback, nothing wrongly accepted or opened.
 

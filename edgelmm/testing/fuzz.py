@@ -1,5 +1,5 @@
 """A seeded bad-input fuzzer for edgelmm: bundle manifests, GGUF headers, ONNX graphs, images,
-prompts and options (Python API and CLI).
+videos, prompts and options (Python API and CLI).
 
 Every case is one mutator (a row of MUTATORS: kind, name, function, expectation, culprit) applied
 with its own seed to a copy of a base bundle exported from the shipped reference model. The copy
@@ -598,6 +598,8 @@ def _field_expect(manifest: dict, path: tuple, op: str, fmt: str, checksums: boo
             return MUST
         art = manifest["artifacts"][path[1]]
         if depth == 2:
+            if op == "delete" and art.get("layout") == "fused":
+                return MAY   # an optional second layout: without it the plain decoder runs (older bundles)
             return MUST if op == "change" or art.get("format") == fmt else MAY
         if path[2] in ARTIFACT_KEYS:
             if path[2] == "files" and depth == 4 and op == "delete" and len(art["files"]) > 1:
@@ -1705,6 +1707,140 @@ IMAGE_MUTATORS = [Mutator("image", category, lambda case, c=category: i_image(ca
                   for category in ("damaged-file", "size", "format", "path", "object", "array")]
 
 
+
+# -- videos: clip files (OpenCV decodes them), directories of frames, and Video objects
+
+def _avi_patch(data: bytes, tag: bytes, offset: int, fmt: str, values: tuple) -> bytes:
+    """The fixture's AVI (MJPG in RIFF) with fields after a header chunk's tag rewritten: avih's
+    frame size at +40, the video stream's BITMAPINFOHEADER size at strf +12, its rate at strh +28."""
+    out = bytearray(data)
+    at = out.find(tag)
+    if at >= 0:
+        struct.pack_into(fmt, out, at + offset, *values)
+    return bytes(out)
+
+
+# category -> [(label, make(case) -> a path or a Video, expectation, culprit: True = the file's name, a regex,
+#              or None = "video 1")]
+def _video_variants() -> dict[str, list[tuple[str, Callable[[Case], Any], str, Any]]]:
+    import numpy as np
+
+    from edgelmm.video import MAX_VIDEO_FRAMES, Video
+
+    def avi(case: Case) -> bytes:
+        return case.video.read_bytes()
+
+    def cut(case: Case):
+        data = avi(case)
+        return _file(case, "cut.avi", data[:case.rng.randrange(8, len(data) - 8)])
+
+    def flips(case: Case, within: int | None = None, most: int = 64):
+        data = bytearray(avi(case))
+        span = min(within or len(data), len(data))
+        for _ in range(case.rng.randint(1, most)):
+            data[case.rng.randrange(span)] = case.rng.randrange(256)
+        return _file(case, "flipped.avi", bytes(data))
+
+    def block(case: Case):
+        data = bytearray(avi(case))
+        at, n = case.rng.randrange(len(data)), case.rng.randint(16, 4096)
+        data[at:at + n] = case.rng.randbytes(n)
+        return _file(case, "block.avi", bytes(data))
+
+    def claims(w: int, h: int):
+        def make(case: Case):
+            data = _avi_patch(avi(case), b"avih", 40, "<II", (w, h))
+            return _file(case, f"claims{w}x{h}.avi", _avi_patch(data, b"strf", 12, "<II", (w, h)))
+        return make
+
+    def rate(scale: int, value: int):
+        return lambda case: _file(case, f"rate{scale}-{value}.avi", _avi_patch(avi(case), b"strh", 28, "<II",
+                                                                                (scale, value)))
+
+    def frames_dir(case: Case, names: dict[str, Any]) -> Path:
+        d = case.work / "images" / "frames"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, content in names.items():
+            p = d / name
+            if content == "dir":
+                p.mkdir()
+            elif content == "fifo":
+                os.mkfifo(p)
+            elif isinstance(content, bytes):
+                p.write_bytes(content)
+            else:
+                content.save(p)
+        return d
+
+    good = lambda: _pil("RGB", (32, 32))   # noqa: E731
+    frames = lambda n, size=(24, 32): np.zeros((n, size[0], size[1], 3), np.uint8)   # noqa: E731
+    return {"damaged-file": [
+        ("truncated avi", cut, MAY, True), ("bytes flipped anywhere", flips, MAY, True),
+        ("header bytes flipped", lambda c: flips(c, 4096, 8), MAY, True), ("garbage block", block, MAY, True),
+        ("riff avi magic + garbage", lambda c: _file(c, "garbage.avi", b"RIFF\0\0\1\0AVI LIST" + c.rng.randbytes(400)),
+         MUST, True),
+        ("empty file", lambda c: _file(c, "empty.avi", b""), MUST, True),
+        ("text file", lambda c: _file(c, "text.mp4", b"#EXTM3U\nhttp://127.0.0.1:1/x.ts\n"), MUST, True),
+        ("an onnx file", lambda c: c.path("onnx/embed.onnx"), MUST, True),
+        ("a png named .avi", lambda c: _file(c, "png.avi", c.good_png.read_bytes()), MAY, True),
+    ], "header": [
+        ("claims 50000x50000", claims(50000, 50000), MAY, True), ("claims 0x0", claims(0, 0), MAY, True),
+        ("claims 2^31-1 x 1", claims(2 ** 31 - 1, 1), MAY, True), ("claims 1 x 2^32-1", claims(1, 2 ** 32 - 1), MAY, True),
+        ("rate 0/0", rate(0, 0), MAY, True), ("rate 1/0", rate(1, 0), MAY, True),
+        ("rate 1/4294967295", rate(1, 2 ** 32 - 1), MAY, True), ("rate 4294967295/1", rate(2 ** 32 - 1, 1), MAY, True),
+    ], "frames-dir": [
+        ("empty directory", lambda c: frames_dir(c, {}), MUST, r"frames'.*holds no"),
+        ("no image names", lambda c: frames_dir(c, {"a.txt": b"x", "b.avi": b"y"}), MUST, r"frames'.*holds no"),
+        ("a damaged frame", lambda c: frames_dir(c, {"0.png": good(), "1.png": c.good_png.read_bytes()[:40],
+                                                     "2.png": good()}), MUST, r"video 1 frame 2\b.*1\.png"),
+        ("frames of two sizes", lambda c: frames_dir(c, {"0.png": good(), "1.png": _pil("RGB", (48, 32))}), MUST,
+         r"video 1 frame 2\b"),
+        ("a directory named .png", lambda c: frames_dir(c, {"0.png": good(), "1.png": "dir"}), MUST,
+         r"video 1 frame 2\b.*1\.png"),
+        ("a fifo named .png", lambda c: frames_dir(c, {"0.png": good(), "1.png": "fifo"}), MUST,
+         r"video 1 frame 2\b.*1\.png"),
+        ("one good frame", lambda c: frames_dir(c, {"0.png": good()}), OK, None),
+    ], "object": [
+        ("fps nan", lambda c: Video(frames(2), fps=NAN), MUST, False),
+        ("fps inf", lambda c: Video(frames(2), fps=float("inf")), MUST, False),
+        ("fps -2", lambda c: Video(frames(2), fps=-2), MUST, False),
+        ("fps 0", lambda c: Video(frames(2), fps=0), MUST, False),
+        ("fps True", lambda c: Video(frames(2), fps=True), MUST, False),
+        ("fps '2'", lambda c: Video(frames(2), fps="2"), MUST, False),
+        ("fps 1e308", lambda c: Video(frames(2), fps=1e308), MAY, False),
+        ("frames None", lambda c: Video(None), MUST, False),
+        ("frames empty list", lambda c: Video([]), MUST, False),
+        ("frames 5-d array", lambda c: Video(np.zeros((1, 2, 24, 32, 3), np.uint8)), MUST, False),
+        ("frames with 2 channels", lambda c: Video(np.zeros((2, 24, 32, 2), np.uint8)), MUST, False),
+        ("frames of nan", lambda c: Video(np.full((2, 24, 32, 3), np.nan, np.float32)), MUST, False),
+        ("a None frame", lambda c: Video([frames(1)[0], None]), MUST, False),
+        ("too many frames", lambda c: Video(np.zeros((MAX_VIDEO_FRAMES + 1, 8, 8, 3), np.uint8)), MUST, False),
+        ("frames as a string", lambda c: Video(str(c.video)), MUST, False),
+        ("a [T, H, W, 3] uint8 clip", lambda c: Video(frames(3), fps=4), OK, False),
+    ]}
+
+
+def v_video(case: Case, category: str):
+    """A clip through the loader every entry point uses (`video_from_path` for files and directories,
+    then `load_video`), as video 1 of a prompt; damaged files also through `edgelmm watch`."""
+    from edgelmm.video import load_video, video_from_path
+
+    label, make, case.expect, culprit = case.pick(_video_variants()[category])
+    item = make(case)
+    case.note(label)
+    case.culprit = re.escape(item.name[:40]) if culprit is True else culprit or r"video 1\b"
+    if isinstance(item, Path) and item.is_file() and category in ("damaged-file", "header") and case.chance(0.25):
+        case.note("via=watch")
+        return case.cli(*_command(case, "watch", {"SOURCE": str(item)}), json_out=True, ok_codes=OK_CODES["watch"])
+    if isinstance(item, Path):
+        return Call(lambda: load_video(video_from_path(item, fps=2), 0, 1).frames.shape, "video_from_path")
+    return Call(lambda: load_video(item, 0, 1).frames.shape, "load_video")
+
+
+VIDEO_MUTATORS = [Mutator("video", category, lambda case, c=category: v_video(case, c))
+                  for category in ("damaged-file", "header", "frames-dir", "object")]
+
+
 # -- prompts and sampling options (Python API)
 
 def _prompt_variants(case: Case) -> dict[str, list[tuple[str, Any, Any, str, str | None]]]:
@@ -2082,9 +2218,9 @@ CONTROL_MUTATORS = [
 ]
 
 MUTATORS: list[Mutator] = [*CONTROL_MUTATORS, *MANIFEST_MUTATORS, *GGUF_MUTATORS, *ONNX_MUTATORS, *IMAGE_MUTATORS,
-                           *PROMPT_MUTATORS, *OPTION_MUTATORS]
+                           *VIDEO_MUTATORS, *PROMPT_MUTATORS, *OPTION_MUTATORS]
 BY_ID = {m.id: m for m in MUTATORS}
-KINDS = ("manifest", "gguf", "onnx", "image", "prompt", "option")
+KINDS = ("manifest", "gguf", "onnx", "image", "video", "prompt", "option")
 assert len(BY_ID) == len(MUTATORS), "mutator ids must be unique"
 
 
