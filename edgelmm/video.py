@@ -133,11 +133,13 @@ class VideoTooLarge(ImageError):
 
 
 def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frames: int = MAX_VIDEO_FRAMES,
-                    max_pixels: int | None = None) -> Video:
+                    max_pixels: int | None = None, max_bytes: int | None = None) -> Video:
     """A clip from disk: a directory of frame images (in name order; `fps` their rate, if known) or a
     video file, decoded with OpenCV and sampled at `fps` frames a second (default 2, the rate Qwen's
     own tools sample at), the clip then carrying that rate; at most `max_frames` of them, of at most
-    `max_pixels` each (decoding stops there: VideoTooLarge)."""
+    `max_pixels` each, holding at most `max_bytes` of decoded frames (default: a quarter of the
+    memory available now, as the frames are copied once more when the clip is stacked): decoding
+    stops there with VideoTooLarge, before the machine runs out (768 frames of 4K are 18 GB)."""
     p = Path(path)
     if p.is_dir():
         frames = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
@@ -152,6 +154,10 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frame
         raise ImageError(f"{str(p)!r}: decoding a video file needs OpenCV (pip install 'edgelmm[watch]'); "
                          "or give a directory of its frames") from None
     rate = float(fps or 2.0)
+    if max_bytes is None:
+        from .memory import available_bytes
+
+        max_bytes = available_bytes() // 4 or None
     cap = cv2.VideoCapture(str(p))
     try:
         if not cap.isOpened():
@@ -168,6 +174,12 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frame
                 raise VideoTooLarge(f"{str(p)!r}: its frames are {frame.shape[1]}x{frame.shape[0]} pixels; at most "
                                     f"{max_pixels} pixels a frame are taken")
             if index / source_fps >= next_time - 1e-9:
+                if max_bytes is not None and (len(frames) + 1) * frame.nbytes > max_bytes:
+                    from .memory import gib
+
+                    raise VideoTooLarge(f"{str(p)!r}: {len(frames) + 1} frames of {frame.shape[1]}x{frame.shape[0]} "
+                                        f"pixels at {rate:g} a second would hold more than {gib(max_bytes)} of "
+                                        "decoded frames; sample it at a lower rate, or send a shorter clip")
                 frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
                 next_time += 1.0 / rate
                 if len(frames) > max_frames:

@@ -331,6 +331,11 @@ def test_run_takes_videos_from_the_command_line(checkpoint, pipelines, tmp_path)
     decoded = edgelmm.video.video_from_path(movie, 2.0)
     assert len(decoded.frames) == 4 and decoded.fps == 2.0
     assert json.loads(r.output)["prompt_tokens"] == len(pipe.prepare(prompt, [str(image), decoded]).input_ids)
+    # decoded frames past the memory budget stop the decoding, named (4 frames of 56x40x3 are 26,880 bytes)
+    assert len(edgelmm.video.video_from_path(movie, 2.0, max_bytes=4 * 56 * 40 * 3).frames) == 4
+    with pytest.raises(edgelmm.video.VideoTooLarge, match=r"clip\.avi'?: 4 frames of 56x40 pixels at 2 a second "
+                                                          r"would hold more than"):
+        edgelmm.video.video_from_path(movie, 2.0, max_bytes=4 * 56 * 40 * 3 - 1)
 
     r = CliRunner().invoke(app, [*args[:8], *args[10:]])  # the <video> marker without a --video
     assert r.exit_code != 0 and "has 1 <image> and 1 <video> marker(s) but 1 image(s) were given" in r.output
