@@ -19,8 +19,9 @@ measured here on one thread:
   - copy (`roofline_fraction`, the yardstick of earlier results): a streaming copy, counting the
     bytes read and written. One core copies faster than it reads: a large copy's stores are
     non-temporal and do not wait in the core's line-fill buffers as its reads do. On a Xeon here:
-    read 16-17 GB/s, copy 24-25 GB/s, and the fastest single-thread GEMVs (MLAS, OpenBLAS) over
-    128 MiB of fp32 weights 14.5-15.6 GB/s, so no decode reaches much past 65% of the copy roofline.
+    read 16-18 GB/s, copy 23-26 GB/s, and the fastest single-thread GEMVs (MLAS, OpenBLAS) over
+    128 MiB of fp32 weights 14.4-16.0 GB/s, so no decode gets much past two thirds of the copy
+    roofline there (benchmarks/bandwidth.py measures all of these).
 """
 
 from __future__ import annotations
