@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import CheckpointError, MemoryBudgetError, OptionError
+from .hostmem import GiB, available_bytes, gib  # noqa: F401  (GiB, gib: part of this module's API)
 from .bundle import select_artifacts
 from .manifest import FUSED_DECODER
 
-GiB = 1024 ** 3
 # What a process holds before any model: with torch and transformers imported (export, verify,
 # the torch backend; measured 0.4 GB), and the device side with onnxruntime alone (55 MB).
 PROCESS_BASE = int(0.5 * GiB)
@@ -35,24 +34,6 @@ EXPORT_WORKING = 0.05
 # runs from it, runtimes.onnxruntime.PREPACK_LIMIT; llama.cpp maps its GGUF) plus activations.
 ORT_SESSION = 1.15  # Mantis-1B fp32 run: 7.19 GB measured for 7.09 GB on disk (8.13 before chunked prefill)
 SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
-
-
-def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GB" if n < 10 * GiB else f"{n / GiB:.1f} GB"
-
-
-def available_bytes() -> int:
-    """Memory the machine can give a new process now: MemAvailable (free plus reclaimable cache)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,

@@ -155,7 +155,7 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frame
                          "or give a directory of its frames") from None
     rate = float(fps or 2.0)
     if max_bytes is None:
-        from .memory import available_bytes
+        from .hostmem import available_bytes
 
         max_bytes = available_bytes() // 4 or None
     cap = cv2.VideoCapture(str(p))
@@ -175,7 +175,7 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frame
                                     f"{max_pixels} pixels a frame are taken")
             if index / source_fps >= next_time - 1e-9:
                 if max_bytes is not None and (len(frames) + 1) * frame.nbytes > max_bytes:
-                    from .memory import gib
+                    from .hostmem import gib
 
                     raise VideoTooLarge(f"{str(p)!r}: {len(frames) + 1} frames of {frame.shape[1]}x{frame.shape[0]} "
                                         f"pixels at {rate:g} a second would hold more than {gib(max_bytes)} of "
