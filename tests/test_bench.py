@@ -95,7 +95,7 @@ def test_bandwidth_script_compares_gemv_to_both_rooflines():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["gemv_weights_mib"] == 4.0
     speeds = ("read_gb_s", "copy_gb_s", "openblas_dot_gb_s", "openblas_gemv_x_w_gb_s", "openblas_gemv_wt_x_gb_s",
-              "onnxruntime_matmul_gb_s")
+              "onnxruntime_matmul_gb_s", "onnxruntime_int4_gemv_gb_s", "onnxruntime_int4_gemv_in_cache_gb_s")
     assert all(out[k] > 0 for k in speeds), out
     gemv = max(out["openblas_gemv_x_w_gb_s"], out["openblas_gemv_wt_x_gb_s"], out["onnxruntime_matmul_gb_s"])
     assert abs(out["best_gemv_vs_read"] - gemv / out["read_gb_s"]) <= 1e-3 + 1e-3 * out["best_gemv_vs_read"]
