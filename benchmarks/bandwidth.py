@@ -4,7 +4,8 @@ decode roofline (edgelmm/bench.py), and how close the fastest matrix-vector prod
 A decode step at batch 1 is a matrix-vector product over every weight: it only reads. One core
 copies faster than it reads (a large copy's stores are non-temporal; they do not hold the core's
 line-fill buffers as reads do), so a roofline taken from a copy's bandwidth is one a decode cannot
-reach. This prints, on one thread, for buffers past the last-level cache:
+reach. This prints, on one thread, for large buffers (256 / 128 MiB by default: past the cache a
+core gets on the machines here, though not past every LLC sysfs reports):
   - read: `edgelmm.bench.read_bandwidth` (numpy OR-reduction) and OpenBLAS's dot;
   - copy: `edgelmm.bench.memory_bandwidth` (numpy copy, bytes read + written);
   - GEMV: OpenBLAS (numpy, both orientations) and ONNX Runtime's MatMul (MLAS, pre-packed weights),

@@ -20,7 +20,7 @@ measured here on one thread:
     bytes read and written. One core copies faster than it reads: a large copy's stores are
     non-temporal and do not wait in the core's line-fill buffers as its reads do. On a Xeon here:
     read 16-18 GB/s, copy 23-26 GB/s, and the fastest single-thread GEMVs (MLAS, OpenBLAS) over
-    128 MiB of fp32 weights 14.4-16.0 GB/s, so no decode gets much past two thirds of the copy
+    128 MiB of fp32 weights 13.8-16.6 GB/s, so no decode gets much past two thirds of the copy
     roofline there (benchmarks/bandwidth.py measures all of these).
 """
 
@@ -79,10 +79,14 @@ def memory_bandwidth(mib: int = 256, repeats: int = 10) -> float:
 
 
 def read_bandwidth(mib: int = 256, repeats: int = 10) -> float:
-    """GB/s of a streaming read of `mib` MiB on one thread: the best of `repeats`. An OR-reduction of
-    64-bit words: numpy runs it on one thread (BLAS's dot may not) and it is not compute bound (70
-    GB/s from the L2 cache of the machine above, four times its DRAM rate)."""
-    words = np.ones(mib << 17, np.uint64)  # mib MiB
+    """GB/s of a streaming read of `mib` MiB on one thread: the best of `repeats`."""
+    return _read_gb_s(mib << 20, repeats)
+
+
+def _read_gb_s(nbytes: int, repeats: int = 10) -> float:
+    """An OR-reduction of 64-bit words: numpy runs it on one thread (BLAS's dot may not) and it is not
+    compute bound (70 GB/s from the L2 cache of the machine above, four times its DRAM rate)."""
+    words = np.ones(max(1, nbytes // 8), np.uint64)
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
@@ -94,11 +98,13 @@ def read_bandwidth(mib: int = 256, repeats: int = 10) -> float:
 def reads_from_cache(nbytes: int, llc: int | None, dram_read: float) -> bool:
     """Whether a decode step's `nbytes` come from a cache rather than DRAM: they fit the last-level
     cache sysfs reports, and reading them again and again is clearly faster than `dram_read` (the
-    streaming read of a larger buffer). Size alone misleads on virtual machines, where sysfs reports
-    the host's whole cache: 480 MiB on a 2-core VM here, on which 64 MiB already read at DRAM speed."""
+    bench's streaming read, 256 MiB by default: past the cache a core gets on the machines here,
+    though not past every LLC sysfs reports). Size alone misleads on virtual machines, where sysfs
+    reports the host's whole cache: 480 MiB on a 2-core VM here, on which 64 MiB already read at
+    DRAM speed."""
     if not llc or nbytes >= llc:
         return False
-    return read_bandwidth(-(-nbytes // (1 << 20))) > 1.25 * dram_read
+    return _read_gb_s(max(nbytes, 1 << 20)) > 1.25 * dram_read
 
 
 @dataclass

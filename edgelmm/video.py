@@ -88,14 +88,15 @@ def load_video(video: Video, index: int | None = None, number: int | None = None
 
 
 def evenly_spaced(total: int, count: int) -> np.ndarray:
-    """The processor's `torch.arange(0, total, total / count).int()`, exactly: the steps in float64,
-    the values stored as float32 (torch's default dtype), then truncated. Truncating the float64
-    values instead differs for 4% of (total, count) pairs (30 frames, 22 wanted: frame 14 where the
-    processor takes 15). The length is ceil(total / step), which float rounding makes count + 1 for
-    some pairs (15 frames, 13 wanted: 14); the processor keeps them all and pads an odd count with the
-    last frame. For a few pairs the float32 rounding lands on `total` itself (30 frames, 26 wanted),
-    past the clip, and HF's processor fails indexing it; edgelmm takes the last frame there."""
-    return np.minimum(np.arange(0, total, total / count).astype(np.float32).astype(np.int64), total - 1)
+    """`count` of `total` frames as the processor picks them, `torch.arange(0, total, total / count)
+    .int()`: the steps in float64, the values stored as float32 (torch's default dtype), then
+    truncated. Truncating the float64 values instead picks another frame for 4% of (total, count)
+    pairs (30 frames, 22 wanted: frame 14 where the processor takes 15). Where float rounding gives
+    torch one index more (17 frames, 14 wanted: 15 indices, the last one 17, past the clip: 5% of
+    pairs), HF's processor fails indexing the clip; edgelmm keeps the first `count`, torch's own."""
+    if total <= 0 or count <= 0:
+        raise ImageError(f"cannot pick {count} of a clip's {total} frames")
+    return np.arange(0, total, total / count).astype(np.float32).astype(np.int64)[:count]
 
 
 def sample_frame_indices(total: int, source_fps: float, fps: float, pair: int, min_frames: int,
@@ -138,8 +139,9 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frame
     video file, decoded with OpenCV and sampled at `fps` frames a second (default 2, the rate Qwen's
     own tools sample at), the clip then carrying that rate; at most `max_frames` of them, of at most
     `max_pixels` each, holding at most `max_bytes` of decoded frames (default: a quarter of the
-    memory available now, as the frames are copied once more when the clip is stacked): decoding
-    stops there with VideoTooLarge, before the machine runs out (768 frames of 4K are 18 GB)."""
+    memory available now, as the frames are copied once more when the clip is stacked; no bound where
+    the system does not say, as without /proc/meminfo or sysconf): decoding stops there with
+    VideoTooLarge, before the machine runs out (768 frames of 4K are 19 GB)."""
     p = Path(path)
     if p.is_dir():
         frames = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
@@ -175,11 +177,13 @@ def video_from_path(path: str | os.PathLike, fps: float | None = None, max_frame
                                     f"{max_pixels} pixels a frame are taken")
             if index / source_fps >= next_time - 1e-9:
                 if max_bytes is not None and (len(frames) + 1) * frame.nbytes > max_bytes:
-                    from .hostmem import gib
-
-                    raise VideoTooLarge(f"{str(p)!r}: {len(frames) + 1} frames of {frame.shape[1]}x{frame.shape[0]} "
-                                        f"pixels at {rate:g} a second would hold more than {gib(max_bytes)} of "
-                                        "decoded frames; sample it at a lower rate, or send a shorter clip")
+                    size = f"{frame.shape[1]}x{frame.shape[0]} pixels"
+                    if not frames:
+                        raise VideoTooLarge(f"{str(p)!r}: one frame of {size} is {frame.nbytes} bytes, more than the "
+                                            f"{max_bytes} bytes of decoded frames allowed")
+                    raise VideoTooLarge(f"{str(p)!r}: {len(frames) + 1} frames of {size} at {rate:g} a second would "
+                                        f"hold more than {max_bytes / 1e9:.3g} GB of decoded frames; sample it at a "
+                                        "lower rate, or send a shorter clip")
                 frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
                 next_time += 1.0 / rate
                 if len(frames) > max_frames:

@@ -112,3 +112,21 @@ def test_in_cache_needs_both_the_size_and_a_faster_read():
     assert not reads_from_cache(64 * mib, 32 * mib, 1e-3)  # larger than the cache
     assert reads_from_cache(mib, 32 * mib, 1e-3)           # fits, and reads faster than 1 MB/s
     assert not reads_from_cache(mib, 32 * mib, 1e6)        # fits, but no faster than a 1 PB/s "DRAM"
+
+
+def test_in_cache_probes_the_steps_own_bytes_against_a_quarter_faster(monkeypatch):
+    """The probe reads the step's own byte count (at least 1 MiB), and "in cache" starts past 1.25x."""
+    import edgelmm.bench as bench
+
+    probed = []
+    speed = {"gb_s": 0.0}
+
+    def fake_read(nbytes, repeats=10):
+        probed.append(nbytes)
+        return speed["gb_s"]
+
+    monkeypatch.setattr(bench, "_read_gb_s", fake_read)
+    speed["gb_s"] = 12.6
+    assert bench.reads_from_cache(3_000_001, 32 << 20, 10.0) and probed == [3_000_001]
+    speed["gb_s"] = 12.4
+    assert not bench.reads_from_cache(1000, 32 << 20, 10.0) and probed[-1] == 1 << 20

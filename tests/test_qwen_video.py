@@ -239,18 +239,22 @@ def test_frame_sampling_follows_the_processors_rule():
 
 def test_frame_indices_are_the_processors_own():
     """The processor spaces sampled frames with `torch.arange(0, total, total / count).int()` (float32
-    values, truncated; sometimes count + 1 of them): edgelmm's indices equal torch's for every pair,
-    except where torch's last one is past the clip (HF's processor fails there): the last frame."""
-    past = 0
+    values, truncated): edgelmm's indices equal torch's for every pair. Where float rounding gives torch
+    one index more, that index is the clip's length (HF's processor fails on it): edgelmm keeps
+    torch's first `count`."""
+    longer = 0
     for total in range(1, 161):
         for count in range(1, total + 1):
             want = torch.arange(0, total, total / count).int().numpy()
-            past += int(want.max() >= total)
-            assert evenly_spaced(total, count).tolist() == np.minimum(want, total - 1).tolist(), (total, count)
-    assert past > 0  # the case is real, not hypothetical
+            if len(want) > count:
+                longer += 1
+                assert len(want) == count + 1 and want[-1] == total, (total, count)
+            assert evenly_spaced(total, count).tolist() == want[:count].tolist(), (total, count)
+    assert longer > 0  # the case is real, not hypothetical
     assert evenly_spaced(30, 22)[11] == 15         # float64 truncation would take frame 14
-    assert len(evenly_spaced(15, 13)) == 14        # torch's length, kept
-    assert evenly_spaced(30, 26)[-1] == 29         # torch's 30 is past the clip
+    assert evenly_spaced(17, 14).tolist()[-2:] == [14, 15]  # torch's 15th index, 17, is past the clip
+    with pytest.raises(ImageError, match="cannot pick 0 of a clip's 10 frames"):
+        evenly_spaced(10, 0)
 
 
 def test_a_fixed_frame_count_follows_the_processors_rule():
@@ -267,23 +271,30 @@ def test_a_fixed_frame_count_follows_the_processors_rule():
 
 def test_the_video_processors_num_frames_is_read(checkpoint, tmp_path):
     """A checkpoint whose video processor samples a fixed number of frames: a clip keeps that many (in
-    pairs), num_frames over fps as the processor ranks them, the rate scaled as its sampled_fps, and a
-    clip too short for it is refused naming the video."""
+    pairs), the rate scaled as its sampled_fps, and a clip too short for it is refused naming the
+    video. num_frames with fps, or one that rounds to no pair, is the checkpoint's error (HF's
+    sample_frames refuses both at once)."""
     import json
     import shutil
 
+    from edgelmm.errors import CheckpointError
     from edgelmm.families import detect
     from edgelmm.modelfiles import ModelFiles
 
     src = tmp_path / "q"
     shutil.copytree(checkpoint("qwen2.5vl"), src)
     video_cfg = src / "video_preprocessor_config.json"
-    video_cfg.write_text(json.dumps({**json.loads(video_cfg.read_text()), "do_sample_frames": True,
-                                     "num_frames": 4, "fps": 8}))
+    base = {**json.loads(video_cfg.read_text()), "do_sample_frames": True}
+    for change, message in [({"num_frames": 4, "fps": 8}, r"num_frames \(4\) and fps \(8\) are both set"),
+                            ({"num_frames": 1}, r"num_frames 1 rounds to no 2-frame pair")]:
+        video_cfg.write_text(json.dumps({**base, **change}))
+        with pytest.raises(CheckpointError, match=r"video processor's settings: " + message):
+            detect(ModelFiles.open(src))
+    video_cfg.write_text(json.dumps({**base, "num_frames": 4}))
     family = detect(ModelFiles.open(src))
     frames = np.stack(clip(10))
     vision = family.preprocess_media([VideoFrames(frames, 5.0, "video 1")])
-    assert vision.pixel_values[0].shape[:2] == (2, 2)   # 4 frames: 2 pairs (fps 8 alone would keep all 10)
+    assert vision.pixel_values[0].shape[:2] == (2, 2)   # 4 frames: 2 pairs
     assert vision.seconds_per_group[0] == pytest.approx(1.0)  # a pair at the sampled rate: 4 / 10 x 5 = 2 fps
     alone = family.preprocess_media([VideoFrames(frames[[0, 2, 5, 7]], None, "video 1")])
     assert np.array_equal(vision.pixel_values[0], alone.pixel_values[0])  # frames 0, 2, 5, 7 of the clip
@@ -294,7 +305,7 @@ def test_the_video_processors_num_frames_is_read(checkpoint, tmp_path):
         family.preprocess_media([VideoFrames(frames[:6], 5.0, "video 2")])
 
 
-def test_run_takes_videos_from_the_command_line(checkpoint, pipelines, tmp_path):
+def test_run_takes_videos_from_the_command_line(checkpoint, pipelines, tmp_path, monkeypatch):
     """`edgelmm run --video`: a directory of frames (taken as they are) and a video file (decoded
     with OpenCV, sampled at --fps), merged with --image in the order of the prompt's markers."""
     import json
@@ -336,6 +347,16 @@ def test_run_takes_videos_from_the_command_line(checkpoint, pipelines, tmp_path)
     with pytest.raises(edgelmm.video.VideoTooLarge, match=r"clip\.avi'?: 4 frames of 56x40 pixels at 2 a second "
                                                           r"would hold more than"):
         edgelmm.video.video_from_path(movie, 2.0, max_bytes=4 * 56 * 40 * 3 - 1)
+    with pytest.raises(edgelmm.video.VideoTooLarge, match=r"one frame of 56x40 pixels is 6720 bytes, more than the 100"):
+        edgelmm.video.video_from_path(movie, 2.0, max_bytes=100)
+    # by default a quarter of the memory available (here made small); no bound where none is known
+    from edgelmm import hostmem
+
+    monkeypatch.setattr(hostmem, "available_bytes", lambda: 4 * (3 * 56 * 40 * 3))
+    with pytest.raises(edgelmm.video.VideoTooLarge, match=r"4 frames of 56x40"):
+        edgelmm.video.video_from_path(movie, 2.0)
+    monkeypatch.setattr(hostmem, "available_bytes", lambda: 0)
+    assert len(edgelmm.video.video_from_path(movie, 2.0).frames) == 4
 
     r = CliRunner().invoke(app, [*args[:8], *args[10:]])  # the <video> marker without a --video
     assert r.exit_code != 0 and "has 1 <image> and 1 <video> marker(s) but 1 image(s) were given" in r.output

@@ -118,9 +118,14 @@ class Qwen2VLFamily(Family):
         self.video_sample = bool(vp.get("do_sample_frames", False))
         fps = vp.get("fps")  # the rate it samples clips down to (do_sample_frames)
         self.video_fps = None if fps is None else check_number("fps", fps, 0, 1000, lo_open=True, error=CheckpointError)
-        # or a fixed number of frames per clip, which takes precedence over fps (as in sample_frames)
+        # or a fixed number of frames per clip: not both, which HF's sample_frames refuses
         count = vp.get("num_frames")
         self.video_num_frames = None if count is None else _setting_int("num_frames", count)
+        if self.video_num_frames is not None and round(self.video_num_frames / self.temporal) < 1:
+            raise CheckpointError(f"num_frames {self.video_num_frames} rounds to no {self.temporal}-frame pair")
+        if self.video_sample and self.video_num_frames is not None and self.video_fps is not None:
+            raise CheckpointError(f"num_frames ({self.video_num_frames}) and fps ({self.video_fps:g}) are both set with "
+                                  "do_sample_frames: a video processor samples by one of them (HF refuses both)")
         self.video_min_frames = _setting_int("min_frames", vp.get("min_frames", 4))
         self.video_max_frames = _setting_int("max_frames", vp.get("max_frames", 768), self.video_min_frames)
         # qwen-vl-utils' bound on a whole clip's pixels (off unless the config turns it on, as in transformers 5.24)

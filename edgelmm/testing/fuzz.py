@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..manifest import FUSED_DECODER
+
 OUTCOMES = ("typed", "accepted", "unnamed", "untyped", "crash", "hang", "wrong")
 FAILING = ("unnamed", "untyped", "crash", "hang", "wrong")
 MUST_REFUSE, MAY_ACCEPT, MUST_ACCEPT = "must_refuse", "may_accept", "must_accept"
@@ -598,7 +600,7 @@ def _field_expect(manifest: dict, path: tuple, op: str, fmt: str, checksums: boo
             return MUST
         art = manifest["artifacts"][path[1]]
         if depth == 2:
-            if op == "delete" and art.get("layout") == "fused":
+            if op == "delete" and art.get("graph") == FUSED_DECODER:
                 return MAY   # an optional second layout: without it the plain decoder runs (older bundles)
             return MUST if op == "change" or art.get("format") == fmt else MAY
         if path[2] in ARTIFACT_KEYS:
