@@ -208,16 +208,26 @@ class Pipeline:
     # ---- graphs ----
     def image_features(self, vision: VisionInputs) -> np.ndarray:
         """[N_tiles, T, D] features of all tiles of the prompt's images (empty when no image). Where
-        images keep their own sizes, each size is its own graph run and the rows of all of them come
-        back as one [1, rows, D] array when their token counts differ."""
+        images keep their own sizes, each size is one graph run however the sizes alternate in the
+        prompt (in-context examples: A B A B is two runs, not four), the rows put back in prompt order,
+        and they come back as one [1, rows, D] array when their token counts differ."""
         if vision.num_images == 0:
             return np.zeros((0, 0, 0), np.float32)
-        runs = [self.backend.encode_images(pv, mask) for pv, mask in zip(vision.tile_groups(), vision.mask_groups())]
-        if len(runs) == 1:
-            return runs[0]
-        if len({r.shape[1] for r in runs}) == 1:
-            return np.concatenate(runs)
-        return np.concatenate([r.reshape(-1, r.shape[-1]) for r in runs])[None]
+        if isinstance(vision.pixel_values, np.ndarray):  # one size (masks, if any, go with it)
+            return self.backend.encode_images(vision.pixel_values, vision.pixel_attention_mask)
+        items = vision.pixel_values
+        by_size: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            by_size.setdefault(item.shape[1:], []).append(i)
+        rows: list[np.ndarray] = [np.empty(0)] * len(items)
+        for members in by_size.values():
+            out = self.backend.encode_images(np.concatenate([items[i] for i in members]), None)
+            start = 0
+            for i in members:
+                rows[i], start = out[start:start + len(items[i])], start + len(items[i])
+        if len({r.shape[1] for r in rows}) == 1:
+            return np.concatenate(rows)
+        return np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])[None]
 
     def merged_embeddings(self, prepared: PreparedPrompt, features: np.ndarray | None = None) -> np.ndarray:
         embeds = self.backend.embed_tokens(prepared.input_ids[None, :])

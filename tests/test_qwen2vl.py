@@ -38,6 +38,32 @@ def test_vision_tower_matches_the_models_own(pipelines, kind):
     assert np.abs(ours - theirs).max() <= 1e-5
 
 
+@pytest.mark.parametrize("kind", QWEN_KINDS)
+def test_images_of_one_size_share_a_vision_run_wherever_they_are(pipelines, kind):
+    """In-context examples alternate sizes (A B A B): one vision run per size, not per change of size,
+    the rows put back in prompt order, equal to each image run alone; the answer is unchanged."""
+    pipe = pipelines(kind)
+    a, b = sample_images(2, seed=11, sizes=[(40, 40), (24, 72)]), sample_images(2, seed=12, sizes=[(40, 40), (24, 72)])
+    images = [a[0], a[1], b[0], b[1]]  # sizes A B A B
+    vision = pipe.family.preprocess(images)
+    alone = [pipe.image_features(pipe.family.preprocess([im])).reshape(-1, 64) for im in images]
+    calls = []
+    encode = pipe.backend.encode_images
+
+    def counted(pixel_values, mask=None):
+        calls.append(pixel_values.shape)
+        return encode(pixel_values, mask)
+
+    pipe.backend.encode_images = counted
+    try:
+        together = pipe.image_features(vision).reshape(-1, 64)
+    finally:
+        del pipe.backend.encode_images
+    assert [c[0] for c in calls] == [2, 2] and {c[-2:] for c in calls} == {(40, 40), (24, 72)}
+    assert together.shape == np.concatenate(alone).shape
+    assert np.abs(together - np.concatenate(alone)).max() <= 1e-5
+
+
 def test_smart_resize_is_the_processors():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 

@@ -50,7 +50,7 @@ class VisionInputs:
 
     def tile_groups(self) -> list[np.ndarray]:
         """The tiles as the vision graph takes them: one [n, 3, H, W] array where all tiles share a
-        size, else runs of consecutive tiles of one size (their masks: `mask_groups`)."""
+        size, else runs of consecutive tiles of one size (Pipeline.image_features runs each size once)."""
         if isinstance(self.pixel_values, np.ndarray):
             return [self.pixel_values] if len(self.pixel_values) else []
         groups: list[np.ndarray] = []
@@ -60,11 +60,6 @@ class VisionInputs:
             else:
                 groups.append(tile)
         return groups
-
-    def mask_groups(self) -> list[np.ndarray | None]:
-        if self.pixel_attention_mask is None or not isinstance(self.pixel_values, np.ndarray):
-            return [None] * len(self.tile_groups())
-        return [self.pixel_attention_mask]
 
     def tile(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Tile i as a batch of one, with its mask."""
